@@ -1,0 +1,44 @@
+"""Stop training when a validation metric has not improved for `patience` evaluations."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from mmscale.callbacks import register_callback
+from mmscale.training.callbacks import Callback
+
+log = logging.getLogger("mmscale.callbacks")
+
+
+@register_callback("early_stopping")
+class EarlyStopping(Callback):
+    def __init__(self, metric: str = "val_loss", patience: int = 3, min_delta: float = 0.0, mode: str = "min"):
+        if mode not in ("min", "max"):
+            raise TypeError(f"mode must be 'min' or 'max', got {mode!r}")
+        if patience < 1:
+            raise TypeError(f"patience must be >= 1, got {patience}")
+        self.metric, self.patience, self.min_delta, self.mode = metric, patience, min_delta, mode
+        self.best = math.inf if mode == "min" else -math.inf
+        self.bad_evals = 0
+
+    def on_eval_end(self, trainer: Any, metrics: dict[str, float]) -> None:
+        if self.metric not in metrics:
+            raise KeyError(f"early_stopping: metric {self.metric!r} not in eval metrics {sorted(metrics)}")
+        value = metrics[self.metric]
+        better = value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+        if better:
+            self.best, self.bad_evals = value, 0
+        else:
+            self.bad_evals += 1
+            if self.bad_evals >= self.patience:
+                log.info("early stopping at step %d: %s did not improve on %.4f for %d evals",
+                         trainer.step, self.metric, self.best, self.patience)
+                trainer.should_stop = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.bad_evals = state["best"], state["bad_evals"]

@@ -1,0 +1,449 @@
+"""Typed job configuration.
+
+The dataclasses below are the truth; YAML is only how a config is stored. Precedence (lowest to highest):
+dataclass defaults < model preset < YAML file < command-line overrides (``section.key=value``).
+
+Every problem is collected and reported at once, before any process group starts::
+
+    cfg = load_config("configs/demo.yaml", ["train.lr=3e-4", "deepspeed.zero_stage=2"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """All problems found in a config, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(
+            f"{len(problems)} problem(s) in the config:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+# ----------------------------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""
+    """Training shards: a brace pattern (`data/train-{000000..000031}.tar`), a directory of .tar files, or a
+    text file listing one shard path per line. Empty with `synthetic_train_samples > 0` = the demo dataset."""
+    val_shards: str = ""
+    """Held-out shards for periodic validation (same forms as `train_shards`). Empty = no validation."""
+    synthetic_train_samples: int = 0
+    """If > 0 and `train_shards` is empty: generate this many coloured-shape samples under
+    `{output_dir}/data` (once, on rank 0) and train on them. Needs no download."""
+    synthetic_val_samples: int = 0
+    """Held-out synthetic samples (used when `val_shards` is empty)."""
+    samples_per_shard: int = 500
+    """Samples per shard when generating the synthetic dataset."""
+    tokenizer: str = ""
+    """A sentencepiece `.model` file or a Hugging Face tokenizer directory. Empty with the synthetic dataset =
+    train a sentencepiece model on its captions."""
+    tokenizer_vocab_size: int = 64
+    """Vocabulary size when mmscale trains the sentencepiece tokenizer itself."""
+    num_samples: int = 0
+    """Training samples per epoch. 0 = read the shards' `sizes.json` written by the shard writer."""
+    image_size: int = 64
+    """Images are resized (shorter side) and centre-cropped to this many pixels square."""
+    image_mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    max_text_len: int = 32
+    """Tokens per sample after the image token, including end-of-sequence; longer captions are truncated."""
+    max_images: int = 1
+    """Image slots per sample (the collate pads with masked slots)."""
+    shuffle_buffer: int = 1000
+    """Samples in the shuffle buffer of each data-loader worker (0 = no sample shuffling)."""
+    num_workers: int = 2
+    """Data-loader worker processes per rank."""
+    warn_every: int = 100
+    """Corrupt-sample warnings are logged once per this many skipped samples (the first is always logged)."""
+
+
+@dataclass
+class VisionConfig:
+    type: str = "clip"
+    """Hugging Face vision tower: `clip` (CLIPVisionModel), `siglip` (SiglipVisionModel) or `dinov2` (Dinov2Model)."""
+    path: str = ""
+    """Local directory with a saved vision tower (`save_pretrained`). Empty = build from `config` with random weights."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the tower's Hugging Face config class when `path` is empty."""
+
+
+@dataclass
+class LMConfig:
+    path: str = ""
+    """Local directory with a saved causal LM. Empty = build a LlamaForCausalLM from `config` with random weights."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for LlamaConfig when `path` is empty. `vocab_size` is set from the tokenizer."""
+
+
+@dataclass
+class ResamplerConfig:
+    num_latents: int = 64
+    """Visual tokens per image after resampling."""
+    depth: int = 6
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+
+
+@dataclass
+class CrossAttentionConfig:
+    every_n_layers: int = 4
+    """A gated cross-attention block is inserted before every N-th decoder layer (layers 0, N, 2N, ...)."""
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+    media_mode: str = "previous"
+    """`previous`: a text token sees only the latest image before it (Flamingo); `all`: every image before it."""
+    backend: str = "auto"
+    """Cross-attention kernel: `auto`, `triton`, `flash` or `sdpa` (see mmscale.kernels)."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = ""
+    """Named preset (`tiny`, `demo`, `flamingo-3b`, `flamingo-9b`) whose values the other keys here override."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    xattn: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
+    train_vision: bool = False
+    """Train the vision tower (False = frozen)."""
+    train_lm: bool = False
+    """Train the language model's own weights (False = frozen; the LM's input embeddings and head included)."""
+    train_resampler: bool = True
+    train_xattn: bool = True
+    activation_checkpointing: bool = False
+    """Recompute decoder layers in the backward pass to save memory."""
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 32
+    """Samples per optimizer step over all ranks: micro_batch_size * grad_accum * world_size."""
+    micro_batch_size: int = 8
+    """Samples per rank per forward pass."""
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    precision: str = "fp32"
+    """`fp32` or `bf16` (bf16 keeps fp32 master weights in DeepSpeed)."""
+    checkpoint_every: int = 500
+    """Save a checkpoint every N steps (and always at the end). 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Checkpoints to keep; older ones are deleted after a newer one is complete."""
+    eval_every: int = 0
+    """Validate every N steps (0 = only at the end, if validation shards exist)."""
+    eval_batches: int = 20
+    """Micro batches per validation run on each rank."""
+    seed: int = 1234
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 3
+    """ZeRO stage 0-3."""
+    offload_optimizer: str = "none"
+    """`none` or `cpu`: where ZeRO keeps optimizer state."""
+    offload_params: str = "none"
+    """`none` or `cpu` (stage 3 only): where ZeRO keeps parameters."""
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 50_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Raw keys merged last into the generated DeepSpeed config (for options mmscale does not model)."""
+
+
+@dataclass
+class CallbackSpec:
+    name: str = ""
+    """Registered callback name (see mmscale.callbacks.CALLBACKS)."""
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    """Write metrics every N optimizer steps."""
+    tensorboard: bool = True
+    progress_bar: bool = True
+    plot: bool = True
+    """Write `{output_dir}/loss.png` at the end of training."""
+
+
+@dataclass
+class JobConfig:
+    output_dir: str = "runs/demo"
+    """Checkpoints, metrics.jsonl, TensorBoard events and generated data go here."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    callbacks: list[CallbackSpec] = field(default_factory=list)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check `value` against the annotation `tp`; build nested dataclasses. Appends problems, returns value."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping for section {tp.__name__}, got {value!r}")
+            return tp()
+        return _build(tp, value, where, problems)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        return _coerce(value, tp, where, problems)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {value!r}")
+            return []
+        return [_coerce(v, item_tp, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+            return {}
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{where}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{where}: expected a string, got {value!r}")
+        return value
+    return value  # Any
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str], base: Any = None) -> Any:
+    """Build dataclass `cls` from `data` on top of `base` (or the defaults), rejecting unknown keys."""
+    obj = base if base is not None else cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else key
+        if key not in hints:
+            close = [n for n in names if n.startswith(key[:3])] or names
+            problems.append(f"{where}: unknown key. Valid keys here: {', '.join(close)} (see --print-config)")
+            continue
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            setattr(obj, key, _build(hints[key], value, where, problems, base=current))
+        else:
+            setattr(obj, key, _coerce(value, hints[key], where, problems))
+    return obj
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError([f"override {item!r}: expected section.key=value, e.g. train.lr=3e-4"])
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                world_size: int | None = None) -> JobConfig:
+    """Load a YAML job config, apply `section.key=value` overrides, resolve the model preset and validate
+    (with `world_size`, also the batch arithmetic across ranks).
+
+    Raises ConfigError listing every problem found.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"--config {path}: no such file"])
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}"])
+        raw = loaded
+    for item in overrides or []:
+        key_path, value = _parse_override(item)
+        raw = _merge(raw, _nest(key_path, value))
+    return config_from_dict(raw, world_size)
+
+
+def config_from_dict(raw: dict[str, Any], world_size: int | None = None) -> JobConfig:
+    problems: list[str] = []
+    cfg = JobConfig()
+    preset = (raw.get("model") or {}).get("preset", "") if isinstance(raw.get("model"), dict) else ""
+    if preset:
+        from mmscale.model.presets import PRESETS
+
+        if preset not in PRESETS:
+            problems.append(f"model.preset: unknown preset {preset!r}. Choose one of: {', '.join(sorted(PRESETS))}")
+        else:
+            cfg.model = PRESETS[preset]()
+    cfg = _build(JobConfig, raw, "", problems, base=cfg)
+    problems += validate(cfg, world_size)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def _choice(problems: list[str], where: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        problems.append(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _positive(problems: list[str], where: str, value: Any, minimum: float = 1) -> None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
+        problems.append(f"{where}: {value!r} must be >= {minimum}")
+
+
+def validate(cfg: JobConfig, world_size: int | None = None) -> list[str]:
+    """Every problem in `cfg` (an empty list when it is valid). `world_size` adds the batch arithmetic checks."""
+    p: list[str] = []
+    d, m, t, ds = cfg.data, cfg.model, cfg.train, cfg.deepspeed
+    if not cfg.output_dir:
+        p.append("output_dir: must be set, e.g. output_dir=runs/my_job")
+    if not d.train_shards and d.synthetic_train_samples <= 0:
+        p.append(
+            "data.train_shards: empty and data.synthetic_train_samples is 0; give shards "
+            "(data.train_shards=path/{000000..000009}.tar) or use the demo data (data.synthetic_train_samples=2000)"
+        )
+    for name in ("image_size", "max_text_len", "max_images", "samples_per_shard", "warn_every"):
+        _positive(p, f"data.{name}", getattr(d, name))
+    for name in ("num_workers", "shuffle_buffer", "num_samples", "synthetic_train_samples", "synthetic_val_samples"):
+        _positive(p, f"data.{name}", getattr(d, name), 0)
+    if len(d.image_mean) != 3 or len(d.image_std) != 3:
+        p.append(f"data.image_mean/image_std: need 3 values each (RGB), got {d.image_mean} and {d.image_std}")
+    elif any(s <= 0 for s in d.image_std):
+        p.append(f"data.image_std: {d.image_std} must all be > 0")
+    _positive(p, "data.tokenizer_vocab_size", d.tokenizer_vocab_size, 16)
+    if d.tokenizer and not Path(d.tokenizer).exists():
+        p.append(f"data.tokenizer: {d.tokenizer!r} does not exist; give a sentencepiece .model file or a tokenizer directory")
+
+    _choice(p, "model.vision.type", m.vision.type, ("clip", "siglip", "dinov2"))
+    tower_size = m.vision.config.get("image_size")
+    if not m.vision.path and tower_size is not None and m.vision.type != "dinov2" and tower_size != d.image_size:
+        p.append(
+            f"data.image_size: {d.image_size} differs from model.vision.config.image_size ({tower_size}), which a "
+            f"{m.vision.type} tower requires; set data.image_size={tower_size}"
+        )
+    if m.vision.path and not Path(m.vision.path).is_dir():
+        p.append(f"model.vision.path: {m.vision.path!r} is not a directory (expected a save_pretrained folder)")
+    if m.lm.path and not Path(m.lm.path).is_dir():
+        p.append(f"model.lm.path: {m.lm.path!r} is not a directory (expected a save_pretrained folder)")
+    for name in ("num_latents", "depth", "heads", "dim_head", "ff_mult"):
+        _positive(p, f"model.resampler.{name}", getattr(m.resampler, name))
+    for name in ("every_n_layers", "heads", "dim_head", "ff_mult"):
+        _positive(p, f"model.xattn.{name}", getattr(m.xattn, name))
+    _choice(p, "model.xattn.media_mode", m.xattn.media_mode, ("previous", "all"))
+    _choice(p, "model.xattn.backend", m.xattn.backend, ("auto", "triton", "flash", "sdpa"))
+    if not (m.train_vision or m.train_lm or m.train_resampler or m.train_xattn):
+        p.append("model.train_*: every component is frozen, nothing would train; set e.g. model.train_xattn=true")
+
+    for name in ("global_batch_size", "micro_batch_size", "max_steps", "eval_batches", "keep_checkpoints"):
+        _positive(p, f"train.{name}", getattr(t, name))
+    for name in ("warmup_steps", "checkpoint_every", "eval_every", "grad_clip", "weight_decay"):
+        _positive(p, f"train.{name}", getattr(t, name), 0)
+    if isinstance(t.lr, (int, float)) and not t.lr > 0:
+        p.append(f"train.lr: {t.lr!r} must be > 0")
+    if isinstance(t.min_lr_ratio, (int, float)) and not 0 <= t.min_lr_ratio <= 1:
+        p.append(f"train.min_lr_ratio: {t.min_lr_ratio!r} must be in [0, 1]")
+    _choice(p, "train.precision", t.precision, ("fp32", "bf16"))
+    if isinstance(t.global_batch_size, int) and isinstance(t.micro_batch_size, int) and t.micro_batch_size > 0:
+        if t.global_batch_size % t.micro_batch_size:
+            p.append(
+                f"train.global_batch_size: {t.global_batch_size} is not divisible by train.micro_batch_size "
+                f"({t.micro_batch_size}); use a multiple of it"
+            )
+        elif world_size is not None and t.global_batch_size % (t.micro_batch_size * world_size):
+            p.append(
+                f"train.global_batch_size: {t.global_batch_size} is not divisible by micro_batch_size "
+                f"({t.micro_batch_size}) * world_size ({world_size}) = {t.micro_batch_size * world_size}; "
+                f"use a multiple of {t.micro_batch_size * world_size}"
+            )
+
+    _choice(p, "deepspeed.zero_stage", ds.zero_stage, (0, 1, 2, 3))
+    _choice(p, "deepspeed.offload_optimizer", ds.offload_optimizer, ("none", "cpu"))
+    _choice(p, "deepspeed.offload_params", ds.offload_params, ("none", "cpu"))
+    if ds.offload_params != "none" and ds.zero_stage != 3:
+        p.append(f"deepspeed.offload_params: {ds.offload_params!r} needs deepspeed.zero_stage=3 (got {ds.zero_stage})")
+    if ds.offload_optimizer != "none" and ds.zero_stage == 0:
+        p.append("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1")
+
+    from mmscale.callbacks import CALLBACKS
+
+    for i, cb in enumerate(cfg.callbacks):
+        if cb.name not in CALLBACKS:
+            p.append(f"callbacks[{i}].name: unknown callback {cb.name!r}. Registered: {', '.join(sorted(CALLBACKS))}")
+    _positive(p, "logging.log_every", cfg.logging.log_every)
+    return p
+
+
+def format_config(cfg: JobConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2)

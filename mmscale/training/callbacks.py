@@ -1,0 +1,59 @@
+"""The trainer's callback protocol: a small, fixed set of events.
+
+QLoRA, replay buffers, EWC, distillation and early stopping plug in here. The trainer calls these events and
+never imports a callback; callbacks live in `mmscale.callbacks` and depend on this protocol only.
+
+Event order in one run::
+
+    on_model_built(model)            # before DeepSpeed wraps it: swap layers, add adapters, freeze
+    on_train_start(trainer)          # after resume: the trainer's step, engine and data are ready
+    for each optimizer step:
+        on_batch(trainer, batch)     # per micro batch, may return a changed batch (replay mixes samples in)
+        on_loss(trainer, batch, out, loss) -> loss   # per micro batch, may add terms (EWC, distillation)
+        on_step_end(trainer, metrics)                # after the optimizer step; may add metrics
+    on_eval_end(trainer, metrics)    # after each validation; may set trainer.should_stop
+    on_train_end(trainer)
+    state_dict() / load_state_dict() # saved in every checkpoint, restored on --resume
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from mmscale.training.trainer import Trainer
+
+
+class Callback:
+    """Base class: every event is a no-op, override the ones you need."""
+
+    name: str = "callback"
+
+    def on_model_built(self, model: torch.nn.Module) -> None:
+        pass
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_batch(self, trainer: Trainer, batch: dict[str, Any]) -> dict[str, Any]:
+        return batch
+
+    def on_loss(self, trainer: Trainer, batch: dict[str, Any], out: Any, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
