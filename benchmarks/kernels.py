@@ -1,0 +1,302 @@
+"""Cross-attention kernel benchmark: Triton vs flash-attn vs FlexAttention vs SDPA, in TFLOP/s.
+
+FLOPs count only visible query-key pairs: forward = 4 * D * sum over (sample, head, query) of the keys the
+query sees; forward+backward = 3.5x forward (flash-attention convention: backward = 2.5x forward).
+flash-attn cannot express media masks, so it runs full attention over each sample's keys (more work than the
+others do); its row is a dense-kernel reference, credited with the same visible-pair FLOPs.
+
+Cases (defaults): bf16, head dim 64 and 128, 16 heads, batch 8, 2048 text tokens, 4-8 images per sample with
+64-128 visual tokens each (256-1024 keys per sample), media positions random; media modes "previous" and
+"all". Timing: triton.testing.do_bench on CUDA.
+
+    python benchmarks/kernels.py                       # GPU, full size
+    TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke   # CPU: tiny shapes, proves the script runs
+
+Writes benchmarks/results/kernels.json; the last stdout line is one JSON object with the headline ratios
+(TFLOP/s of triton over each other backend, per case and the minimum over cases).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, fp32 by default, runs on CPU")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="input dtype (default bf16; smoke fp32)")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "kernels.json"), help="JSON results path")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=None, help="GQA key/value heads (default = --heads)")
+    p.add_argument("--seqlen-q", type=int, default=2048)
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--modes", nargs="+", default=["previous", "all"], choices=["previous", "all"])
+    p.add_argument("--images", type=int, nargs=2, default=[4, 8], metavar=("MIN", "MAX"))
+    p.add_argument("--tokens", type=int, nargs=2, default=[64, 128], metavar=("MIN", "MAX"),
+                   help="visual tokens per image (one value drawn per case)")
+    p.add_argument("--backends", nargs="+", default=["triton", "flash", "flex", "sdpa"])
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.batch, args.heads, args.seqlen_q, args.head_dims = 2, 2, 64, [32]
+        args.images, args.tokens = [2, 3], [8, 16]
+        args.dtype = args.dtype or "fp32"
+    args.dtype = args.dtype or "bf16"
+    args.kv_heads = args.kv_heads or args.heads
+    return args
+
+
+def build_case(args, head_dim, mode, device, gen):
+    """Random Flamingo batch: per-sample image count, random media positions in the text."""
+    from mmscale.kernels import build_media_key_range
+
+    tokens = int(torch.randint(args.tokens[0], args.tokens[1] + 1, (1,), generator=gen))
+    n_images = torch.randint(args.images[0], args.images[1] + 1, (args.batch,), generator=gen)
+    kv_lens = (n_images * tokens).to(torch.int32)
+    len_k = int(kv_lens.max())
+    latest = torch.full((args.batch, args.seqlen_q), -1, dtype=torch.long)
+    for b in range(args.batch):
+        pos = torch.sort(torch.randperm(args.seqlen_q, generator=gen)[: int(n_images[b])]).values
+        for m, p in enumerate(pos.tolist()):
+            latest[b, p:] = m
+    key_range = build_media_key_range(latest, tokens, mode)
+    dtype = DTYPES[args.dtype]
+    q = torch.randn(args.batch, args.seqlen_q, args.heads, head_dim, generator=gen).to(device, dtype)
+    k = torch.randn(args.batch, len_k, args.kv_heads, head_dim, generator=gen).to(device, dtype)
+    v = torch.randn(args.batch, len_k, args.kv_heads, head_dim, generator=gen).to(device, dtype)
+    lo = key_range[..., 0].clamp(min=0)
+    hi = torch.minimum(key_range[..., 1], kv_lens[:, None].to(key_range.dtype))
+    visible_pairs = int((hi - lo).clamp(min=0).sum()) * args.heads  # (sample, head, query, key) quadruples
+    return dict(q=q, k=k, v=v, key_range=key_range.to(device), kv_lens=kv_lens.to(device), tokens=tokens,
+                len_k=len_k, visible_pairs=visible_pairs, head_dim=head_dim, mode=mode)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backends: each returns a function (q, k, v) -> out in the (B, L, H, D) layout, or raises if unavailable.
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_triton(case):
+    from mmscale.kernels import cross_attention
+
+    kr, kl = case["key_range"], case["kv_lens"]
+    return lambda q, k, v: cross_attention(q, k, v, key_range=kr, kv_lens=kl, backend="triton")
+
+
+def make_sdpa(case):
+    from mmscale.kernels import build_visibility_mask
+
+    q, k = case["q"], case["k"]
+    B, Lq, Hq, _ = q.shape
+    mask = build_visibility_mask(case["key_range"], case["kv_lens"], B, Lq, k.shape[1], q.device)
+    any_key = mask.any(-1, keepdim=True)
+    attn_mask = (mask | ~any_key)[:, None]  # (B, 1, Lq, Lk); keyless rows unmasked (no NaN), zeroed below
+    group = Hq // k.shape[2]
+
+    def fn(q, k, v):
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if group > 1:
+            kt, vt = kt.repeat_interleave(group, 1), vt.repeat_interleave(group, 1)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask).transpose(1, 2)
+        return out * any_key[..., None]
+
+    return fn
+
+
+def make_flex(case):
+    if case["q"].device.type != "cuda":
+        raise RuntimeError("FlexAttention benchmark runs on CUDA only")
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    q, k = case["q"], case["k"]
+    B, Lq, Hq, _ = q.shape
+    Lk = k.shape[1]
+    lo = case["key_range"][..., 0].contiguous()
+    hi = torch.minimum(case["key_range"][..., 1], case["kv_lens"][:, None]).contiguous()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx >= lo[b, q_idx]) & (kv_idx < hi[b, q_idx])
+
+    block_mask = create_block_mask(mask_mod, B, None, Lq, Lk, device=q.device)
+    flex = torch.compile(flex_attention, dynamic=False)
+    gqa = Hq != k.shape[2]
+
+    def fn(q, k, v):
+        out = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, enable_gqa=gqa)
+        return out.transpose(1, 2)
+
+    return fn
+
+
+def make_flash(case):
+    from flash_attn import flash_attn_varlen_func  # optional; ImportError -> reported as unavailable
+
+    q, k = case["q"], case["k"]
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        raise RuntimeError("flash-attn needs CUDA fp16/bf16")
+    B, Lq, Hq, D = q.shape
+    Lk = k.shape[1]
+    kv_lens = case["kv_lens"]
+    keep = torch.arange(Lk, device=q.device)[None, :] < kv_lens[:, None]
+    cu_q = torch.arange(B + 1, device=q.device, dtype=torch.int32) * Lq
+    cu_k = torch.zeros(B + 1, device=q.device, dtype=torch.int32)
+    cu_k[1:] = torch.cumsum(kv_lens, 0)
+    max_k = int(kv_lens.max())
+
+    def fn(q, k, v):  # packing included: it is part of what a caller would pay
+        out = flash_attn_varlen_func(q.reshape(B * Lq, Hq, D), k[keep], v[keep], cu_q, cu_k, Lq, max_k)
+        return out.view(B, Lq, Hq, D)
+
+    return fn
+
+
+BACKEND_FACTORIES = {"triton": make_triton, "flash": make_flash, "flex": make_flex, "sdpa": make_sdpa}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------
+
+
+def bench_ms(fn, grad_tensors, device):
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_tensors)
+    fn()  # warm-up (interpreter rewrite, allocator)
+    reps = 2
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps * 1e3
+
+
+def run_backend(name, case, device):
+    fn = BACKEND_FACTORIES[name](case)
+    q, k, v = (case[n].detach().clone().requires_grad_(True) for n in "qkv")
+    dout = torch.randn_like(case["q"])
+    with torch.no_grad():
+        fwd_ms = bench_ms(lambda: fn(q, k, v), None, device)
+
+    def fwd_bwd():
+        fn(q, k, v).backward(dout)
+
+    fwd_bwd_ms = bench_ms(fwd_bwd, [q, k, v], device)
+    fwd_flops = 4.0 * case["visible_pairs"] * case["head_dim"]
+    return dict(fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, fwd_tflops=fwd_flops / fwd_ms / 1e9,
+                fwd_bwd_tflops=3.5 * fwd_flops / fwd_bwd_ms / 1e9)
+
+
+def backends_to_run(args, device):
+    from mmscale.kernels.triton_xattn import interpreter_active
+
+    chosen, skipped = [], {}
+    for name in args.backends:
+        if name not in BACKEND_FACTORIES:
+            raise SystemExit(f"unknown backend {name!r}; choose from {sorted(BACKEND_FACTORIES)}")
+        if device.type != "cuda":
+            if name == "triton" and not interpreter_active():
+                skipped[name] = "CPU without TRITON_INTERPRET=1"
+                continue
+            if name in ("flash", "flex"):
+                skipped[name] = "CUDA only"
+                continue
+        chosen.append(name)
+    return chosen, skipped
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        raise SystemExit("no CUDA device: run with --smoke (tiny CPU shapes; numbers are meaningless)")
+    names, skipped = backends_to_run(args, device)
+    gen = torch.Generator().manual_seed(args.seed)
+    if device.type != "cuda":
+        print("NOTE: CPU run (Triton through its interpreter if enabled): absolute numbers are meaningless; "
+              "this only proves the benchmark runs.")
+
+    rows, results = [], []
+    for head_dim in args.head_dims:
+        for mode in args.modes:
+            case = build_case(args, head_dim, mode, device, gen)
+            case_id = f"{mode}-D{head_dim}"
+            entry = dict(case=case_id, mode=mode, head_dim=head_dim, batch=args.batch, heads=args.heads,
+                         kv_heads=args.kv_heads, seqlen_q=args.seqlen_q, max_seqlen_k=case["len_k"],
+                         kv_lens=case["kv_lens"].tolist(), tokens_per_image=case["tokens"],
+                         visible_pairs=case["visible_pairs"], backends={})
+            for name in names:
+                try:
+                    res = run_backend(name, case, device)
+                except Exception as e:  # an unavailable or failing backend is reported, not fatal
+                    res = dict(error=f"{type(e).__name__}: {e}"[:300])
+                entry["backends"][name] = res
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            for name, why in skipped.items():
+                entry["backends"][name] = dict(skipped=why)
+            results.append(entry)
+            for name, res in entry["backends"].items():
+                rows.append((case_id, name, res))
+
+    # Table
+    print(f"\ndevice={torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'} "
+          f"dtype={args.dtype} B={args.batch} H={args.heads}/{args.kv_heads} Lq={args.seqlen_q}")
+    print(f"{'case':<16}{'backend':<9}{'fwd ms':>10}{'fwd TF/s':>10}{'f+b ms':>10}{'f+b TF/s':>10}")
+    for case_id, name, res in rows:
+        if "fwd_ms" in res:
+            print(f"{case_id:<16}{name:<9}{res['fwd_ms']:>10.3f}{res['fwd_tflops']:>10.3f}"
+                  f"{res['fwd_bwd_ms']:>10.3f}{res['fwd_bwd_tflops']:>10.3f}")
+        else:
+            print(f"{case_id:<16}{name:<9}  {res.get('error') or 'skipped: ' + res.get('skipped', '')}")
+
+    # Headline: triton TFLOP/s over each other backend (> 1 = triton faster), per case and min over cases.
+    ratios, minima = {}, {}
+    for entry in results:
+        tri = entry["backends"].get("triton", {})
+        if "fwd_ms" not in tri:
+            continue
+        for name, res in entry["backends"].items():
+            if name == "triton" or "fwd_ms" not in res:
+                continue
+            for pass_ in ("fwd", "fwd_bwd"):
+                key = f"{pass_}:triton/{name}"
+                r = _sig(tri[f"{pass_}_tflops"] / res[f"{pass_}_tflops"])
+                ratios.setdefault(entry["case"], {})[key] = r
+                minima[key] = min(minima.get(key, math.inf), r)
+    headline = dict(
+        benchmark="kernels", device=device.type, smoke=args.smoke, dtype=args.dtype,
+        meaningful=device.type == "cuda" and not args.smoke,
+        triton_tflops={e["case"]: {p: _sig(e["backends"]["triton"][f"{p}_tflops"]) for p in ("fwd", "fwd_bwd")}
+                       for e in results if "fwd_ms" in e["backends"].get("triton", {})},
+        ratios=ratios, min_ratios=minima,
+    )
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    payload = dict(headline=headline, config=vars(args), torch=torch.__version__,
+                   interpret=os.environ.get("TRITON_INTERPRET"), cases=results)
+    out_path.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {out_path}")
+    print(json.dumps(headline))
+
+
+if __name__ == "__main__":
+    main()

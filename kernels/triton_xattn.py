@@ -1,0 +1,548 @@
+"""Triton cross-attention with per-query key ranges (Flamingo media masking).
+
+Algorithm: FlashAttention-2 (Dao, 2023, "FlashAttention-2: Faster Attention with Better Parallelism and
+Work Partitioning"). The forward streams key/value tiles through an online softmax kept in fp32 (running
+max ``m_i``, running sum ``l_i``, base-2 exponentials) and saves the per-row log-sum-exp. The backward
+recomputes the probabilities from the saved log-sum-exp: a preprocess kernel computes
+``delta = rowsum(dO * O)``, one kernel accumulates dK/dV per key block by looping over query blocks, one
+kernel accumulates dQ per query block by looping over key blocks. No atomics: every output element is
+written by exactly one program, so results are bitwise deterministic run to run.
+
+Masking. Every query row ``i`` of sequence ``b`` sees the keys ``[lo_i, hi_i) ∩ [0, k_len_b)`` of its own
+sequence (``key_range``; absent = all ``k_len_b`` keys). Per query block the kernels reduce the rows'
+ranges to ``[min lo, max hi)`` and only visit key tiles inside it, so fully masked tiles cost nothing
+(dK/dV likewise skips query blocks whose range misses the key block). A row with an empty range gets
+output 0, log-sum-exp 0 and zero gradients (never NaN): its scores are all ``-inf`` and the kernels
+substitute 0 for the running max / normaliser of such rows.
+
+Layout (packed, "varlen"): q ``(total_q, Hq, D)``, k and v ``(total_k, Hkv, D)``; sequence ``b`` owns query
+rows ``[q_start[b], q_start[b] + q_len[b])`` and key rows ``[k_start[b], k_start[b] + k_len[b])``.
+The padded API ``(B, L, H, D)`` maps onto this with ``q_start = b * Lq`` and ``k_start = b * Lk`` (no copy).
+GQA: query head ``h`` reads key/value head ``h // (Hq // Hkv)``; the dK/dV kernel loops over the query
+heads of a group itself, so group gradients are summed in a fixed order.
+
+Limits:
+- head dim <= 128 (tiles are padded to ``max(16, next_pow2(D))`` and masked; e.g. 40 runs as 64).
+- fp16 / bf16 / fp32 inputs; q, k, v share one dtype. fp32 matmuls use IEEE fp32 (no TF32) on GPU.
+- Sequence ragged edges (M and N) are always masked because lengths are per sequence (varlen) and not
+  known on the host without a sync; only the head-dim edge has an ``EVEN_D`` fast path.
+- CPU tensors run only under ``TRITON_INTERPRET=1`` set before ``triton`` is first imported (tests). There
+  bf16 is computed in fp32 (the interpreter cannot do bf16 arithmetic) and block sizes are fixed (32x32, no
+  autotune). On GPU the forward is autotuned on (head dim, key-length bucket); the backward uses fixed
+  64x64 tiles. GPU numerics and speed are not yet measured (no GPU in the dev loop); the kernels are
+  compile-checked for sm_90 without a GPU in tests/test_kernels.py.
+- Range values are clamped to ``[0, k_len)`` in the kernel; no host-side value checks (they would sync).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["triton_cross_attention_packed", "interpreter_active", "MAX_HEAD_DIM"]
+
+MAX_HEAD_DIM = 128
+_LOG2E = 1.4426950408889634
+# Sentinel start for rows that see no key; larger than any key index.
+_NO_KEY = tl.constexpr(1 << 30)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _xattn_fwd_kernel(
+    Q, K, V, Out, Lse, KeyRange,  # q/out (Tq, Hq, D); k/v (Tk, Hkv, D); lse (Hq, Tq) fp32; range (Tq, 2)
+    QStart, QLen, KStart, KLen,  # (B,) int32 each
+    stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
+    stride_lse_h,
+    n_q_heads, group_size, head_dim,
+    qk_scale,  # softmax_scale * log2(e): scores live in base 2
+    LK_BUCKET,  # autotune key only (next pow2 of max key length)
+    HAS_RANGE: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_q_heads
+    h = pid_bh % n_q_heads
+    hk = h // group_size
+    q_start = tl.load(QStart + b).to(tl.int64)
+    q_len = tl.load(QLen + b)
+    k_start = tl.load(KStart + b).to(tl.int64)
+    k_len = tl.load(KLen + b)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (M,) query index within the sequence
+    offs_n = tl.arange(0, BLOCK_N)  # (N,)
+    offs_d = tl.arange(0, BLOCK_D)  # (D,)
+    m_valid = offs_m < q_len
+    rows = q_start + offs_m  # (M,) packed row index, int64
+
+    # Per-row visible key range [lo, hi), clamped to [0, k_len); rows past q_len see nothing.
+    if HAS_RANGE:
+        lo = tl.load(KeyRange + rows * 2, mask=m_valid, other=0)
+        hi = tl.load(KeyRange + rows * 2 + 1, mask=m_valid, other=0)
+        lo = tl.maximum(lo, 0)
+        hi = tl.minimum(hi, k_len)
+    else:
+        lo = tl.zeros([BLOCK_M], dtype=tl.int32)
+        hi = tl.zeros([BLOCK_M], dtype=tl.int32) + k_len
+    has_key = m_valid & (hi > lo)
+    hi = tl.where(has_key, hi, 0)
+    # Block-level key interval: only tiles in [start, blk_hi) can hold a visible key. Empty when no row
+    # of this block has a key (also when the whole block lies past q_len), so no early return is needed.
+    blk_lo = tl.min(tl.where(has_key, lo, _NO_KEY), axis=0)
+    blk_hi = tl.max(hi, axis=0)
+    start = (blk_lo // BLOCK_N) * BLOCK_N
+
+    if EVEN_D:
+        q_mask = m_valid[:, None]
+    else:
+        q_mask = m_valid[:, None] & (offs_d[None, :] < head_dim)
+    q = tl.load(Q + rows[:, None] * stride_qm + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")  # running row max (base 2)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(start, blk_hi, BLOCK_N):
+        cols = start_n + offs_n  # (N,) key index within the sequence
+        n_valid = cols < k_len
+        if EVEN_D:
+            kv_mask = n_valid[:, None]
+        else:
+            kv_mask = n_valid[:, None] & (offs_d[None, :] < head_dim)
+        krows = k_start + cols
+        k = tl.load(K + krows[:, None] * stride_km + hk * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + krows[:, None] * stride_vm + hk * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, N) fp32
+        visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Rows with no visible key so far keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])  # (M, N) fp32
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has_mass = l_i > 0.0
+    l_safe = tl.where(has_mass, l_i, 1.0)
+    acc = acc / l_safe[:, None]  # rows without keys: acc is 0 -> output 0
+    lse = tl.where(has_mass, m_i + tl.log2(l_safe), 0.0)  # base-2 log-sum-exp; 0 for keyless rows
+    tl.store(Lse + h * stride_lse_h + rows, lse, mask=m_valid)
+    tl.store(Out + rows[:, None] * stride_om + h * stride_oh + offs_d[None, :], acc.to(Out.dtype.element_ty),
+             mask=q_mask)
+
+
+@triton.jit
+def _xattn_bwd_preprocess_kernel(
+    Out, DO, Delta,  # out/do (Tq, Hq, D); delta (Hq, Tq) fp32
+    stride_om, stride_oh, stride_dom, stride_doh, stride_delta_h,
+    total_q, head_dim,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # delta_i = sum_d dO_id * O_id  (= rowsum(dP * P), the softmax-backward correction term)
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < total_q) & (offs_d[None, :] < head_dim)
+    o = tl.load(Out + rows[:, None] * stride_om + h * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_dom + h * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + h * stride_delta_h + rows, delta, mask=rows < total_q)
+
+
+@triton.jit
+def _xattn_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, KeyRange,
+    QStart, QLen, KStart, KLen,
+    stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
+    stride_dkm, stride_dkh, stride_dvm, stride_dvh,
+    stride_lse_h,
+    n_kv_heads, group_size, head_dim,
+    qk_scale, sm_scale,
+    HAS_RANGE: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # One program owns one key block of one kv head and loops over (query heads of the group) x (query
+    # blocks), so dK/dV of a GQA group are summed in a fixed order without atomics.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_kv_heads
+    hk = pid_bh % n_kv_heads
+    q_start = tl.load(QStart + b).to(tl.int64)
+    q_len = tl.load(QLen + b)
+    k_start = tl.load(KStart + b).to(tl.int64)
+    k_len = tl.load(KLen + b)
+
+    n_lo = pid_n * BLOCK_N
+    cols = n_lo + tl.arange(0, BLOCK_N)  # (N,) key index within the sequence
+    offs_d = tl.arange(0, BLOCK_D)
+    n_valid = cols < k_len
+    if EVEN_D:
+        kv_mask = n_valid[:, None]
+    else:
+        kv_mask = n_valid[:, None] & (offs_d[None, :] < head_dim)
+    krows = k_start + cols
+    k = tl.load(K + krows[:, None] * stride_km + hk * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + krows[:, None] * stride_vm + hk * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # A key block past k_len has nothing to do: make the query loop empty instead of returning early.
+    q_end = tl.where(n_lo < k_len, q_len, 0)
+    for g in range(0, group_size):
+        h = hk * group_size + g
+        for start_m in range(0, q_end, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_valid = offs_m < q_len
+            rows = q_start + offs_m
+            if HAS_RANGE:
+                lo = tl.load(KeyRange + rows * 2, mask=m_valid, other=0)
+                hi = tl.load(KeyRange + rows * 2 + 1, mask=m_valid, other=0)
+                lo = tl.maximum(lo, 0)
+                hi = tl.minimum(hi, k_len)
+            else:
+                lo = tl.zeros([BLOCK_M], dtype=tl.int32)
+                hi = tl.zeros([BLOCK_M], dtype=tl.int32) + k_len
+            has_key = m_valid & (hi > lo)
+            hi = tl.where(has_key, hi, 0)
+            blk_lo = tl.min(tl.where(has_key, lo, _NO_KEY), axis=0)
+            blk_hi = tl.max(hi, axis=0)
+            # Skip query blocks whose key interval misses this key block.
+            if (blk_lo < n_lo + BLOCK_N) & (blk_hi > n_lo):
+                if EVEN_D:
+                    q_mask = m_valid[:, None]
+                else:
+                    q_mask = m_valid[:, None] & (offs_d[None, :] < head_dim)
+                q = tl.load(Q + rows[:, None] * stride_qm + h * stride_qh + offs_d[None, :], mask=q_mask,
+                            other=0.0)
+                do = tl.load(DO + rows[:, None] * stride_dom + h * stride_doh + offs_d[None, :], mask=q_mask,
+                             other=0.0)
+                lse = tl.load(Lse + h * stride_lse_h + rows, mask=m_valid, other=0.0)
+                delta = tl.load(Delta + h * stride_lse_h + rows, mask=m_valid, other=0.0)
+
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, N)
+                visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+                s = tl.where(visible, s, float("-inf"))
+                p = tl.exp2(s - lse[:, None])  # (M, N) softmax probabilities, 0 where masked
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (M, N)
+                ds = p * (dp - delta[:, None])  # dL/d(scaled score)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+
+    dk = dk * sm_scale
+    tl.store(DK + krows[:, None] * stride_dkm + hk * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(DV + krows[:, None] * stride_dvm + hk * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=kv_mask)
+
+
+@triton.jit
+def _xattn_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, KeyRange,
+    QStart, QLen, KStart, KLen,
+    stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
+    stride_dqm, stride_dqh,
+    stride_lse_h,
+    n_q_heads, group_size, head_dim,
+    qk_scale, sm_scale,
+    HAS_RANGE: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_q_heads
+    h = pid_bh % n_q_heads
+    hk = h // group_size
+    q_start = tl.load(QStart + b).to(tl.int64)
+    q_len = tl.load(QLen + b)
+    k_start = tl.load(KStart + b).to(tl.int64)
+    k_len = tl.load(KLen + b)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < q_len
+    rows = q_start + offs_m
+    if HAS_RANGE:
+        lo = tl.load(KeyRange + rows * 2, mask=m_valid, other=0)
+        hi = tl.load(KeyRange + rows * 2 + 1, mask=m_valid, other=0)
+        lo = tl.maximum(lo, 0)
+        hi = tl.minimum(hi, k_len)
+    else:
+        lo = tl.zeros([BLOCK_M], dtype=tl.int32)
+        hi = tl.zeros([BLOCK_M], dtype=tl.int32) + k_len
+    has_key = m_valid & (hi > lo)
+    hi = tl.where(has_key, hi, 0)
+    blk_lo = tl.min(tl.where(has_key, lo, _NO_KEY), axis=0)
+    blk_hi = tl.max(hi, axis=0)
+    start = (blk_lo // BLOCK_N) * BLOCK_N
+
+    if EVEN_D:
+        q_mask = m_valid[:, None]
+    else:
+        q_mask = m_valid[:, None] & (offs_d[None, :] < head_dim)
+    q = tl.load(Q + rows[:, None] * stride_qm + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_dom + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(Lse + h * stride_lse_h + rows, mask=m_valid, other=0.0)
+    delta = tl.load(Delta + h * stride_lse_h + rows, mask=m_valid, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(start, blk_hi, BLOCK_N):
+        cols = start_n + offs_n
+        n_valid = cols < k_len
+        if EVEN_D:
+            kv_mask = n_valid[:, None]
+        else:
+            kv_mask = n_valid[:, None] & (offs_d[None, :] < head_dim)
+        krows = k_start + cols
+        k = tl.load(K + krows[:, None] * stride_km + hk * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + krows[:, None] * stride_vm + hk * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(DQ + rows[:, None] * stride_dqm + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=q_mask)
+
+
+# GPU forward autotuning. Keyed on head dim and a power-of-two bucket of the longest key sequence, so a
+# new batch shape re-tunes at most log2(Lk) times. Forward programs only write their own rows, so
+# re-running them during tuning is harmless.
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4)]
+]
+_xattn_fwd_kernel_tuned = triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_D", "LK_BUCKET", "HAS_RANGE"])(
+    _xattn_fwd_kernel
+)
+
+# Fixed tiles: interpreter (CPU) and GPU backward.
+_INTERP_BLOCK_M = 32
+_INTERP_BLOCK_N = 32
+_GPU_BWD_BLOCK_M = 64
+_GPU_BWD_BLOCK_N = 64
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def interpreter_active() -> bool:
+    """True when this module's kernels run in Triton's CPU interpreter.
+
+    Triton picks interpreter-or-compiler when ``@triton.jit`` runs, and its own standard library
+    (``tl.max``, ``tl.sum``...) is decorated when ``triton`` is first imported: ``TRITON_INTERPRET=1`` must be
+    in the environment before ``triton`` is imported at all. Setting it later has no effect.
+    """
+    return _is_interpreted(_xattn_fwd_kernel) and _is_interpreted(tl.max)
+
+
+def _is_interpreted(kernel) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def _kernel_for(kernel, device: torch.device):
+    """The kernel to launch for tensors on ``device``; CPU tensors need the interpreter."""
+    if _is_interpreted(kernel) != _is_interpreted(tl.max):
+        raise ValueError(
+            "Triton was imported without TRITON_INTERPRET=1 but mmscale.kernels was imported with it (or the "
+            "reverse), so its kernels cannot call triton.language. Fix: set TRITON_INTERPRET in the "
+            "environment before triton is first imported, or unset it for GPU runs."
+        )
+    if device.type == "cpu" and not _is_interpreted(kernel):
+        raise ValueError(
+            f"backend='triton' got CPU tensors but Triton was imported without its interpreter "
+            f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} now). Fix: move the tensors to CUDA, use "
+            "backend='sdpa', or set TRITON_INTERPRET=1 in the environment before triton is first imported "
+            "(CPU testing only; slow)."
+        )
+    return kernel
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: IEEE matmul (TF32 would cost ~1e-3 relative error); fp16/bf16 ignore this.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _bwd_warps(block_d: int) -> int:
+    return 8 if block_d >= 128 else 4
+
+
+def _forward(q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k, sm_scale):
+    """q (Tq, Hq, D), k/v (Tk, Hkv, D) -> out (Tq, Hq, D), lse (Hq, Tq) fp32 base-2."""
+    total_q, n_q_heads, head_dim = q.shape
+    total_k, n_kv_heads, _ = k.shape
+    batch = q_start.shape[0]
+    out = torch.empty_like(q)
+    lse = torch.empty((n_q_heads, total_q), device=q.device, dtype=torch.float32)
+    if total_q == 0 or batch == 0 or max_seqlen_q == 0:
+        return out, lse
+    if total_k == 0 or max_seqlen_k == 0:  # nothing to attend to anywhere
+        return out.zero_(), lse.zero_()
+    block_d = _block_d(head_dim)
+    args = (
+        q, k, v, out, lse, key_range if key_range is not None else q_start,
+        q_start, q_len, k_start, k_len,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        lse.stride(0),
+        n_q_heads, n_q_heads // n_kv_heads, head_dim,
+        sm_scale * _LOG2E,
+        triton.next_power_of_2(max_seqlen_k),
+    )
+    consts = dict(HAS_RANGE=key_range is not None, EVEN_D=head_dim == block_d,
+                  DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=block_d)
+    if q.device.type == "cpu" or _is_interpreted(_xattn_fwd_kernel):
+        kernel = _kernel_for(_xattn_fwd_kernel, q.device)
+        grid = (triton.cdiv(max_seqlen_q, _INTERP_BLOCK_M), batch * n_q_heads)
+        kernel[grid](*args, BLOCK_M=_INTERP_BLOCK_M, BLOCK_N=_INTERP_BLOCK_N, **consts)
+    else:
+        def grid(meta):
+            return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * n_q_heads)
+
+        _xattn_fwd_kernel_tuned[grid](*args, **consts)
+    return out, lse
+
+
+def _backward(do, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k,
+              sm_scale):
+    """Gradients (dq, dk, dv) with the shapes and dtypes of (q, k, v)."""
+    total_q, n_q_heads, head_dim = q.shape
+    total_k, n_kv_heads, _ = k.shape
+    batch = q_start.shape[0]
+    dq = torch.zeros_like(q)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    if total_q == 0 or total_k == 0 or batch == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
+        return dq, dk, dv
+    interp = q.device.type == "cpu" or _is_interpreted(_xattn_fwd_kernel)
+    block_m = _INTERP_BLOCK_M if interp else _GPU_BWD_BLOCK_M
+    block_n = _INTERP_BLOCK_N if interp else _GPU_BWD_BLOCK_N
+    block_d = _block_d(head_dim)
+    launch = {} if interp else {"num_warps": _bwd_warps(block_d), "num_stages": 2}
+    range_arg = key_range if key_range is not None else q_start
+    consts = dict(HAS_RANGE=key_range is not None, EVEN_D=head_dim == block_d,
+                  DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=block_d)
+
+    delta = torch.empty_like(lse)  # (Hq, Tq) fp32
+    _kernel_for(_xattn_bwd_preprocess_kernel, q.device)[(triton.cdiv(total_q, block_m), n_q_heads)](
+        out, do, delta,
+        out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0),
+        total_q, head_dim,
+        BLOCK_M=block_m, BLOCK_D=block_d, **launch,
+    )
+    group_size = n_q_heads // n_kv_heads
+    qk_scale = sm_scale * _LOG2E
+    _kernel_for(_xattn_bwd_dkdv_kernel, q.device)[(triton.cdiv(max_seqlen_k, block_n), batch * n_kv_heads)](
+        q, k, v, do, lse, delta, dk, dv, range_arg,
+        q_start, q_len, k_start, k_len,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        lse.stride(0),
+        n_kv_heads, group_size, head_dim,
+        qk_scale, sm_scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, **consts, **launch,
+    )
+    _kernel_for(_xattn_bwd_dq_kernel, q.device)[(triton.cdiv(max_seqlen_q, block_m), batch * n_q_heads)](
+        q, k, v, do, lse, delta, dq, range_arg,
+        q_start, q_len, k_start, k_len,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        dq.stride(0), dq.stride(1),
+        lse.stride(0),
+        n_q_heads, group_size, head_dim,
+        qk_scale, sm_scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, **consts, **launch,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _TritonCrossAttention(torch.autograd.Function):
+    """Packed cross-attention; the public entry points check arguments before calling ``apply``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k, sm_scale):
+        # q (Tq, Hq, D); k, v (Tk, Hkv, D); key_range (Tq, 2) int32 or None; q_start..k_len (B,) int32
+        io_dtype = q.dtype
+        # The interpreter holds bf16 as raw bits and gets arithmetic on it wrong: compute in fp32 there.
+        upcast = io_dtype == torch.bfloat16 and (q.device.type == "cpu" or _is_interpreted(_xattn_fwd_kernel))
+        if upcast:
+            q, k, v = q.float(), k.float(), v.float()
+        q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+        out, lse = _forward(q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k,
+                            sm_scale)
+        ctx.save_for_backward(q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len)
+        ctx.max_seqlen_q = max_seqlen_q
+        ctx.max_seqlen_k = max_seqlen_k
+        ctx.sm_scale = sm_scale
+        ctx.io_dtype = io_dtype
+        return out.to(io_dtype) if upcast else out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len = ctx.saved_tensors
+        dout = _last_dim_contiguous(dout.to(q.dtype))
+        dq, dk, dv = _backward(dout, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len,
+                               ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.sm_scale)
+        io = ctx.io_dtype
+        return dq.to(io), dk.to(io), dv.to(io), None, None, None, None, None, None, None, None
+
+
+def triton_cross_attention_packed(q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q: int,
+                                  max_seqlen_k: int, softmax_scale: float) -> torch.Tensor:
+    """Packed Triton cross-attention (arguments already validated; see ``dispatch``).
+
+    q (Tq, Hq, D), k/v (Tk, Hkv, D), key_range (Tq, 2) int32 relative to each sequence's keys or None,
+    q_start/q_len/k_start/k_len (B,) int32. Returns (Tq, Hq, D).
+    """
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"backend='triton' supports head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}. "
+                         "Fix: use backend='sdpa' or split heads to a smaller head dim.")
+    return _TritonCrossAttention.apply(q, k, v, key_range, q_start, q_len, k_start, k_len, int(max_seqlen_q),
+                                       int(max_seqlen_k), float(softmax_scale))
+
+
+def default_softmax_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
