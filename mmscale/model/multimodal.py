@@ -1,0 +1,217 @@
+"""The multimodal model: vision tower -> Perceiver resampler -> language model with gated cross-attention.
+
+    images (B, M, 3, H, W) --vision--> (B*M, P, Dv) --resampler--> visual tokens (B, M*n, Dv), image after image
+    text (B, L) --LM, with a gated cross-attention block before decoder layers 0, N, 2N, ...--> logits (B, L, V)
+
+Text token t of sample b sees the visual tokens of image `media_index[b, t]` (media_mode "previous", Flamingo)
+or of images 0..media_index[b, t] ("all"); tokens before the first image (media_index -1) see none.
+
+Plain single-device PyTorch: ranks, ZeRO and DeepSpeed are applied from outside (mmscale/training/engine.py).
+To stay buildable under `deepspeed.zero.Init`, every parameter is created in a module's `__init__`, none is
+modified afterwards, and no parent reads parameter values while building.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from mmscale.config import ModelConfig
+from mmscale.kernels import build_media_key_range
+from mmscale.model.resampler import PerceiverResampler
+from mmscale.model.vision import VisionTower, build_vision_tower
+from mmscale.model.xattn import GatedCrossAttentionBlock, XAttnDecoderLayer, apply_gated_xattn
+
+IGNORE_INDEX = -100
+COMPONENTS = ("vision", "resampler", "lm", "xattn")
+
+
+@dataclass
+class MultimodalOutput(ModelOutput):
+    # a ModelOutput (an ordered dict) so that ZeRO-3's module hooks can see the tensors inside it
+    logits: torch.Tensor | None = None
+    """(B, L, V) next-token logits."""
+    loss_sum: torch.Tensor | None = None
+    """fp32 scalar: SUM of next-token cross-entropy over the positions where labels[:, 1:] != -100."""
+    num_tokens: torch.Tensor | None = None
+    """int64 scalar: how many positions `loss_sum` sums over."""
+    loss: torch.Tensor | None = None
+    """loss_sum / max(num_tokens, 1): the local mean, for convenience. Training normalises by the global count."""
+    token_loss: torch.Tensor | None = None
+    """(B, L-1) fp32 cross-entropy of predicting labels[:, t+1] at position t, 0 where ignored
+    (only with return_token_loss=True)."""
+
+
+class MultimodalModel(nn.Module):
+    def __init__(
+        self,
+        vision: VisionTower,
+        resampler: PerceiverResampler,
+        lm: PreTrainedModel,
+        media_mode: str = "previous",
+    ):
+        super().__init__()
+        if media_mode not in ("previous", "all"):
+            raise ValueError(f"media_mode: {media_mode!r} is not one of 'previous', 'all'")
+        self.vision = vision
+        self.resampler = resampler
+        self.lm = lm
+        self.media_mode = media_mode
+
+    # --------------------------------------------------------------------------------------------- forward
+
+    def xattn_layers(self) -> list[XAttnDecoderLayer]:
+        """The decoder-layer wrappers inside `lm` (looked up each time: a transform of `lm` may move them)."""
+        return [m for m in self.lm.modules() if isinstance(m, XAttnDecoderLayer)]
+
+    def xattn_blocks(self) -> list[GatedCrossAttentionBlock]:
+        return [layer.xattn for layer in self.xattn_layers()]
+
+    @property
+    def vision_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.vision.parameters())
+
+    def encode_media(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, M, 3, H, W) -> visual tokens (B, M*n, Dv), image after image. Every slot is encoded (padded ones
+        too): the same work on every rank, and static shapes."""
+        B, M = pixel_values.shape[:2]
+        with torch.no_grad() if self.vision_frozen else contextlib.nullcontext():
+            feats = self.vision.encode_images(pixel_values.flatten(0, 1))  # (B*M, P, Dv)
+        tokens = self.resampler(feats)  # (B*M, n, Dv)
+        return tokens.reshape(B, M * tokens.shape[1], tokens.shape[2])
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        image_mask: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        media_index: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        return_token_loss: bool = False,
+    ) -> MultimodalOutput:
+        """pixel_values (B, M, 3, H, W) float; image_mask (B, M) bool (real slots first, padding after);
+        input_ids, attention_mask, media_index, labels (B, L) int64; media_index[b, t] = latest image at or
+        before token t, -1 before the first image."""
+        if pixel_values.shape[:2] != image_mask.shape or media_index.shape != input_ids.shape:
+            raise ValueError(
+                f"batch shapes disagree: pixel_values {tuple(pixel_values.shape)} vs image_mask"
+                f" {tuple(image_mask.shape)} (want (B, M, 3, H, W) and (B, M)); media_index {tuple(media_index.shape)} vs input_ids"
+                f" {tuple(input_ids.shape)} (want both (B, L))"
+            )
+        media = self.encode_media(pixel_values)
+        n = self.resampler.num_latents
+        kv_lens = image_mask.sum(dim=1) * n  # (B,) assumes real images fill the first slots
+        key_range = build_media_key_range(media_index, n, self.media_mode)  # (B, L, 2); kernel also applies kv_lens
+        for layer in self.xattn_layers():
+            layer.condition(media, key_range, kv_lens)
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        if labels is None:
+            return MultimodalOutput(logits=logits)
+        # predict labels[:, t+1] from position t; fp32 whatever the logits' dtype
+        target = labels[:, 1:]
+        token_loss = F.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view(target.shape)
+        loss_sum = token_loss.sum()
+        num_tokens = (target != IGNORE_INDEX).sum()
+        return MultimodalOutput(
+            logits=logits,
+            loss_sum=loss_sum,
+            num_tokens=num_tokens,
+            loss=loss_sum / num_tokens.clamp(min=1),
+            token_loss=token_loss if return_token_loss else None,
+        )
+
+    # --------------------------------------------------------------------------------------------- accounting
+
+    def component_params(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Named parameters grouped by component: vision, resampler, lm (the original LM weights), xattn."""
+        xattn_ids = {id(p) for block in self.xattn_blocks() for p in block.parameters()}
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {c: [] for c in COMPONENTS}
+        for name, p in self.named_parameters():
+            top = name.split(".", 1)[0]
+            if top == "lm":
+                groups["xattn" if id(p) in xattn_ids else "lm"].append((name, p))
+            else:
+                groups[top].append((name, p))
+        return groups
+
+    def param_counts(self) -> dict:
+        """{"total", "trainable", "by_component": {vision, resampler, lm, xattn}}. Works on meta tensors and on
+        ZeRO-3 partitioned parameters (their full size is `ds_numel`; `numel()` is 0 locally)."""
+        by_component, total, trainable = {}, 0, 0
+        for comp, params in self.component_params().items():
+            count = 0
+            for _, p in params:
+                numel = getattr(p, "ds_numel", p.numel())
+                count += numel
+                trainable += numel if p.requires_grad else 0
+            by_component[comp] = count
+            total += count
+        return {"total": total, "trainable": trainable, "by_component": by_component}
+
+
+def apply_freeze_policy(model: MultimodalModel, cfg: ModelConfig) -> None:
+    """Set requires_grad per component from cfg.train_vision / train_resampler / train_lm / train_xattn."""
+    flags = {
+        "vision": cfg.train_vision,
+        "resampler": cfg.train_resampler,
+        "lm": cfg.train_lm,
+        "xattn": cfg.train_xattn,
+    }
+    for comp, params in model.component_params().items():
+        for _, p in params:
+            p.requires_grad_(flags[comp])
+
+
+def build_lm(cfg: ModelConfig, vocab_size: int | None, meta: bool = False) -> PreTrainedModel:
+    """LlamaForCausalLM from cfg.lm.config (random weights) or any causal LM from the local cfg.lm.path.
+
+    `vocab_size` (the tokenizer's) overrides the config's; a loaded LM with fewer embeddings is resized up.
+    """
+    device = torch.device("meta") if meta else contextlib.nullcontext()
+    if cfg.lm.path:
+        if meta:
+            config = AutoConfig.from_pretrained(cfg.lm.path)
+            if vocab_size is not None and vocab_size > config.vocab_size:
+                config.vocab_size = vocab_size
+            with device:
+                return AutoModelForCausalLM.from_config(config)
+        lm = AutoModelForCausalLM.from_pretrained(cfg.lm.path)
+        if vocab_size is not None and vocab_size > lm.get_input_embeddings().num_embeddings:
+            lm.resize_token_embeddings(vocab_size)
+        return lm
+    kwargs = dict(cfg.lm.config)
+    if vocab_size is not None:
+        kwargs["vocab_size"] = vocab_size
+    with device:
+        return LlamaForCausalLM(LlamaConfig(**kwargs))
+
+
+def build_model(cfg: ModelConfig, vocab_size: int | None = None, meta: bool = False) -> MultimodalModel:
+    """Build the multimodal model described by `cfg` (a resolved config: presets are applied by config.py).
+
+    meta=True builds every parameter on the meta device from configs only (nothing is loaded): for sizing.
+    """
+    vision = build_vision_tower(cfg.vision, meta=meta)
+    lm = build_lm(cfg, vocab_size, meta=meta)
+    r, x = cfg.resampler, cfg.xattn
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        resampler = PerceiverResampler(vision.hidden_size, r.depth, r.num_latents, r.heads, r.dim_head, r.ff_mult)
+        apply_gated_xattn(lm, vision.hidden_size, x.every_n_layers, x.heads, x.dim_head, x.ff_mult, x.backend)
+    if cfg.activation_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model = MultimodalModel(vision, resampler, lm, media_mode=x.media_mode)
+    apply_freeze_policy(model, cfg)
+    return model
