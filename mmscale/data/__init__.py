@@ -1,0 +1,62 @@
+"""Data: shards on disk -> streaming samples -> tokens and pixels -> fixed-shape batches.
+
+shards.py      shard specs, sizes.json, writing tar shards      write_shards.py  CLI: (image, caption) pairs -> shards
+synthetic.py   the coloured-shapes demo dataset (+ CLI)          tokenizer.py     sentencepiece / HF tokenizer (+ CLI)
+pipeline.py    the streaming stages and the train/eval loaders   collate.py       samples -> the batch dict
+"""
+
+import importlib
+from typing import TYPE_CHECKING
+
+# Exports load lazily (PEP 562): `python -m mmscale.data.synthetic` then runs without first importing every
+# submodule (and torch) through this package, and without runpy's "found in sys.modules" warning.
+_EXPORTS = {
+    "mmscale.data.collate": ["IGNORE_INDEX", "collate_samples", "media_index_from_ids"],
+    "mmscale.data.pipeline": [
+        "EvalLoader", "TrainLoader", "build_eval_loader", "build_train_loader", "caption_to_ids", "decode_sample",
+        "image_to_tensor",
+    ],
+    "mmscale.data.shards": ["ShardSpecError", "read_sizes", "resolve_shards", "write_tar_shards"],
+    "mmscale.data.synthetic": [
+        "COLOURS", "RELATIONS", "SHAPES", "ensure_shapes_dataset", "make_shapes_dataset", "make_shapes_sample",
+    ],
+    "mmscale.data.tokenizer": ["IMAGE_TOKEN", "Tokenizer", "load_tokenizer", "train_sentencepiece"],
+}
+# No export may share a submodule's name: importing `mmscale.data.X` binds the package attribute X to the module.
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'mmscale.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from mmscale.data.collate import IGNORE_INDEX, collate_samples, media_index_from_ids
+    from mmscale.data.pipeline import (
+        EvalLoader,
+        TrainLoader,
+        build_eval_loader,
+        build_train_loader,
+        caption_to_ids,
+        decode_sample,
+        image_to_tensor,
+    )
+    from mmscale.data.shards import ShardSpecError, read_sizes, resolve_shards, write_tar_shards
+    from mmscale.data.synthetic import (
+        COLOURS,
+        RELATIONS,
+        SHAPES,
+        ensure_shapes_dataset,
+        make_shapes_dataset,
+        make_shapes_sample,
+    )
+    from mmscale.data.tokenizer import IMAGE_TOKEN, Tokenizer, load_tokenizer, train_sentencepiece

@@ -1,0 +1,540 @@
+"""The streaming data pipeline: shards -> samples -> pixels and tokens -> batches, one visible stage at a time.
+
+Per rank, per data-loader worker, per epoch (`_SlotStream.__iter__` runs them in this order):
+
+1. shard list         `resolve_shards(spec)`: brace pattern, directory or list file (mmscale.data.shards)
+2. shard shuffle      `shuffle_shards`: a permutation seeded by (seed, epoch), the same on every rank
+3. split              `split_shards`: by rank, then by worker (rank and world size are passed in, never read from
+                      torch.distributed); with fewer shards than ranks x workers, every slot reads all shards and
+                      keeps every (ranks x workers)-th sample instead
+4. tar -> samples     `tar_samples`: members grouped by key; a broken tar is counted once, reading goes on
+5. sample shuffle     `shuffle_samples`: a buffer of `shuffle_buffer` raw samples, seeded by (seed, epoch, slot)
+6. decode + transform `decode_sample`: image -> resize shorter side, centre crop, normalise; caption checked
+7. tokenize           `caption_to_ids`: [<image>] + caption tokens (truncated) + [eos]
+8. batch + collate    `mmscale.data.collate.collate_samples`, inside the worker, so only tensors cross processes
+
+Corrupt samples (undecodable image, missing or empty caption, broken tar) are skipped and counted (`SkipCounter`);
+each batch carries the count of its worker since its previous batch, and the loader logs a warning for the first
+skip and then every `warn_every` skips.
+
+Step counts and ordering guarantees
+-----------------------------------
+- `steps_per_epoch = samples_per_epoch // (micro_batch_size * world_size)`, with samples_per_epoch from
+  `DataConfig.num_samples` or the shards' `sizes.json`. Every rank yields exactly that many micro-batches per
+  epoch, whatever the shard sizes, so collectives never hang on an uneven split.
+- Micro-batch i of an epoch comes from worker `i % num_workers` (the DataLoader's round robin). Each worker fills
+  exactly its share of batches: if its shards run dry first it starts another pass over them (reshuffled, logged);
+  what it has not used when its share is full is dropped for this epoch.
+- Hence every sample is seen exactly once per epoch when each (rank, worker) slot holds exactly
+  (its batch share x micro_batch_size) samples: e.g. equal shards, shard count divisible by world_size x workers,
+  and samples per slot divisible by micro_batch_size, with steps_per_epoch divisible by num_workers.
+- Same (shards, seed, epoch, rank, world_size, num_workers, micro_batch_size, DataConfig) -> identical batches
+  in identical order. Different world sizes or worker counts give different (equally valid) orders: a 2-rank
+  run does not see the batches of a 1-rank run with twice the micro batch.
+- Resuming (`load_state_dict`) fast-forwards inside the epoch: each worker reads and discards its batches before
+  the resume point, and the DataLoader workers are relabelled so the round robin continues where it stopped.
+  Resumed batches are identical to an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import random
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mmscale.config import DataConfig
+from mmscale.data.collate import collate_samples
+from mmscale.data.shards import IMAGE_EXTS, read_sizes, resolve_shards
+from mmscale.data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------- skip counting
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used (bad image, no caption); it is skipped and counted."""
+
+
+class SkipCounter:
+    """Skipped samples since the last `take()`, with a few of their reasons (for the warning)."""
+
+    MAX_REASONS = 4
+
+    def __init__(self):
+        self.count = 0
+        self.reasons: list[str] = []
+
+    def skip(self, reason: str) -> None:
+        self.count += 1
+        if len(self.reasons) < self.MAX_REASONS:
+            self.reasons.append(reason)
+
+    def take(self) -> tuple[int, list[str]]:
+        out = self.count, self.reasons
+        self.count, self.reasons = 0, []
+        return out
+
+
+class SkipWarner:
+    """Rate-limited warning in the consuming process: the first skip, then once per `warn_every` skips."""
+
+    def __init__(self, warn_every: int, what: str):
+        self.warn_every, self.what, self.total = max(1, warn_every), what, 0
+
+    def add(self, count: int, reasons: list[str]) -> None:
+        if count <= 0:
+            return
+        before, self.total = self.total, self.total + count
+        if before == 0 or before // self.warn_every != self.total // self.warn_every:
+            log.warning(
+                "%s: skipped %d corrupt sample(s) so far (warning once per %d); latest: %s",
+                self.what, self.total, self.warn_every, "; ".join(reasons) or "?",
+            )
+
+
+# ----------------------------------------------------------------------------------------------- stages 2-5
+
+
+def _rng(*parts: Any) -> random.Random:
+    # A str seed is hashed with SHA-512 by `random`: stable across processes and Python runs.
+    return random.Random("mmscale-data-" + "-".join(map(str, parts)))
+
+
+def shuffle_shards(shards: Sequence[str], seed: int, epoch: int) -> list[str]:
+    """Permutation of `shards` seeded by (seed, epoch): the same on every rank, so the split stays a partition."""
+    out = list(shards)
+    _rng(seed, epoch, "shards").shuffle(out)
+    return out
+
+
+def split_shards(
+    shards: Sequence[str], rank: int, world_size: int, worker: int, num_workers: int
+) -> tuple[list[str], tuple[int, int] | None]:
+    """This (rank, worker) slot's shards, and a sample-level split `(slot, num_slots)` or None.
+
+    With at least world_size x num_workers shards, slot (rank, worker) reads `shards[rank::world_size][worker::
+    num_workers]` (webdataset's split_by_node then split_by_worker). With fewer, every slot reads all shards and
+    keeps samples `slot::num_slots`: each tar is then read by every slot, but no slot is left without data.
+    """
+    num_slots = world_size * num_workers
+    if len(shards) >= num_slots:
+        return list(shards)[rank::world_size][worker::num_workers], None
+    return list(shards), (rank * num_workers + worker, num_slots)
+
+
+def _read_tar(url: str, counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Samples of one tar: members grouped by key (`dir/000042.jpg` + `dir/000042.txt` -> one dict).
+
+    A tar that cannot be opened or breaks part-way counts as one skip: the samples before the break are kept, the
+    one being read when it broke is dropped. (webdataset's own reader reports one break through its handler up to
+    twice, so the stream is read here with its `gopen` and `base_plus_ext`.)
+    """
+    sample: dict[str, Any] | None = None
+    try:
+        with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                key, ext = wds.tariterators.base_plus_ext(member.name)
+                if key is None or Path(key).name.startswith("__"):  # no extension, or webdataset metadata
+                    continue
+                if sample is not None and sample["__key__"] != key:  # complete: yield before reading on
+                    yield sample
+                    sample = None
+                if sample is None:
+                    sample = {"__key__": key, "__url__": url}
+                sample[ext.lower()] = tar.extractfile(member).read()
+    except Exception as e:  # tarfile.ReadError, OSError, EOFError, zlib errors...
+        counter.skip(f"broken tar {url}: {e!r}"[:300])
+        return
+    if sample is not None:
+        yield sample
+
+
+def tar_samples(
+    shards: Iterable[str], counter: SkipCounter, sample_split: tuple[int, int] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Raw samples ({"__key__", "__url__", "jpg": bytes, "txt": bytes, ...}) of the shards in order.
+
+    `sample_split=(slot, num_slots)` keeps only samples `slot::num_slots` of the whole stream.
+    """
+    samples = (s for url in shards for s in _read_tar(url, counter))
+    if sample_split is None:
+        yield from samples
+        return
+    slot, num_slots = sample_split
+    for i, sample in enumerate(samples):
+        if i % num_slots == slot:
+            yield sample
+
+
+def shuffle_samples(samples: Iterable[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
+    """Shuffle buffer: fill to `bufsize`, then yield a random element for each new one; drain at the end."""
+    if bufsize <= 1:
+        yield from samples
+        return
+    buf: list[Any] = []
+    for s in samples:
+        if len(buf) < bufsize:
+            buf.append(s)
+            continue
+        k = rng.randrange(bufsize)
+        buf[k], s = s, buf[k]
+        yield s
+    rng.shuffle(buf)
+    yield from buf
+
+
+# ----------------------------------------------------------------------------------------------- stages 6-7
+
+
+def image_to_tensor(img: Image.Image, image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(3, S, S) float32: RGB, shorter side resized to S (bicubic), centre crop, (x / 255 - mean) / std."""
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = image_size / min(w, h)
+    nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - image_size) // 2, (nh - image_size) // 2
+    img = img.crop((left, top, left + image_size, top + image_size))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1).div_(255.0)  # (3, S, S)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+def decode_sample(raw: dict[str, Any], image_size: int, mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
+    """Raw tar sample -> {"__key__", "images": [(3, S, S)], "caption": str}; raises SampleError if unusable."""
+    key = raw.get("__key__", "?")
+    where = f"{key} in {raw.get('__url__', '?')}"
+    caption = raw.get("txt")
+    if caption is None:
+        raise SampleError(f"{where}: no caption (.txt member)")
+    caption = caption.decode("utf-8", errors="replace").strip() if isinstance(caption, bytes) else str(caption)
+    if not caption:
+        raise SampleError(f"{where}: empty caption")
+    data = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
+    if data is None:
+        raise SampleError(f"{where}: no image member (one of {', '.join(IMAGE_EXTS)})")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decode now: a truncated or corrupt file raises here, not later
+            pixels = image_to_tensor(img, image_size, mean, std)
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError...)
+        raise SampleError(f"{where}: undecodable image: {e!r}") from None
+    return {"__key__": key, "images": [pixels], "caption": caption}
+
+
+def caption_to_ids(caption: str, tokenizer: Tokenizer, max_text_len: int) -> list[int]:
+    """[<image>] + caption tokens + [eos]: at most 1 + max_text_len ids (the caption is truncated, eos kept)."""
+    return [tokenizer.image_token_id] + tokenizer.encode(caption)[: max_text_len - 1] + [tokenizer.eos_id]
+
+
+# ----------------------------------------------------------------------------------------------- one slot's stream
+
+
+class _SlotStream(IterableDataset):
+    """One epoch of one rank's micro-batches; each DataLoader worker produces its share (see the module doc)."""
+
+    def __init__(
+        self,
+        *,
+        shards: list[str],
+        cfg: DataConfig,
+        tokenizer: Tokenizer,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        epoch: int,
+        num_batches: int,
+        start_batch: int,
+        shuffle: bool,
+    ):
+        self.shards, self.cfg, self.tokenizer = shards, cfg, tokenizer
+        self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
+        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+        self.num_batches, self.start_batch = num_batches, start_batch
+        self.num_workers = max(1, cfg.num_workers)
+        self.seq_len = 1 + cfg.max_text_len
+
+    def _samples(self, worker: int, counter: SkipCounter) -> Iterator[dict[str, Any]]:
+        """Tokenized samples of this slot: pass after pass over its shards (a pass is shuffled in itself)."""
+        cfg = self.cfg
+        shards = shuffle_shards(self.shards, self.seed, self.epoch) if self.shuffle else self.shards
+        mine, sample_split = split_shards(shards, self.rank, self.world_size, worker, self.num_workers)
+        sample_rng = _rng(self.seed, self.epoch, self.rank, worker, "samples")
+        for pass_no in itertools.count():
+            order = mine
+            if pass_no == 1:  # once per epoch and slot; small eval sets wrap many times by design
+                log.info(
+                    "rank %d worker %d epoch %d: its %d shard(s) ran dry before its share of %d-sample batches; "
+                    "reading them again (extra samples are dropped at the end of the epoch)",
+                    self.rank, worker, self.epoch, len(mine), self.micro_batch_size,
+                )
+            if pass_no > 0 and self.shuffle:
+                order = list(mine)
+                _rng(self.seed, self.epoch, self.rank, worker, "pass", pass_no).shuffle(order)
+            raw = tar_samples(order, counter, sample_split)
+            if self.shuffle and cfg.shuffle_buffer > 1:
+                raw = shuffle_samples(raw, cfg.shuffle_buffer, sample_rng)
+            good = 0
+            for r in raw:
+                try:
+                    s = decode_sample(r, cfg.image_size, cfg.image_mean, cfg.image_std)
+                except SampleError as e:
+                    counter.skip(str(e))
+                    continue
+                s["input_ids"] = caption_to_ids(s.pop("caption"), self.tokenizer, cfg.max_text_len)
+                good += 1
+                yield s
+            if good == 0:
+                raise RuntimeError(
+                    f"rank {self.rank} worker {worker}: no usable sample in its {len(mine)} shard(s) "
+                    f"({', '.join(mine[:3])}{', ...' if len(mine) > 3 else ''}); all missing or corrupt?"
+                )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        loader_worker = info.id if info is not None else 0
+        # The DataLoader asks its workers in round robin from worker 0. Batch i belongs to worker i % W, so after a
+        # resume at batch s, DataLoader worker k plays worker (k + s) % W to keep the order of the whole epoch.
+        worker = (loader_worker + self.start_batch) % self.num_workers
+        counter = SkipCounter()
+        samples = self._samples(worker, counter)
+        collate_fn = partial(
+            collate_samples,
+            pad_id=self.tokenizer.pad_id,
+            image_token_id=self.tokenizer.image_token_id,
+            max_images=self.cfg.max_images,
+            seq_len=self.seq_len,
+        )
+        for i in range(worker, self.num_batches, self.num_workers):
+            if i < self.start_batch:  # fast-forward on resume: read the same samples, build nothing
+                for _ in range(self.micro_batch_size):
+                    next(samples)
+                counter.take()
+                continue
+            batch = collate_fn([next(samples) for _ in range(self.micro_batch_size)])
+            count, reasons = counter.take()
+            batch["num_skipped"] = torch.tensor(count, dtype=torch.int64)
+            batch["__skipped__"] = reasons
+            yield batch
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # decoding is per-sample Python/PIL work; torch threads would only oversubscribe
+
+
+def _epoch_batches(stream: _SlotStream, num_workers: int, pin_memory: bool) -> Iterator[dict[str, Any]]:
+    if num_workers == 0:
+        return iter(stream)
+    return iter(
+        DataLoader(
+            stream,
+            batch_size=None,  # the stream yields whole batches
+            num_workers=num_workers,
+            worker_init_fn=_worker_init,
+            pin_memory=pin_memory,
+        )
+    )
+
+
+# ----------------------------------------------------------------------------------------------- loaders
+
+
+def samples_per_epoch(cfg: DataConfig, shards: list[str], spec: str) -> int:
+    if cfg.num_samples > 0:
+        return cfg.num_samples
+    sizes = read_sizes(shards)
+    if sizes is None:
+        raise ValueError(
+            f"shards {spec!r}: no sizes.json beside them records every shard's sample count; write the shards "
+            f"with `python -m mmscale.data.write_shards` or set data.num_samples (samples per epoch)"
+        )
+    return sum(sizes.values())
+
+
+class TrainLoader:
+    """Infinite micro-batches for one rank: epoch after epoch, each exactly `steps_per_epoch` long.
+
+    `state_dict()` is the position of the next batch; `load_state_dict()` (before `iter()`) resumes there.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer: Tokenizer,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shards: str | None = None,
+        pin_memory: bool = False,
+    ):
+        spec = shards if shards is not None else cfg.train_shards
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank ({rank}) must be in [0, world_size ({world_size}))")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size ({micro_batch_size}) must be >= 1")
+        self.cfg, self.tokenizer, self.micro_batch_size = cfg, tokenizer, micro_batch_size
+        self.rank, self.world_size, self.seed, self.pin_memory = rank, world_size, seed, pin_memory
+        self.shards = resolve_shards(spec)
+        self.samples_per_epoch = samples_per_epoch(cfg, self.shards, spec)
+        self.steps_per_epoch = self.samples_per_epoch // (micro_batch_size * world_size)
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"shards {spec!r}: {self.samples_per_epoch} samples per epoch < micro_batch_size "
+                f"({micro_batch_size}) * world_size ({world_size}); not even one step per epoch"
+            )
+        num_slots = world_size * max(1, cfg.num_workers)
+        if len(self.shards) < num_slots:
+            log.warning(
+                "%d shard(s) < world_size (%d) * num_workers (%d): every worker reads every shard and keeps 1/%d "
+                "of the samples; write more, smaller shards for efficient loading",
+                len(self.shards), world_size, max(1, cfg.num_workers), num_slots,
+            )
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.num_skipped = 0
+        self._warner = SkipWarner(cfg.warn_every, f"train data rank {rank}")
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch, batch = self.epoch, self.batch_in_epoch
+        if batch >= self.steps_per_epoch:
+            epoch, batch = epoch + 1, 0
+        return {
+            "epoch": epoch,
+            "batch_in_epoch": batch,
+            "num_skipped": self.num_skipped,
+            "steps_per_epoch": self.steps_per_epoch,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "num_workers": self.cfg.num_workers,
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        for name, mine in (("steps_per_epoch", self.steps_per_epoch), ("world_size", self.world_size),
+                           ("num_workers", self.cfg.num_workers), ("seed", self.seed)):
+            if name in sd and sd[name] != mine:
+                log.warning(
+                    "data loader state: %s was %s, is now %s; resuming at epoch %d batch %d, but the batch order "
+                    "will differ from the interrupted run's", name, sd[name], mine, sd["epoch"], sd["batch_in_epoch"],
+                )
+        self.epoch = int(sd["epoch"])
+        self.batch_in_epoch = min(int(sd["batch_in_epoch"]), self.steps_per_epoch)
+        self.num_skipped = int(sd.get("num_skipped", 0))
+
+    def _stream(self, epoch: int, start_batch: int) -> _SlotStream:
+        return _SlotStream(
+            shards=self.shards, cfg=self.cfg, tokenizer=self.tokenizer, micro_batch_size=self.micro_batch_size,
+            rank=self.rank, world_size=self.world_size, seed=self.seed, epoch=epoch,
+            num_batches=self.steps_per_epoch, start_batch=start_batch, shuffle=True,
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            if self.batch_in_epoch >= self.steps_per_epoch:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            stream = self._stream(self.epoch, self.batch_in_epoch)
+            for batch in _epoch_batches(stream, self.cfg.num_workers, self.pin_memory):
+                count = int(batch["num_skipped"])
+                self.num_skipped += count
+                self._warner.add(count, batch.pop("__skipped__"))
+                self.batch_in_epoch += 1
+                yield batch
+            if self.batch_in_epoch != self.steps_per_epoch:  # a worker ended early: a bug, not bad data
+                raise RuntimeError(
+                    f"rank {self.rank} epoch {self.epoch}: got {self.batch_in_epoch} batches, "
+                    f"expected {self.steps_per_epoch}"
+                )
+
+
+class EvalLoader:
+    """Finite, deterministic, unshuffled micro-batches for one rank; iterate it again for each evaluation.
+
+    Every rank yields `num_batches` = min(max_batches, samples // (micro_batch_size * world_size)) batches (at
+    least 1; `max_batches` when the shards have no sizes.json). A rank whose shards hold fewer samples wraps
+    around them, so all ranks step together.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer: Tokenizer,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        shards: str,
+        max_batches: int,
+        pin_memory: bool = False,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank ({rank}) must be in [0, world_size ({world_size}))")
+        self.cfg, self.tokenizer, self.micro_batch_size = cfg, tokenizer, micro_batch_size
+        self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
+        self.shards = resolve_shards(shards)
+        sizes = read_sizes(self.shards)
+        self.num_batches = max_batches
+        if sizes is not None:
+            self.num_batches = max(1, min(max_batches, sum(sizes.values()) // (micro_batch_size * world_size)))
+        self.num_skipped = 0
+        self._warner = SkipWarner(cfg.warn_every, f"eval data rank {rank}")
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        stream = _SlotStream(
+            shards=self.shards, cfg=self.cfg, tokenizer=self.tokenizer, micro_batch_size=self.micro_batch_size,
+            rank=self.rank, world_size=self.world_size, seed=0, epoch=0, num_batches=self.num_batches,
+            start_batch=0, shuffle=False,
+        )
+        for batch in _epoch_batches(stream, self.cfg.num_workers, self.pin_memory):
+            count = int(batch["num_skipped"])
+            self.num_skipped += count
+            self._warner.add(count, batch.pop("__skipped__"))
+            yield batch
+
+
+def build_train_loader(
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    shards: str | None = None,
+    pin_memory: bool = False,
+) -> TrainLoader:
+    """The training loader of one rank (`shards` overrides `cfg.train_shards`)."""
+    return TrainLoader(cfg, tokenizer, micro_batch_size, rank, world_size, seed, shards, pin_memory)
+
+
+def build_eval_loader(
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    shards: str,
+    max_batches: int,
+    pin_memory: bool = False,
+) -> EvalLoader:
+    """The validation loader of one rank: the same `max_batches`-or-fewer batches, in the same order, every time."""
+    return EvalLoader(cfg, tokenizer, micro_batch_size, rank, world_size, shards, max_batches, pin_memory)
