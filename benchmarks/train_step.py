@@ -1,0 +1,147 @@
+"""samples/s of the mmscale training step against a bare DeepSpeed loop: same model, same batches, ZeRO-3.
+
+    deepspeed --num_gpus 2 benchmarks/train_step.py [--preset demo] [--steps 30] [--rounds 3]
+
+Both loops run in the same processes, interleaved in rounds (bare, mmscale, bare, mmscale, ...) so that machine
+noise hits both alike; each round times `--steps` optimizer steps after a warm-up. The batches come from the real
+data pipeline and are held in memory, so the ratio measures the step (token all-reduce, loss scaling, callbacks,
+metrics) and not the loader. Prints a table, writes benchmarks/results/train_step.json, and prints the headline
+figures as one JSON object on its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results/train_step.json"))
+    p.add_argument("--local_rank", type=int, default=None)
+    args = p.parse_args()
+
+    import deepspeed
+
+    from mmscale.config import config_from_dict
+    from mmscale.data import build_train_loader, load_tokenizer, make_shapes_dataset, train_sentencepiece
+    from mmscale.data.tokenizer import captions_from_shards
+    from mmscale.model import build_model
+    from mmscale.training.build import seed_everything
+    from mmscale.training.engine import barrier, build_ds_config, build_engine, build_optimizer, init_distributed, \
+        lr_lambda
+    from mmscale.training.trainer import MODEL_INPUTS, Trainer
+
+    rank, world = init_distributed()
+    tmp = Path(tempfile.gettempdir()) / "mmscale_bench_train_step"
+    cfg = config_from_dict({
+        "output_dir": str(tmp / "run"),
+        "data": {"train_shards": str(tmp / "data"), "tokenizer": "", "image_size": 64, "max_text_len": 16,
+                 "num_workers": 0},
+        "model": {"preset": args.preset},
+        "train": {"micro_batch_size": args.micro_batch, "global_batch_size": args.micro_batch * world,
+                  "max_steps": 10**6, "checkpoint_every": 0},
+        "deepspeed": {"zero_stage": 3},
+        "logging": {"tensorboard": False, "progress_bar": False, "plot": False, "log_every": 10},
+    }, world_size=world)
+    if rank == 0 and not (tmp / "tok.model").exists():
+        make_shapes_dataset(tmp / "data", 512, samples_per_shard=128, image_size=64, seed=0)
+        train_sentencepiece(captions_from_shards(str(tmp / "data")), tmp / "tok", vocab_size=64)
+    barrier()
+    tok = load_tokenizer(tmp / "tok.model")
+    loader = build_train_loader(cfg.data, tok, args.micro_batch, rank, world, seed=0)
+    batches = list(itertools.islice(iter(loader), 8))
+
+    seed_everything(0)
+    bare_model = None
+
+    def make_model():
+        nonlocal bare_model
+        bare_model = build_model(cfg.model, vocab_size=tok.vocab_size)
+        return bare_model
+
+    # the bare loop: deepspeed.initialize on the same model class, optimizer and schedule; mean loss per rank
+    ds_config = build_ds_config(cfg, world)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        make_model()
+    opt = build_optimizer(bare_model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    bare, _, _, _ = deepspeed.initialize(model=bare_model, optimizer=opt, lr_scheduler=sched, config=ds_config)
+
+    def bare_steps(n: int) -> float:
+        t0 = time.perf_counter()
+        for i in range(n):
+            b = batches[i % len(batches)]
+            out = bare(**{k: b[k] for k in MODEL_INPUTS})
+            bare.backward(out.loss)
+            bare.step()
+        return time.perf_counter() - t0
+
+    seed_everything(0)
+    engine = build_engine(cfg, lambda: build_model(cfg.model, vocab_size=tok.vocab_size), world, rank)
+    trainer = Trainer(cfg, engine, train_data=None)
+    trainer._data_iter = itertools.cycle(batches)
+    engine.train(True)
+
+    def mmscale_steps(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            trainer.train_step()
+            if trainer.step % cfg.logging.log_every == 0:
+                trainer._log(trainer._flush_window())
+        return time.perf_counter() - t0
+
+    bare_steps(args.warmup)
+    mmscale_steps(args.warmup)
+    rows = []
+    for r in range(args.rounds):
+        barrier()
+        tb = bare_steps(args.steps)
+        barrier()
+        tm = mmscale_steps(args.steps)
+        samples = args.steps * cfg.train.global_batch_size
+        rows.append({"round": r, "bare_samples_per_s": samples / tb, "mmscale_samples_per_s": samples / tm})
+    bare_sps = statistics.median(r["bare_samples_per_s"] for r in rows)  # absolute figures: CPU, for context only
+    mm_sps = statistics.median(r["mmscale_samples_per_s"] for r in rows)
+    ratio = statistics.median(r["mmscale_samples_per_s"] / r["bare_samples_per_s"] for r in rows)
+    headline = {
+        "benchmark": "train_step",
+        "ratio_mmscale_over_bare": ratio,  # median over rounds of the side-by-side ratio
+        "target": 0.97,
+        "bare_samples_per_s": bare_sps,
+        "mmscale_samples_per_s": mm_sps,
+    }
+    if rank == 0:
+        print(f"{'round':>5} {'bare samples/s':>15} {'mmscale samples/s':>18} {'ratio':>7}")
+        for r in rows:
+            print(f"{r['round']:>5} {r['bare_samples_per_s']:>15.2f} {r['mmscale_samples_per_s']:>18.2f} "
+                  f"{r['mmscale_samples_per_s'] / r['bare_samples_per_s']:>7.3f}")
+        result = {
+            **headline,
+            "rounds": rows,
+            "setup": {"preset": args.preset, "world_size": world, "zero_stage": 3, "micro_batch": args.micro_batch,
+                      "steps_per_round": args.steps, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                      "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                      "deepspeed": deepspeed.__version__, "date": time.strftime("%Y-%m-%d")},
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(json.dumps(headline))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

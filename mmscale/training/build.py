@@ -1,0 +1,118 @@
+"""Build a whole job from a validated config: process group, data, tokenizer, model, engine, callbacks, trainer."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mmscale.config import JobConfig
+from mmscale.training.engine import barrier, build_engine, init_distributed
+from mmscale.training.trainer import Trainer
+
+log = logging.getLogger("mmscale.build")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_data(cfg: JobConfig, rank: int) -> tuple[str, str, str]:
+    """Resolve (train_shards, val_shards, tokenizer_path); for the demo dataset, rank 0 generates it once.
+
+    Generation happens on rank 0 only while the others wait at a barrier; a second run reuses what is there.
+    """
+    from mmscale.data import make_shapes_dataset, train_sentencepiece
+    from mmscale.data.tokenizer import captions_from_shards
+
+    d = cfg.data
+    train, val, tok = d.train_shards, d.val_shards, d.tokenizer
+    if not train:
+        root = Path(cfg.output_dir) / "data"
+        train = str(root / "train")
+        if d.synthetic_val_samples > 0 and not val:
+            val = str(root / "val")
+        if not tok:
+            tok = str(root / "tokenizer.model")
+        if rank == 0:
+            done = root / "COMPLETE"
+            if not done.exists():
+                log.info("generating the synthetic shapes dataset under %s", root)
+                make_shapes_dataset(root / "train", d.synthetic_train_samples, d.samples_per_shard, d.image_size,
+                                    seed=cfg.train.seed, prefix="train")
+                if d.synthetic_val_samples > 0:
+                    make_shapes_dataset(root / "val", d.synthetic_val_samples, d.samples_per_shard, d.image_size,
+                                        seed=cfg.train.seed + 1, prefix="val")
+                if not d.tokenizer:
+                    train_sentencepiece(captions_from_shards(train), str(root / "tokenizer"), d.tokenizer_vocab_size)
+                done.write_text("ok\n")
+        barrier()
+    return train, val, tok
+
+
+def build_trainer(cfg: JobConfig, resume: bool = False, train_data: Any = None, eval_data: Any = None) -> Trainer:
+    """Everything a run needs. `train_data`/`eval_data` replace the configured shards (tests, benchmarks)."""
+    from mmscale.callbacks import build_callbacks
+    from mmscale.data import build_eval_loader, build_train_loader, load_tokenizer
+    from mmscale.model import build_model
+
+    rank, world_size = init_distributed()
+    seed_everything(cfg.train.seed)
+    train_shards, val_shards, tok_path = prepare_data(cfg, rank)
+    tokenizer = load_tokenizer(tok_path)
+    if rank == 0:  # the resolved config beside the run, with the data and tokenizer it actually used
+        resolved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_shards=train_shards,
+                                                                     val_shards=val_shards, tokenizer=tok_path))
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "config.yaml").write_text(resolved.to_yaml())
+    callbacks = build_callbacks(cfg.callbacks)
+
+    def on_model_built(model: torch.nn.Module) -> None:
+        for cb in callbacks:
+            cb.on_model_built(model)
+
+    engine = build_engine(cfg, lambda: build_model(cfg.model, vocab_size=tokenizer.vocab_size), world_size, rank,
+                          on_model_built=on_model_built)
+    if rank == 0:
+        counts = engine.module.param_counts()
+        log.info("model: %s parameters, %s trainable; world size %d, gradient accumulation %d",
+                 f"{counts['total']:,}", f"{counts['trainable']:,}", world_size, engine.grad_accum)
+    if train_data is None:
+        train_data = build_train_loader(cfg.data, tokenizer, cfg.train.micro_batch_size, rank, world_size,
+                                        seed=cfg.train.seed, shards=train_shards)
+    if eval_data is None and val_shards:
+        val_loader = build_eval_loader(cfg.data, tokenizer, cfg.train.micro_batch_size, rank, world_size,
+                                       shards=val_shards, max_batches=cfg.train.eval_batches)
+        eval_data = lambda: val_loader  # noqa: E731  (the same batches every evaluation)
+    trainer = Trainer(cfg, engine, train_data, eval_data=eval_data, callbacks=callbacks)
+    trainer.tokenizer = tokenizer
+    if resume:
+        trainer.resume()
+    return trainer
+
+
+def close() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def dry_run_report(cfg: JobConfig, world_size: int) -> tuple[str, dict[str, Any]]:
+    from mmscale.training.dry_run import dry_run, format_dry_run
+
+    vocab = 32000
+    if cfg.data.tokenizer:
+        from mmscale.data import load_tokenizer
+
+        vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
+    elif cfg.data.synthetic_train_samples and not cfg.data.train_shards:
+        vocab = cfg.data.tokenizer_vocab_size
+    report = dry_run(cfg, world_size, vocab_size=int(cfg.model.lm.config.get("vocab_size", vocab)))
+    return format_dry_run(report), report

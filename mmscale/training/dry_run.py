@@ -1,0 +1,80 @@
+"""Size a job without training: parameter counts and a per-rank memory estimate, model built on the meta device.
+
+The estimate follows the ZeRO paper's accounting (Rajbhandari et al. 2020): with Psi parameters, of which Psi_t
+trainable, world size N and 2-byte (bf16) or 4-byte (fp32) weights,
+
+    weights      = Psi * w            (/ N at stage 3)
+    gradients    = Psi_t * w          (/ N at stage >= 2)
+    optimizer    = Psi_t * (8 + m)    (/ N at stage >= 1)   Adam moments in fp32, + fp32 master copy (m=4) with bf16
+    activations  ~ micro_batch * seq * hidden * layers * 34 bytes (Korthikanti et al. 2022, no recompute), or
+                   micro_batch * seq * hidden * layers * 2 * w with activation checkpointing; an order of magnitude only.
+
+Offloaded optimizer state or parameters are counted in host memory instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mmscale.config import JobConfig
+
+GiB = 1024**3
+
+
+def estimate_memory(cfg: JobConfig, counts: dict[str, Any], world_size: int, hidden: int, layers: int,
+                    seq_len: int) -> dict[str, float]:
+    t, z = cfg.train, cfg.deepspeed
+    w = 2 if t.precision == "bf16" else 4
+    total, trainable = counts["total"], counts["trainable"]
+    stage = z.zero_stage
+    weights = total * w / (world_size if stage == 3 else 1)
+    grads = trainable * w / (world_size if stage >= 2 else 1)
+    optim = trainable * (8 + (4 if w == 2 else 0)) / (world_size if stage >= 1 else 1)
+    per_layer = 2 * w if cfg.model.activation_checkpointing else 34
+    acts = t.micro_batch_size * seq_len * hidden * layers * per_layer
+    device = {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts}
+    host = {}
+    if z.offload_optimizer != "none":
+        host["optimizer"] = device.pop("optimizer")
+    if z.offload_params != "none":
+        host["weights"] = device.pop("weights")
+    out = {f"device_{k}_gib": v / GiB for k, v in device.items()}
+    out["device_total_gib"] = sum(device.values()) / GiB
+    out.update({f"host_{k}_gib": v / GiB for k, v in host.items()})
+    return out
+
+
+def dry_run(cfg: JobConfig, world_size: int, vocab_size: int) -> dict[str, Any]:
+    from mmscale.config import validate
+    from mmscale.model import build_model
+
+    problems = validate(cfg, world_size=world_size)
+    model = build_model(cfg.model, vocab_size=vocab_size, meta=True)
+    counts = model.param_counts()
+    lm_cfg = model.lm.config
+    seq_len = 1 + cfg.data.max_text_len
+    mem = estimate_memory(cfg, counts, world_size, lm_cfg.hidden_size, lm_cfg.num_hidden_layers, seq_len)
+    return {
+        "world_size": world_size,
+        "grad_accum": cfg.train.global_batch_size // (cfg.train.micro_batch_size * world_size)
+        if not problems else None,
+        "params": counts,
+        "memory_per_rank": mem,
+        "problems": problems,
+    }
+
+
+def format_dry_run(report: dict[str, Any]) -> str:
+    c = report["params"]
+    lines = [
+        f"world size        {report['world_size']}   (gradient accumulation {report['grad_accum']})",
+        f"parameters        total {c['total']:,}   trainable {c['trainable']:,}",
+    ]
+    for name, n in c.get("by_component", {}).items():
+        lines.append(f"  {name:<15} {n:,}")
+    lines.append("memory per rank (estimate, GiB)")
+    for k, v in report["memory_per_rank"].items():
+        lines.append(f"  {k:<28} {v:8.2f}")
+    for p in report["problems"]:
+        lines.append(f"PROBLEM: {p}")
+    return "\n".join(lines)

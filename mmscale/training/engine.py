@@ -1,0 +1,250 @@
+"""The one place in mmscale that knows about DeepSpeed.
+
+`build_ds_config` turns our JobConfig into a DeepSpeed config; `build_engine` constructs the model (under
+`deepspeed.zero.Init` for ZeRO-3, so no rank ever holds the whole model), the optimizer and the schedule, and
+wraps them in `Engine`, which the trainer drives through five verbs: `forward`, `backward`, `step`, `save`, `load`.
+Model code (mmscale/model) stays single-device and never imports deepspeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from mmscale.config import JobConfig
+
+log = logging.getLogger("mmscale.engine")
+
+
+# ----------------------------------------------------------------------------------------------- process group
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Start the process group (gloo on CPU, nccl on CUDA) and return (rank, world_size).
+
+    Works under the `deepspeed` launcher, torchrun, SLURM's srun, or as a plain single process.
+    """
+    import deepspeed
+
+    # DeepSpeed calls torch.distributed functions that torch marks deprecated, once per collective
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "RANK" not in os.environ:  # a plain `python launchers/train.py`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: list[float] | torch.Tensor) -> torch.Tensor:
+    """Sum a small vector over all ranks (one collective; a CPU-device sync point)."""
+    t = torch.as_tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.to(device())
+        dist.all_reduce(t)
+    return t.cpu()
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+def grad_accum_steps(cfg: JobConfig, world_size: int) -> int:
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * world_size)
+
+
+def build_ds_config(cfg: JobConfig, world_size: int) -> dict[str, Any]:
+    """Our config -> DeepSpeed's. The batch arithmetic was validated before any process group started."""
+    t, z = cfg.train, cfg.deepspeed
+    zero: dict[str, Any] = {
+        "stage": z.zero_stage,
+        "overlap_comm": z.overlap_comm,
+        "contiguous_gradients": z.contiguous_gradients,
+        "reduce_bucket_size": z.reduce_bucket_size,
+    }
+    if z.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=z.stage3_prefetch_bucket_size,
+            stage3_param_persistence_threshold=z.stage3_param_persistence_threshold,
+        )
+    if z.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": z.offload_optimizer, "pin_memory": torch.cuda.is_available()}
+    if z.offload_params != "none":
+        zero["offload_param"] = {"device": z.offload_params, "pin_memory": torch.cuda.is_available()}
+    ds: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps(cfg, world_size),
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        # our optimizer is torch's AdamW; DeepSpeed must not insist on its own CPU Adam for offload
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    return _deep_merge(ds, z.extra)
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- optimizer
+
+
+def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
+    # biases, norms, gates and learned latents are not decayed (1-D params, by their full shape under ZeRO-3)
+    shape = getattr(p, "ds_shape", p.shape)
+    return len(shape) <= 1 or "latents" in name or name.endswith("gate")
+
+
+def build_optimizer(model: torch.nn.Module, cfg: JobConfig) -> torch.optim.Optimizer:
+    t = cfg.train
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if _no_decay(name, p) else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": t.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+
+
+def lr_lambda(cfg: JobConfig) -> Callable[[int], float]:
+    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at max_steps."""
+    t = cfg.train
+
+    def f(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+# ----------------------------------------------------------------------------------------------- engine
+
+
+@dataclass
+class Engine:
+    """A DeepSpeed engine behind the handful of verbs the trainer uses."""
+
+    ds: Any  # deepspeed.DeepSpeedEngine
+    world_size: int
+    rank: int
+    grad_accum: int
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.ds.device
+
+    @property
+    def lr(self) -> float:
+        return self.ds.get_lr()[0]
+
+    def train(self, mode: bool = True) -> None:
+        self.ds.train(mode)
+
+    def forward(self, **batch: torch.Tensor) -> Any:
+        return self.ds(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed divides by grad_accum here and averages gradients over ranks at the boundary; the trainer
+        # pre-scales the loss so that the net effect is sum(loss) / global_tokens (see Trainer.train_step).
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        """Called after every micro batch; DeepSpeed updates weights only at the accumulation boundary."""
+        self.ds.step()
+
+    def grad_norm(self) -> float | None:
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    def save(self, directory: str, tag: str) -> None:
+        """Every rank writes its shard of weights, optimizer and schedule into `directory/tag`."""
+        self.ds.save_checkpoint(directory, tag=tag, save_latest=False)
+
+    def load(self, directory: str, tag: str) -> None:
+        path, _ = self.ds.load_checkpoint(directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {directory}/{tag}")
+
+    @contextlib.contextmanager
+    def gathered_params(self, params: list[torch.nn.Parameter]):
+        """Full parameter values inside the block, on every rank (ZeRO-3 gathers them; other stages are no-ops)."""
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+
+
+def build_engine(cfg: JobConfig, build_model: Callable[[], torch.nn.Module], world_size: int, rank: int,
+                 on_model_built: Callable[[torch.nn.Module], None] | None = None) -> Engine:
+    """Construct the model (sharded at birth under ZeRO-3), optimizer, schedule and DeepSpeed engine."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    ds_config = build_ds_config(cfg, world_size)
+    # Keeps transformers' from_pretrained ZeRO-3 aware (it loads weights shard by shard) while it is alive.
+    hf_ds = HfDeepSpeedConfig(ds_config) if cfg.deepspeed.zero_stage == 3 else None
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    init = (
+        deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype)
+        if cfg.deepspeed.zero_stage == 3
+        else contextlib.nullcontext()
+    )
+    with init:
+        model = build_model()
+    if on_model_built is not None:
+        on_model_built(model)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    ds_engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+    )
+    ds_engine._mmscale_hf_ds = hf_ds  # keep alive for the engine's lifetime
+    return Engine(ds=ds_engine, world_size=world_size, rank=rank, grad_accum=grad_accum_steps(cfg, world_size))

@@ -1,0 +1,90 @@
+"""A tiny training run for the multi-process tests: started by `deepspeed --num_gpus N` or as a plain process.
+
+    run_tiny.py OUT_JSON [--stop-at K] [--resume] [--same-global-batches] section.key=value ...
+
+Writes this run's logged records (rank 0) to OUT_JSON. `--same-global-batches` feeds every world size the same
+global batches (each global batch is read by one loader and cut into world_size x grad_accum micro batches), so
+a 2-rank run and a 1-rank run can be compared step by step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from mmscale.config import load_config
+from mmscale.training.callbacks import Callback
+
+
+class StopAt(Callback):
+    """Interrupt the run after step K (as a preemption would), after the trainer's checkpoint at K."""
+
+    name = "stop_at"
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def on_step_end(self, trainer, metrics):
+        if trainer.step >= self.k:
+            trainer.should_stop = True
+
+
+class SameGlobalBatches:
+    """Micro batch (rank r, accumulation step g) = slice g * world_size + r of one shared global batch."""
+
+    def __init__(self, loader, micro: int, rank: int, world: int, accum: int):
+        self.loader, self.micro, self.rank, self.world, self.accum = loader, micro, rank, world, accum
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, sd):
+        self.loader.load_state_dict(sd)
+
+    def __iter__(self):
+        for batch in self.loader:
+            for g in range(self.accum):
+                i = g * self.world + self.rank
+                yield {k: (v[i * self.micro:(i + 1) * self.micro] if torch.is_tensor(v) and v.dim() > 0 else v)
+                       for k, v in batch.items()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--stop-at", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--same-global-batches", action="store_true")
+    p.add_argument("--local_rank", type=int, default=None)
+    args = p.parse_intermixed_args()
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs/tiny.yaml", args.overrides)
+
+    from mmscale.data import build_train_loader, load_tokenizer
+    from mmscale.training.build import build_trainer, close
+    from mmscale.training.engine import init_distributed
+
+    rank, world = init_distributed()
+    data = None
+    if args.same_global_batches:
+        tok = load_tokenizer(cfg.data.tokenizer)
+        loader = build_train_loader(cfg.data, tok, cfg.train.global_batch_size, rank=0, world_size=1,
+                                    seed=cfg.train.seed, shards=cfg.data.train_shards)
+        accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * world)
+        data = SameGlobalBatches(loader, cfg.train.micro_batch_size, rank, world, accum)
+    trainer = build_trainer(cfg, resume=args.resume, train_data=data)
+    if args.stop_at:
+        trainer.callbacks.append(StopAt(args.stop_at))
+    history = trainer.train()
+    if rank == 0:
+        Path(args.out).write_text(json.dumps({"world_size": world, "history": history}))
+    close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
