@@ -363,3 +363,28 @@ def test_tiny_preset_forward_runs():
 def test_preset_registry_refuses_duplicates():
     with pytest.raises(ValueError, match="tiny"):
         register_preset("tiny")(lambda: ModelConfig())
+
+
+@pytest.mark.parametrize("mode", ["previous", "all"])
+def test_model_outputs_equal_under_each_backend(mode):
+    """The same weights and batch through SDPA and through the Triton kernel (the interpreter on CPU)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("the Triton backend needs a GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+    results = {}
+    for backend in ("sdpa", "triton"):
+        torch.manual_seed(0)
+        cfg = tiny_cfg()
+        cfg.xattn.media_mode, cfg.xattn.backend = mode, backend
+        model = build_model(cfg, vocab_size=VOCAB).train()
+        set_gates(model, 0.5)
+        out = model(**make_batch())
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[backend] = (out.logits.detach(), grads)
+    (l_sdpa, g_sdpa), (l_triton, g_triton) = results["sdpa"], results["triton"]
+    torch.testing.assert_close(l_triton, l_sdpa, rtol=1e-4, atol=1e-5)
+    assert g_sdpa.keys() == g_triton.keys() and g_sdpa
+    for name in g_sdpa:
+        torch.testing.assert_close(g_triton[name], g_sdpa[name], rtol=1e-3, atol=1e-5, msg=name)
