@@ -119,3 +119,28 @@ def test_launcher_dry_run_sizes_presets(name, world, low, high):
     assert 0 < summary["trainable_params"] <= summary["total_params"]
     assert summary["device_total_gib"] > 0
     assert "memory per rank" in r.stdout
+
+
+def test_dry_run_memory_estimate_follows_zero_stage():
+    """Weights split over ranks only at stage 3, optimizer state from stage 1: the ZeRO paper's accounting."""
+    from mmscale.training.dry_run import estimate_memory
+
+    cfg = load_config(ROOT / "configs/flamingo-9b.yaml")
+    counts = {"total": 8_000_000_000, "trainable": 1_000_000_000}
+    gib = 1024**3
+    by_stage = {}
+    for stage in (0, 1, 2, 3):
+        cfg.deepspeed.zero_stage = stage
+        by_stage[stage] = estimate_memory(cfg, counts, world_size=64, hidden=4096, layers=32, seq_len=129,
+                                          vocab_size=32000)
+    assert by_stage[0]["device_weights_gib"] == pytest.approx(8e9 * 2 / gib)  # bf16
+    assert by_stage[3]["device_weights_gib"] == pytest.approx(8e9 * 2 / gib / 64)
+    assert by_stage[0]["device_optimizer_gib"] == pytest.approx(1e9 * 12 / gib)  # Adam moments + fp32 master
+    assert by_stage[1]["device_optimizer_gib"] == pytest.approx(1e9 * 12 / gib / 64)
+    assert by_stage[1]["device_gradients_gib"] == pytest.approx(1e9 * 2 / gib)
+    assert by_stage[2]["device_gradients_gib"] == pytest.approx(1e9 * 2 / gib / 64)
+    totals = [by_stage[s]["device_total_gib"] for s in (0, 1, 2)]
+    assert totals == sorted(totals, reverse=True)
+    cfg.deepspeed.offload_optimizer = "cpu"
+    offloaded = estimate_memory(cfg, counts, 64, 4096, 32, 129, 32000)
+    assert "device_optimizer_gib" not in offloaded and offloaded["host_optimizer_gib"] > 0

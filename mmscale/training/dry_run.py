@@ -6,6 +6,8 @@ trainable, world size N and 2-byte (bf16) or 4-byte (fp32) weights,
     weights      = Psi * w            (/ N at stage 3)
     gradients    = Psi_t * w          (/ N at stage >= 2)
     optimizer    = Psi_t * (8 + m)    (/ N at stage >= 1)   Adam moments in fp32, + fp32 master copy (m=4) with bf16
+    logits       = micro_batch * seq * vocab * (w + 4)   (and their fp32 copy for the loss)
+    buckets      = (prefetch bucket at stage 3 + reduce bucket) * w
     activations  ~ micro_batch * seq * hidden * layers * 34 bytes (Korthikanti et al. 2022, no recompute), or
                    micro_batch * seq * hidden * layers * 2 * w with activation checkpointing; an order of magnitude only.
 
@@ -22,7 +24,7 @@ GiB = 1024**3
 
 
 def estimate_memory(cfg: JobConfig, counts: dict[str, Any], world_size: int, hidden: int, layers: int,
-                    seq_len: int) -> dict[str, float]:
+                    seq_len: int, vocab_size: int) -> dict[str, float]:
     t, z = cfg.train, cfg.deepspeed
     w = 2 if t.precision == "bf16" else 4
     total, trainable = counts["total"], counts["trainable"]
@@ -32,7 +34,11 @@ def estimate_memory(cfg: JobConfig, counts: dict[str, Any], world_size: int, hid
     optim = trainable * (8 + (4 if w == 2 else 0)) / (world_size if stage >= 1 else 1)
     per_layer = 2 * w if cfg.model.activation_checkpointing else 34
     acts = t.micro_batch_size * seq_len * hidden * layers * per_layer
-    device = {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts}
+    # logits and their fp32 copy for the loss; ZeRO-3's gather/prefetch and reduce buckets
+    logits = t.micro_batch_size * seq_len * vocab_size * (w + 4)
+    buckets = (z.stage3_prefetch_bucket_size if stage == 3 else 0) * w + z.reduce_bucket_size * w
+    device = {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts, "logits": logits,
+              "zero_buckets": buckets}
     host = {}
     if z.offload_optimizer != "none":
         host["optimizer"] = device.pop("optimizer")
@@ -53,7 +59,8 @@ def dry_run(cfg: JobConfig, world_size: int, vocab_size: int) -> dict[str, Any]:
     counts = model.param_counts()
     lm_cfg = model.lm.config
     seq_len = 1 + cfg.data.max_text_len
-    mem = estimate_memory(cfg, counts, world_size, lm_cfg.hidden_size, lm_cfg.num_hidden_layers, seq_len)
+    mem = estimate_memory(cfg, counts, world_size, lm_cfg.hidden_size, lm_cfg.num_hidden_layers, seq_len,
+                          lm_cfg.vocab_size)
     return {
         "world_size": world_size,
         "grad_accum": cfg.train.global_batch_size // (cfg.train.micro_batch_size * world_size)
