@@ -59,25 +59,39 @@ def word_token_ids(tokenizer: Any, words: list[str]) -> set[int]:
 
 
 @torch.no_grad()
-def image_use(model: Any, batches: Any, word_ids: set[int]) -> dict[str, float]:
-    """Mean loss on target tokens in `word_ids`, with true images and with images rolled across the batch."""
-    sums = {"true": 0.0, "shuffled": 0.0}
-    count = 0
+def image_use(model: Any, batches: Any, word_ids: set[int]) -> dict[str, Any]:
+    """Mean loss on target tokens in `word_ids`, with true images and with images rolled across the batch.
+
+    Also split by mention: in "a red circle left of a blue square" the first colour is ambiguous even with the
+    image (either object may be named first: ln 2 at best), the second is then determined by the image.
+    """
+    sums = {(name, part): 0.0 for name in ("true", "shuffled") for part in ("all", "first", "second")}
+    counts = {"all": 0, "first": 0, "second": 0}
     ids = torch.tensor(sorted(word_ids))
     for batch in batches:
         target = batch["labels"][:, 1:]
         keep = torch.isin(target, ids)
         if batch["pixel_values"].shape[0] < 2 or not keep.any():
             continue
+        first = keep & (keep.cumsum(dim=1) == 1)
+        parts = {"all": keep, "first": first, "second": keep & ~first}
         inputs = {k: batch[k] for k in ("image_mask", "input_ids", "attention_mask", "media_index", "labels")}
         for name, pixels in (("true", batch["pixel_values"]), ("shuffled", batch["pixel_values"].roll(1, dims=0))):
-            out = model(pixel_values=pixels, return_token_loss=True, **inputs)
-            sums[name] += float(out.token_loss[keep].sum())
-        count += int(keep.sum())
-    if count == 0:
+            token_loss = model(pixel_values=pixels, return_token_loss=True, **inputs).token_loss
+            for part, mask in parts.items():
+                sums[(name, part)] += float(token_loss[mask].sum())
+        for part, mask in parts.items():
+            counts[part] += int(mask.sum())
+    if counts["all"] == 0:
         raise ValueError("no colour/shape tokens found in the evaluated batches")
-    true, shuffled = sums["true"] / count, sums["shuffled"] / count
-    return {"loss_true_images": true, "loss_shuffled_images": shuffled, "ratio": shuffled / true, "tokens": count}
+
+    def summary(part: str) -> dict[str, float]:
+        n = max(counts[part], 1)
+        true, shuffled = sums[("true", part)] / n, sums[("shuffled", part)] / n
+        return {"loss_true_images": true, "loss_shuffled_images": shuffled, "ratio": shuffled / true,
+                "tokens": counts[part]}
+
+    return {**summary("all"), "first_mention": summary("first"), "second_mention": summary("second")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,11 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     colours = image_use(model, loader, word_token_ids(tokenizer, list(COLOURS)))
     shapes = image_use(model, loader, word_token_ids(tokenizer, list(SHAPES)))
     both = image_use(model, loader, word_token_ids(tokenizer, list(COLOURS) + list(SHAPES)))
-    print(f"{'words':<16}{'true images':>14}{'shuffled':>12}{'chance':>10}{'tokens':>9}")
+    print(f"{'words':<24}{'true images':>12}{'shuffled':>10}{'chance':>8}{'tokens':>8}")
     for name, r, chance in (("colours", colours, math.log(len(COLOURS))), ("shapes", shapes, math.log(len(SHAPES))),
                             ("colours+shapes", both, float("nan"))):
-        print(f"{name:<16}{r['loss_true_images']:>14.3f}{r['loss_shuffled_images']:>12.3f}{chance:>10.3f}"
-              f"{r['tokens']:>9d}")
+        for label, part in ((name, r), ("  first mention", r["first_mention"]), ("  second mention", r["second_mention"])):
+            print(f"{label:<24}{part['loss_true_images']:>12.3f}{part['loss_shuffled_images']:>10.3f}{chance:>8.3f}"
+                  f"{part['tokens']:>8d}")
     result = {"run": str(args.run), "colours": colours, "shapes": shapes, "colours_and_shapes": both}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
