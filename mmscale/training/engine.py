@@ -213,14 +213,6 @@ class Engine:
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {directory}/{tag}")
 
-    @contextlib.contextmanager
-    def gathered_params(self, params: list[torch.nn.Parameter]):
-        """Full parameter values inside the block, on every rank (ZeRO-3 gathers them; other stages are no-ops)."""
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield
-
 
 def build_engine(cfg: JobConfig, build_model: Callable[[], torch.nn.Module], world_size: int, rank: int,
                  on_model_built: Callable[[torch.nn.Module], None] | None = None) -> Engine:
