@@ -92,8 +92,7 @@ def build_trainer(cfg: JobConfig, resume: bool = False, train_data: Any = None, 
         val_loader = build_eval_loader(cfg.data, tokenizer, cfg.train.micro_batch_size, rank, world_size,
                                        shards=val_shards, max_batches=cfg.train.eval_batches)
         eval_data = lambda: val_loader  # noqa: E731  (the same batches every evaluation)
-    trainer = Trainer(cfg, engine, train_data, eval_data=eval_data, callbacks=callbacks)
-    trainer.tokenizer = tokenizer
+    trainer = Trainer(cfg, engine, train_data, eval_data=eval_data, callbacks=callbacks, tokenizer=tokenizer)
     if resume:
         trainer.resume()
     return trainer

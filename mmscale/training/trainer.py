@@ -39,8 +39,10 @@ class Trainer:
         train_data: Any,
         eval_data: Callable[[], Iterable[dict[str, Any]]] | None = None,
         callbacks: list[Callback] | None = None,
+        tokenizer: Any = None,
     ):
         self.cfg = cfg
+        self.tokenizer = tokenizer  # for callbacks that decode or generate
         self.engine = engine
         self.train_data = train_data
         self.eval_data = eval_data
