@@ -12,24 +12,20 @@ Layout: q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D); see ``triton_xattn`` for the algo
 """
 
 if __name__ == "kernels":
-    # Python found this folder as a top-level `kernels` because the repository root is on sys.path (`python -c`
-    # or `python -m` run from it). transformers and bitsandbytes import the Hugging Face `kernels` package by
-    # that name; refuse clearly so they fall back instead of half-importing our code.
-    raise ImportError(
-        "this `kernels` folder is mmscale's Triton kernels, installed as `mmscale.kernels`; it is not the Hugging "
-        "Face `kernels` package (found it because the repository root is on sys.path)"
-    )
+    # Python found this folder as a top-level `kernels` because the repository root is on sys.path (`python -m`
+    # run from it). transformers and bitsandbytes probe for the Hugging Face `kernels` package under that name:
+    # export nothing (no __version__, no get_kernel), so they see "not available" and fall back, cheaply.
+    __all__: list[str] = []
+else:
+    from .dispatch import cross_attention, cross_attention_varlen, flash_attn_available, resolve_backend
+    from .reference import build_media_key_range, build_visibility_mask, cross_attention_reference
 
-
-from .dispatch import cross_attention, cross_attention_varlen, flash_attn_available, resolve_backend
-from .reference import build_media_key_range, build_visibility_mask, cross_attention_reference
-
-__all__ = [
-    "cross_attention",
-    "cross_attention_varlen",
-    "resolve_backend",
-    "flash_attn_available",
-    "cross_attention_reference",
-    "build_media_key_range",
-    "build_visibility_mask",
-]
+    __all__ = [
+        "cross_attention",
+        "cross_attention_varlen",
+        "resolve_backend",
+        "flash_attn_available",
+        "cross_attention_reference",
+        "build_media_key_range",
+        "build_visibility_mask",
+    ]
