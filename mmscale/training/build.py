@@ -26,11 +26,9 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_data(cfg: JobConfig, rank: int) -> tuple[str, str, str]:
-    """Resolve (train_shards, val_shards, tokenizer_path); for the demo dataset, rank 0 generates it once.
-
-    Generation happens on rank 0 only while the others wait at a barrier; a second run reuses what is there.
-    """
-    from mmscale.data import make_shapes_dataset, train_sentencepiece
+    """Resolve (train_shards, val_shards, tokenizer_path); for the demo dataset, rank 0 makes it while the others
+    wait at a barrier. A restart reuses what is there (a split made with other arguments is remade)."""
+    from mmscale.data import ensure_shapes_dataset, train_sentencepiece
     from mmscale.data.tokenizer import captions_from_shards
 
     d = cfg.data
@@ -43,17 +41,14 @@ def prepare_data(cfg: JobConfig, rank: int) -> tuple[str, str, str]:
         if not tok:
             tok = str(root / "tokenizer.model")
         if rank == 0:
-            done = root / "COMPLETE"
-            if not done.exists():
-                log.info("generating the synthetic shapes dataset under %s", root)
-                make_shapes_dataset(root / "train", d.synthetic_train_samples, d.samples_per_shard, d.image_size,
-                                    seed=cfg.train.seed, prefix="train")
-                if d.synthetic_val_samples > 0:
-                    make_shapes_dataset(root / "val", d.synthetic_val_samples, d.samples_per_shard, d.image_size,
-                                        seed=cfg.train.seed + 1, prefix="val")
-                if not d.tokenizer:
-                    train_sentencepiece(captions_from_shards(train), str(root / "tokenizer"), d.tokenizer_vocab_size)
-                done.write_text("ok\n")
+            ensure_shapes_dataset(train, d.synthetic_train_samples, d.samples_per_shard, d.image_size,
+                                  seed=cfg.train.seed, prefix="train")
+            if d.synthetic_val_samples > 0:
+                ensure_shapes_dataset(val, d.synthetic_val_samples, d.samples_per_shard, d.image_size,
+                                      seed=cfg.train.seed + 1, prefix="val")
+            stamp = Path(train) / "train.shapes.json"
+            if not d.tokenizer and (not Path(tok).exists() or Path(tok).stat().st_mtime < stamp.stat().st_mtime):
+                train_sentencepiece(captions_from_shards(train), str(root / "tokenizer"), d.tokenizer_vocab_size)
         barrier()
     return train, val, tok
 
