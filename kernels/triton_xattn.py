@@ -57,6 +57,25 @@ _NO_KEY = tl.constexpr(1 << 30)
 
 
 @triton.jit
+def _row_key_ranges(KeyRange, rows, m_valid, k_len, HAS_RANGE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per-row visible keys [lo, hi) clamped to [0, k_len) (hi = 0 for rows past q_len or with no key), and the
+    interval [blk_lo, blk_hi) holding every visible key of the block (empty when no row has one)."""
+    if HAS_RANGE:
+        lo = tl.load(KeyRange + rows * 2, mask=m_valid, other=0)
+        hi = tl.load(KeyRange + rows * 2 + 1, mask=m_valid, other=0)
+        lo = tl.maximum(lo, 0)
+        hi = tl.minimum(hi, k_len)
+    else:
+        lo = tl.zeros([BLOCK_M], dtype=tl.int32)
+        hi = tl.zeros([BLOCK_M], dtype=tl.int32) + k_len
+    has_key = m_valid & (hi > lo)
+    hi = tl.where(has_key, hi, 0)
+    blk_lo = tl.min(tl.where(has_key, lo, _NO_KEY), axis=0)
+    blk_hi = tl.max(hi, axis=0)
+    return lo, hi, has_key, blk_lo, blk_hi
+
+
+@triton.jit
 def _xattn_fwd_kernel(
     Q, K, V, Out, Lse, KeyRange,  # q/out (Tq, Hq, D); k/v (Tk, Hkv, D); lse (Hq, Tq) fp32; range (Tq, 2)
     QStart, QLen, KStart, KLen,  # (B,) int32 each
@@ -88,21 +107,9 @@ def _xattn_fwd_kernel(
     m_valid = offs_m < q_len
     rows = q_start + offs_m  # (M,) packed row index, int64
 
-    # Per-row visible key range [lo, hi), clamped to [0, k_len); rows past q_len see nothing.
-    if HAS_RANGE:
-        lo = tl.load(KeyRange + rows * 2, mask=m_valid, other=0)
-        hi = tl.load(KeyRange + rows * 2 + 1, mask=m_valid, other=0)
-        lo = tl.maximum(lo, 0)
-        hi = tl.minimum(hi, k_len)
-    else:
-        lo = tl.zeros([BLOCK_M], dtype=tl.int32)
-        hi = tl.zeros([BLOCK_M], dtype=tl.int32) + k_len
-    has_key = m_valid & (hi > lo)
-    hi = tl.where(has_key, hi, 0)
-    # Block-level key interval: only tiles in [start, blk_hi) can hold a visible key. Empty when no row
-    # of this block has a key (also when the whole block lies past q_len), so no early return is needed.
-    blk_lo = tl.min(tl.where(has_key, lo, _NO_KEY), axis=0)
-    blk_hi = tl.max(hi, axis=0)
+    # Per-row visible keys [lo, hi) and the block's key interval: only tiles in [start, blk_hi) can hold a
+    # visible key. Empty when no row of this block has one, so no early return is needed.
+    lo, hi, has_key, blk_lo, blk_hi = _row_key_ranges(KeyRange, rows, m_valid, k_len, HAS_RANGE, BLOCK_M)
     start = (blk_lo // BLOCK_N) * BLOCK_N
 
     if EVEN_D:
@@ -215,18 +222,7 @@ def _xattn_bwd_dkdv_kernel(
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_valid = offs_m < q_len
             rows = q_start + offs_m
-            if HAS_RANGE:
-                lo = tl.load(KeyRange + rows * 2, mask=m_valid, other=0)
-                hi = tl.load(KeyRange + rows * 2 + 1, mask=m_valid, other=0)
-                lo = tl.maximum(lo, 0)
-                hi = tl.minimum(hi, k_len)
-            else:
-                lo = tl.zeros([BLOCK_M], dtype=tl.int32)
-                hi = tl.zeros([BLOCK_M], dtype=tl.int32) + k_len
-            has_key = m_valid & (hi > lo)
-            hi = tl.where(has_key, hi, 0)
-            blk_lo = tl.min(tl.where(has_key, lo, _NO_KEY), axis=0)
-            blk_hi = tl.max(hi, axis=0)
+            lo, hi, has_key, blk_lo, blk_hi = _row_key_ranges(KeyRange, rows, m_valid, k_len, HAS_RANGE, BLOCK_M)
             # Skip query blocks whose key interval misses this key block.
             if (blk_lo < n_lo + BLOCK_N) & (blk_hi > n_lo):
                 if EVEN_D:
@@ -287,18 +283,7 @@ def _xattn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < q_len
     rows = q_start + offs_m
-    if HAS_RANGE:
-        lo = tl.load(KeyRange + rows * 2, mask=m_valid, other=0)
-        hi = tl.load(KeyRange + rows * 2 + 1, mask=m_valid, other=0)
-        lo = tl.maximum(lo, 0)
-        hi = tl.minimum(hi, k_len)
-    else:
-        lo = tl.zeros([BLOCK_M], dtype=tl.int32)
-        hi = tl.zeros([BLOCK_M], dtype=tl.int32) + k_len
-    has_key = m_valid & (hi > lo)
-    hi = tl.where(has_key, hi, 0)
-    blk_lo = tl.min(tl.where(has_key, lo, _NO_KEY), axis=0)
-    blk_hi = tl.max(hi, axis=0)
+    lo, hi, has_key, blk_lo, blk_hi = _row_key_ranges(KeyRange, rows, m_valid, k_len, HAS_RANGE, BLOCK_M)
     start = (blk_lo // BLOCK_N) * BLOCK_N
 
     if EVEN_D:
