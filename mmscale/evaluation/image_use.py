@@ -59,39 +59,45 @@ def word_token_ids(tokenizer: Any, words: list[str]) -> set[int]:
 
 
 @torch.no_grad()
-def image_use(model: Any, batches: Any, word_ids: set[int]) -> dict[str, Any]:
-    """Mean loss on target tokens in `word_ids`, with true images and with images rolled across the batch.
+def image_use(model: Any, batches: Any, word_sets: dict[str, set[int]]) -> dict[str, dict[str, Any]]:
+    """Per word set: mean loss on target tokens in the set, with true images and with images rolled across the
+    batch. One forward pass per batch and image order serves every set.
 
     Also split by mention: in "a red circle left of a blue square" the first colour is ambiguous even with the
     image (either object may be named first: ln 2 at best), the second is then determined by the image.
     """
-    sums = {(name, part): 0.0 for name in ("true", "shuffled") for part in ("all", "first", "second")}
-    counts = {"all": 0, "first": 0, "second": 0}
-    ids = torch.tensor(sorted(word_ids))
+    parts = ("all", "first", "second")
+    sums = {(w, name, part): 0.0 for w in word_sets for name in ("true", "shuffled") for part in parts}
+    counts = {(w, part): 0 for w in word_sets for part in parts}
+    ids = {w: torch.tensor(sorted(v)) for w, v in word_sets.items()}
+    inputs_keys = ("image_mask", "input_ids", "attention_mask", "media_index", "labels")
     for batch in batches:
-        target = batch["labels"][:, 1:]
-        keep = torch.isin(target, ids)
-        if batch["pixel_values"].shape[0] < 2 or not keep.any():
+        if batch["pixel_values"].shape[0] < 2:  # nothing to roll the images across
             continue
-        first = keep & (keep.cumsum(dim=1) == 1)
-        parts = {"all": keep, "first": first, "second": keep & ~first}
-        inputs = {k: batch[k] for k in ("image_mask", "input_ids", "attention_mask", "media_index", "labels")}
+        target = batch["labels"][:, 1:]
+        masks = {}
+        for w, w_ids in ids.items():
+            keep = torch.isin(target, w_ids)
+            first = keep & (keep.cumsum(dim=1) == 1)
+            masks[w] = {"all": keep, "first": first, "second": keep & ~first}
+            for part, mask in masks[w].items():
+                counts[(w, part)] += int(mask.sum())
+        inputs = {k: batch[k] for k in inputs_keys}
         for name, pixels in (("true", batch["pixel_values"]), ("shuffled", batch["pixel_values"].roll(1, dims=0))):
             token_loss = model(pixel_values=pixels, return_token_loss=True, **inputs).token_loss
-            for part, mask in parts.items():
-                sums[(name, part)] += float(token_loss[mask].sum())
-        for part, mask in parts.items():
-            counts[part] += int(mask.sum())
-    if counts["all"] == 0:
-        raise ValueError("no colour/shape tokens found in the evaluated batches")
+            for w, by_part in masks.items():
+                for part, mask in by_part.items():
+                    sums[(w, name, part)] += float(token_loss[mask].sum())
 
-    def summary(part: str) -> dict[str, float]:
-        n = max(counts[part], 1)
-        true, shuffled = sums[("true", part)] / n, sums[("shuffled", part)] / n
-        return {"loss_true_images": true, "loss_shuffled_images": shuffled, "ratio": shuffled / true,
-                "tokens": counts[part]}
+    def summary(w: str, part: str) -> dict[str, float]:
+        n = counts[(w, part)]
+        if n == 0:
+            raise ValueError(f"no {w} tokens ({part} mention) in the evaluated batches")
+        true, shuffled = sums[(w, "true", part)] / n, sums[(w, "shuffled", part)] / n
+        return {"loss_true_images": true, "loss_shuffled_images": shuffled, "ratio": shuffled / true, "tokens": n}
 
-    return {**summary("all"), "first_mention": summary("first"), "second_mention": summary("second")}
+    return {w: {**summary(w, "all"), "first_mention": summary(w, "first"), "second_mention": summary(w, "second")}
+            for w in word_sets}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,16 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     shards = cfg.data.val_shards or cfg.data.train_shards
     loader = build_eval_loader(cfg.data, tokenizer, cfg.train.micro_batch_size, 0, 1, shards=shards,
                                max_batches=args.batches)
-    colours = image_use(model, loader, word_token_ids(tokenizer, list(COLOURS)))
-    shapes = image_use(model, loader, word_token_ids(tokenizer, list(SHAPES)))
-    both = image_use(model, loader, word_token_ids(tokenizer, list(COLOURS) + list(SHAPES)))
+    colours, shapes = word_token_ids(tokenizer, list(COLOURS)), word_token_ids(tokenizer, list(SHAPES))
+    r = image_use(model, loader, {"colours": colours, "shapes": shapes, "colours_and_shapes": colours | shapes})
     print(f"{'words':<24}{'true images':>12}{'shuffled':>10}{'chance':>8}{'tokens':>8}")
-    for name, r, chance in (("colours", colours, math.log(len(COLOURS))), ("shapes", shapes, math.log(len(SHAPES))),
-                            ("colours+shapes", both, float("nan"))):
-        for label, part in ((name, r), ("  first mention", r["first_mention"]), ("  second mention", r["second_mention"])):
+    for name, chance in (("colours", math.log(len(COLOURS))), ("shapes", math.log(len(SHAPES))),
+                         ("colours_and_shapes", float("nan"))):
+        w = r[name]
+        rows = ((name, w), ("  first mention", w["first_mention"]), ("  second mention", w["second_mention"]))
+        for label, part in rows:
             print(f"{label:<24}{part['loss_true_images']:>12.3f}{part['loss_shuffled_images']:>10.3f}{chance:>8.3f}"
                   f"{part['tokens']:>8d}")
-    result = {"run": str(args.run), "colours": colours, "shapes": shapes, "colours_and_shapes": both}
+    result = {"run": str(args.run), **r}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result))

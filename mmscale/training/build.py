@@ -84,9 +84,8 @@ def build_trainer(cfg: JobConfig, resume: bool = False, train_data: Any = None, 
         train_data = build_train_loader(cfg.data, tokenizer, cfg.train.micro_batch_size, rank, world_size,
                                         seed=cfg.train.seed, shards=train_shards)
     if eval_data is None and val_shards:
-        val_loader = build_eval_loader(cfg.data, tokenizer, cfg.train.micro_batch_size, rank, world_size,
-                                       shards=val_shards, max_batches=cfg.train.eval_batches)
-        eval_data = lambda: val_loader  # noqa: E731  (the same batches every evaluation)
+        eval_data = build_eval_loader(cfg.data, tokenizer, cfg.train.micro_batch_size, rank, world_size,
+                                      shards=val_shards, max_batches=cfg.train.eval_batches)
     trainer = Trainer(cfg, engine, train_data, eval_data=eval_data, callbacks=callbacks, tokenizer=tokenizer)
     if resume:
         trainer.resume()

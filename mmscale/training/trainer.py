@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ class Trainer:
         cfg: JobConfig,
         engine: Engine,
         train_data: Any,
-        eval_data: Callable[[], Iterable[dict[str, Any]]] | None = None,
+        eval_data: Iterable[dict[str, Any]] | None = None,
         callbacks: list[Callback] | None = None,
         tokenizer: Any = None,
     ):
@@ -134,12 +134,11 @@ class Trainer:
         if self.eval_data is None:
             return {}
         self.engine.train(False)
-        loss_sum, tokens, batches = 0.0, 0.0, 0
-        for batch in self.eval_data():
+        loss_sum, tokens = 0.0, 0.0
+        for batch in self.eval_data:  # re-iterable: the same batches every evaluation
             out = self.engine.forward(**self._to_device(batch))
             loss_sum += float(out.loss_sum)
             tokens += float(out.num_tokens)
-            batches += 1
         self.engine.train(True)
         loss_sum, tokens = all_reduce_sum([loss_sum, tokens]).tolist()
         metrics = {"val_loss": loss_sum / max(tokens, 1.0), "val_tokens": int(tokens)}
