@@ -73,6 +73,8 @@ def resolve_backend(backend: str, device, *, has_key_range: bool = False,
 
 
 def _log_choice(requested: str, chosen: str, device: torch.device) -> None:
+    if torch.compiler.is_compiling():  # a logging call would break the graph; eager calls log it
+        return
     key = (requested, chosen, device.type)
     if key not in _logged_choices:
         _logged_choices.add(key)

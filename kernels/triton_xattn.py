@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -476,7 +477,8 @@ def _backward(do, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Autograd
+# torch.library custom ops: opaque to torch.compile (traced through their fake implementations, no graph
+# break), differentiable through register_autograd.
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -484,35 +486,67 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-class _TritonCrossAttention(torch.autograd.Function):
-    """Packed cross-attention; the public entry points check arguments before calling ``apply``."""
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    # The interpreter holds bf16 as raw bits and gets arithmetic on it wrong: compute in fp32 there.
+    if t.dtype == torch.bfloat16 and (t.device.type == "cpu" or _is_interpreted(_xattn_fwd_kernel)):
+        return torch.float32
+    return t.dtype
 
-    @staticmethod
-    def forward(ctx, q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k, sm_scale):
-        # q (Tq, Hq, D); k, v (Tk, Hkv, D); key_range (Tq, 2) int32 or None; q_start..k_len (B,) int32
-        io_dtype = q.dtype
-        # The interpreter holds bf16 as raw bits and gets arithmetic on it wrong: compute in fp32 there.
-        upcast = io_dtype == torch.bfloat16 and (q.device.type == "cpu" or _is_interpreted(_xattn_fwd_kernel))
-        if upcast:
-            q, k, v = q.float(), k.float(), v.float()
-        q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-        out, lse = _forward(q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k,
-                            sm_scale)
-        ctx.save_for_backward(q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len)
-        ctx.max_seqlen_q = max_seqlen_q
-        ctx.max_seqlen_k = max_seqlen_k
-        ctx.sm_scale = sm_scale
-        ctx.io_dtype = io_dtype
-        return out.to(io_dtype) if upcast else out
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len = ctx.saved_tensors
-        dout = _last_dim_contiguous(dout.to(q.dtype))
-        dq, dk, dv = _backward(dout, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len,
+def _prep(*tensors: torch.Tensor, dtype: torch.dtype):
+    return tuple(_last_dim_contiguous(t.to(dtype)) for t in tensors)
+
+
+@torch.library.custom_op("mmscale::xattn_fwd", mutates_args=())
+def _xattn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_range: Optional[torch.Tensor],
+                  q_start: torch.Tensor, q_len: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor,
+                  max_seqlen_q: int, max_seqlen_k: int, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed forward: q (Tq, Hq, D), k/v (Tk, Hkv, D) -> out (Tq, Hq, D) in q's dtype, lse (Hq, Tq) fp32."""
+    io_dtype = q.dtype
+    q, k, v = _prep(q, k, v, dtype=_compute_dtype(q))
+    out, lse = _forward(q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k, sm_scale)
+    return out.to(io_dtype), lse
+
+
+@_xattn_fwd_op.register_fake
+def _(q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k, sm_scale):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("mmscale::xattn_bwd", mutates_args=())
+def _xattn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, key_range: Optional[torch.Tensor], q_start: torch.Tensor, q_len: torch.Tensor,
+                  k_start: torch.Tensor, k_len: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                  sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed backward: (dq, dk, dv) with the shapes and dtypes of (q, k, v)."""
+    io_dtype = q.dtype
+    dout, q, k, v, out = _prep(dout, q, k, v, out, dtype=_compute_dtype(q))
+    dq, dk, dv = _backward(dout, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len, max_seqlen_q,
+                           max_seqlen_k, sm_scale)
+    return dq.to(io_dtype), dk.to(io_dtype), dv.to(io_dtype)
+
+
+@_xattn_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k, sm_scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k, sm_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len)
+    ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.sm_scale = max_seqlen_q, max_seqlen_k, sm_scale
+
+
+def _xattn_fwd_backward(ctx, dout, dlse):
+    # lse is an auxiliary output for the backward; nothing differentiates through it (dlse is None or 0).
+    q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len = ctx.saved_tensors
+    dq, dk, dv = _xattn_bwd_op(dout, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len,
                                ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.sm_scale)
-        io = ctx.io_dtype
-        return dq.to(io), dk.to(io), dv.to(io), None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_xattn_fwd_op.register_autograd(_xattn_fwd_backward, setup_context=_setup_context)
 
 
 def triton_cross_attention_packed(q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q: int,
@@ -525,8 +559,9 @@ def triton_cross_attention_packed(q, k, v, key_range, q_start, q_len, k_start, k
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"backend='triton' supports head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}. "
                          "Fix: use backend='sdpa' or split heads to a smaller head dim.")
-    return _TritonCrossAttention.apply(q, k, v, key_range, q_start, q_len, k_start, k_len, int(max_seqlen_q),
-                                       int(max_seqlen_k), float(softmax_scale))
+    out, _ = _xattn_fwd_op(q, k, v, key_range, q_start, q_len, k_start, k_len, int(max_seqlen_q),
+                           int(max_seqlen_k), float(softmax_scale))
+    return out
 
 
 def default_softmax_scale(head_dim: int) -> float:

@@ -171,6 +171,58 @@ def test_triton_bf16_runs_close_to_fp32():
     assert qb.grad.dtype == torch.bfloat16 and torch.isfinite(qb.grad.float()).all()
 
 
+# ----------------------------------------------------------------------------------------------------
+# torch.library custom ops and torch.compile
+# ----------------------------------------------------------------------------------------------------
+
+
+def _packed_op_args(with_range: bool):
+    gen = torch.Generator().manual_seed(3)
+    B, Lq, Lk, Hq, Hkv, D = 2, 20, 24, 4, 2, 32
+    q = torch.randn(B * Lq, Hq, D, generator=gen, requires_grad=True)
+    k = torch.randn(B * Lk, Hkv, D, generator=gen, requires_grad=True)
+    v = torch.randn(B * Lk, Hkv, D, generator=gen, requires_grad=True)
+    key_range = None
+    if with_range:
+        lo = torch.randint(-2, Lk, (B * Lq,), generator=gen)
+        key_range = torch.stack([lo, lo + 7], -1).to(torch.int32)
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
+    return (q, k, v, key_range, i32([0, Lq]), i32([Lq, Lq]), i32([0, Lk]), i32([Lk, 17]), Lq, Lk, 0.2)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("with_range", [True, False], ids=["key_range", "no_range"])
+def test_triton_custom_ops_pass_opcheck(with_range):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the Triton ops."""
+    args = _packed_op_args(with_range)
+    torch.library.opcheck(triton_xattn._xattn_fwd_op, args)
+    q, k, v = args[:3]
+    out, lse = triton_xattn._xattn_fwd_op(*args)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(triton_xattn._xattn_bwd_op, (dout, q.detach(), k.detach(), v.detach(), out.detach(),
+                                                       lse) + args[3:],
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "sdpa"])
+def test_cross_attention_compiles_without_graph_breaks(backend):
+    """fullgraph=True fails on any graph break: the Triton path is one opaque op for torch.compile."""
+    q, k, v, key_range, kv_lens = _make_case(TRITON_CASES["previous_gqa2"], torch.float32)
+
+    def fn(q, k, v):
+        return cross_attention(q, k, v, key_range=key_range, kv_lens=kv_lens, backend=backend)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for f in (fn, compiled):
+        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+        out = f(qq, kk, vv)
+        results.append((out, *_grads(out, (qq, kk, vv), dout)))
+    for name, eager, comp in zip(("out", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(comp, eager, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
 def _pack(x, lens):
     return torch.cat([x[b, :n] for b, n in enumerate(lens)], dim=0)
 
