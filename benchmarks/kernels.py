@@ -7,7 +7,11 @@ others do); its row is a dense-kernel reference, credited with the same visible-
 
 Cases (defaults): bf16, head dim 64 and 128, 16 heads, batch 8, 2048 text tokens, 4-8 images per sample with
 64-128 visual tokens each (256-1024 keys per sample), media positions random; media modes "previous" and
-"all". Timing: triton.testing.do_bench on CUDA.
+"all", plus "full": every sample has the maximum image count and every query sees every key (no mask), the
+like-for-like case for dense kernels. Backend "sdpa_flash" is PyTorch's SDPA held to its FlashAttention-2
+kernel (the one PyTorch ships; "full" only): a stand-in for flash-attn where that package is not installed.
+Timing: triton.testing.do_bench on CUDA. The JSON also carries flash-attn 2's published H100 forward figures
+for an indicative comparison (other shapes and card: not a side-by-side measurement).
 
     python benchmarks/kernels.py                       # GPU, full size
     TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke   # CPU: tiny shapes, proves the script runs
@@ -44,11 +48,11 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, default=None, help="GQA key/value heads (default = --heads)")
     p.add_argument("--seqlen-q", type=int, default=2048)
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--modes", nargs="+", default=["previous", "all"], choices=["previous", "all"])
+    p.add_argument("--modes", nargs="+", default=["full", "previous", "all"], choices=["full", "previous", "all"])
     p.add_argument("--images", type=int, nargs=2, default=[4, 8], metavar=("MIN", "MAX"))
     p.add_argument("--tokens", type=int, nargs=2, default=[64, 128], metavar=("MIN", "MAX"),
                    help="visual tokens per image (one value drawn per case)")
-    p.add_argument("--backends", nargs="+", default=["triton", "flash", "flex", "sdpa"])
+    p.add_argument("--backends", nargs="+", default=["triton", "flash", "sdpa_flash", "flex", "sdpa"])
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.smoke:
@@ -66,14 +70,20 @@ def build_case(args, head_dim, mode, device, gen):
 
     tokens = int(torch.randint(args.tokens[0], args.tokens[1] + 1, (1,), generator=gen))
     n_images = torch.randint(args.images[0], args.images[1] + 1, (args.batch,), generator=gen)
+    if mode == "full":
+        n_images.fill_(args.images[1])
     kv_lens = (n_images * tokens).to(torch.int32)
     len_k = int(kv_lens.max())
-    latest = torch.full((args.batch, args.seqlen_q), -1, dtype=torch.long)
-    for b in range(args.batch):
-        pos = torch.sort(torch.randperm(args.seqlen_q, generator=gen)[: int(n_images[b])]).values
-        for m, p in enumerate(pos.tolist()):
-            latest[b, p:] = m
-    key_range = build_media_key_range(latest, tokens, mode)
+    if mode == "full":  # every query sees every key: the ranges are [0, Lk), passed to the kernels as None
+        key_range = torch.stack([torch.zeros(args.batch, args.seqlen_q, dtype=torch.int32),
+                                 torch.full((args.batch, args.seqlen_q), len_k, dtype=torch.int32)], -1)
+    else:
+        latest = torch.full((args.batch, args.seqlen_q), -1, dtype=torch.long)
+        for b in range(args.batch):
+            pos = torch.sort(torch.randperm(args.seqlen_q, generator=gen)[: int(n_images[b])]).values
+            for m, p in enumerate(pos.tolist()):
+                latest[b, p:] = m
+        key_range = build_media_key_range(latest, tokens, mode)
     dtype = DTYPES[args.dtype]
     q = torch.randn(args.batch, args.seqlen_q, args.heads, head_dim, generator=gen).to(device, dtype)
     k = torch.randn(args.batch, len_k, args.kv_heads, head_dim, generator=gen).to(device, dtype)
@@ -93,8 +103,25 @@ def build_case(args, head_dim, mode, device, gen):
 def make_triton(case):
     from mmscale.kernels import cross_attention
 
-    kr, kl = case["key_range"], case["kv_lens"]
+    kr, kl = (None, None) if case["mode"] == "full" else (case["key_range"], case["kv_lens"])
     return lambda q, k, v: cross_attention(q, k, v, key_range=kr, kv_lens=kl, backend="triton")
+
+
+def make_sdpa_flash(case):
+    """SDPA restricted to its FlashAttention-2 kernel, no mask: dense cases only."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if case["mode"] != "full":
+        raise RuntimeError("dense only (no mask): runs in the 'full' case")
+    gqa = case["q"].shape[2] != case["k"].shape[2]
+
+    def fn(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 enable_gqa=gqa)
+        return out.transpose(1, 2)
+
+    return fn
 
 
 def make_sdpa(case):
@@ -164,7 +191,12 @@ def make_flash(case):
     return fn
 
 
-BACKEND_FACTORIES = {"triton": make_triton, "flash": make_flash, "flex": make_flex, "sdpa": make_sdpa}
+BACKEND_FACTORIES = {"triton": make_triton, "flash": make_flash, "sdpa_flash": make_sdpa_flash, "flex": make_flex,
+                     "sdpa": make_sdpa}
+
+# flash-attn 2's own published forward speed (bf16, head dim 128, no mask, H100 80GB SXM5, batch x seqlen = 16k,
+# 2048 = heads x head dim), as read from the FlashAttention-3 paper (Shah et al., 2024), TFLOP/s by seqlen.
+PUBLISHED_FA2_H100_FWD_D128 = {"512": 309, "1k": 350, "2k": 362}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,6 +251,10 @@ def backends_to_run(args, device):
     return chosen, skipped
 
 
+def device_name(device) -> str:
+    return torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+
+
 def _sig(x: float) -> float:
     return float(f"{x:.4g}")
 
@@ -244,6 +280,9 @@ def main(argv=None):
                          kv_lens=case["kv_lens"].tolist(), tokens_per_image=case["tokens"],
                          visible_pairs=case["visible_pairs"], backends={})
             for name in names:
+                if name == "sdpa_flash" and mode != "full":
+                    entry["backends"][name] = dict(skipped="dense kernel: runs in the full case only")
+                    continue
                 try:
                     res = run_backend(name, case, device)
                 except Exception as e:  # an unavailable or failing backend is reported, not fatal
@@ -258,7 +297,7 @@ def main(argv=None):
                 rows.append((case_id, name, res))
 
     # Table
-    print(f"\ndevice={torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'} "
+    print(f"\ndevice={device_name(device)} "
           f"dtype={args.dtype} B={args.batch} H={args.heads}/{args.kv_heads} Lq={args.seqlen_q}")
     print(f"{'case':<16}{'backend':<9}{'fwd ms':>10}{'fwd TF/s':>10}{'f+b ms':>10}{'f+b TF/s':>10}")
     for case_id, name, res in rows:
@@ -282,17 +321,27 @@ def main(argv=None):
                 r = _sig(tri[f"{pass_}_tflops"] / res[f"{pass_}_tflops"])
                 ratios.setdefault(entry["case"], {})[key] = r
                 minima[key] = min(minima.get(key, math.inf), r)
+    triton_tflops = {e["case"]: {p: _sig(e["backends"]["triton"][f"{p}_tflops"]) for p in ("fwd", "fwd_bwd")}
+                     for e in results if "fwd_ms" in e["backends"].get("triton", {})}
+    dense128 = triton_tflops.get("full-D128", {}).get("fwd")
     headline = dict(
-        benchmark="kernels", device=device.type, smoke=args.smoke, dtype=args.dtype,
-        meaningful=device.type == "cuda" and not args.smoke,
-        triton_tflops={e["case"]: {p: _sig(e["backends"]["triton"][f"{p}_tflops"]) for p in ("fwd", "fwd_bwd")}
-                       for e in results if "fwd_ms" in e["backends"].get("triton", {})},
-        ratios=ratios, min_ratios=minima,
+        benchmark="kernels", date=time.strftime("%Y-%m-%d"), device=device_name(device), smoke=args.smoke,
+        dtype=args.dtype, meaningful=device.type == "cuda" and not args.smoke,
+        triton_tflops=triton_tflops, ratios=ratios, min_ratios=minima,
+        # Indicative only: flash-attn 2's published H100 figure at seqlen 1k, not measured in this run.
+        fwd_full_D128_over_published_fa2_h100_1k=None if dense128 is None else _sig(
+            dense128 / PUBLISHED_FA2_H100_FWD_D128["1k"]),
     )
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    payload = dict(headline=headline, config=vars(args), torch=torch.__version__,
-                   interpret=os.environ.get("TRITON_INTERPRET"), cases=results)
+    import triton
+
+    payload = dict(headline=headline, config=vars(args), torch=torch.__version__, triton=triton.__version__,
+                   interpret=os.environ.get("TRITON_INTERPRET"),
+                   published_fa2_h100_fwd_d128_tflops=dict(PUBLISHED_FA2_H100_FWD_D128,
+                                                           source="FlashAttention-3 paper (Shah et al., 2024), "
+                                                                  "bf16 forward, head dim 128, no mask"),
+                   cases=results)
     out_path.write_text(json.dumps(payload, indent=2))
     print(f"wrote {out_path}")
     print(json.dumps(headline))

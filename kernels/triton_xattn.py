@@ -28,8 +28,7 @@ Limits:
   known on the host without a sync; only the head-dim edge has an ``EVEN_D`` fast path.
 - CPU tensors run only under ``TRITON_INTERPRET=1`` set before ``triton`` is first imported (tests). There
   bf16 is computed in fp32 (the interpreter cannot do bf16 arithmetic) and block sizes are fixed (32x32, no
-  autotune). On GPU the forward is autotuned on (head dim, key-length bucket); the backward uses fixed
-  64x64 tiles. GPU numerics and speed are not yet measured (no GPU in the dev loop); the kernels are
+  autotune). On GPU the forward and both backward kernels are autotuned on (head dim, length buckets). GPU numerics and speed are not yet measured (no GPU in the dev loop); the kernels are
   compile-checked for sm_90 without a GPU in tests/test_kernels.py.
 - Range values are clamped to ``[0, k_len)`` in the kernel; no host-side value checks (they would sync).
 """
@@ -112,6 +111,10 @@ def _xattn_fwd_kernel(
     # visible key. Empty when no row of this block has one, so no early return is needed.
     lo, hi, has_key, blk_lo, blk_hi = _row_key_ranges(KeyRange, rows, m_valid, k_len, HAS_RANGE, BLOCK_M)
     start = (blk_lo // BLOCK_N) * BLOCK_N
+    # Keys [full_lo, full_hi) are visible to every row of the block (empty unless all BLOCK_M rows see a key):
+    # tiles inside it skip the mask arithmetic.
+    full_lo = tl.max(tl.where(has_key, lo, _NO_KEY), axis=0)
+    full_hi = tl.min(hi, axis=0)
 
     if EVEN_D:
         q_mask = m_valid[:, None]
@@ -134,15 +137,16 @@ def _xattn_fwd_kernel(
         v = tl.load(V + krows[:, None] * stride_vm + hk * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, N) fp32
-        visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
-        s = tl.where(visible, s, float("-inf"))
+        if (start_n < full_lo) | (start_n + BLOCK_N > full_hi):  # tile holds a masked pair
+            visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+            s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # Rows with no visible key so far keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])  # (M, N) fp32
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
     has_mass = l_i > 0.0
@@ -183,6 +187,7 @@ def _xattn_bwd_dkdv_kernel(
     stride_lse_h,
     n_kv_heads, group_size, head_dim,
     qk_scale, sm_scale,
+    LQ_BUCKET, LK_BUCKET,  # autotune keys only (next pow2 of the longest query / key sequence)
     HAS_RANGE: tl.constexpr,
     EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -241,10 +246,10 @@ def _xattn_bwd_dkdv_kernel(
                 visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
                 s = tl.where(visible, s, float("-inf"))
                 p = tl.exp2(s - lse[:, None])  # (M, N) softmax probabilities, 0 where masked
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+                dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
                 dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (M, N)
                 ds = p * (dp - delta[:, None])  # dL/d(scaled score)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+                dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
 
     dk = dk * sm_scale
     tl.store(DK + krows[:, None] * stride_dkm + hk * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty),
@@ -262,6 +267,7 @@ def _xattn_bwd_dq_kernel(
     stride_lse_h,
     n_q_heads, group_size, head_dim,
     qk_scale, sm_scale,
+    LQ_BUCKET, LK_BUCKET,  # autotune keys only (next pow2 of the longest query / key sequence)
     HAS_RANGE: tl.constexpr,
     EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -314,7 +320,7 @@ def _xattn_bwd_dq_kernel(
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
     dq = dq * sm_scale
     tl.store(DQ + rows[:, None] * stride_dqm + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
@@ -332,11 +338,27 @@ _xattn_fwd_kernel_tuned = triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_D", 
     _xattn_fwd_kernel
 )
 
-# Fixed tiles: interpreter (CPU) and GPU backward.
+# GPU backward autotuning, keyed likewise. dK/dV programs hold a key tile and stream query tiles (narrow
+# BLOCK_M), dQ programs the reverse (narrow BLOCK_N), as in Triton's fused-attention tutorial. Each program
+# writes only its own rows, so tuning re-runs are harmless. Configs that do not fit (shared memory) are
+# skipped by the autotuner. The chosen tiles set the summation order: results are bitwise repeatable within a
+# process; another process may tune to other tiles (differences at rounding level).
+_BWD_KEY = ["BLOCK_D", "LQ_BUCKET", "LK_BUCKET", "HAS_RANGE"]
+_DKDV_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)]
+]
+_DQ_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)]
+]
+_xattn_bwd_dkdv_kernel_tuned = triton.autotune(configs=_DKDV_CONFIGS, key=_BWD_KEY)(_xattn_bwd_dkdv_kernel)
+_xattn_bwd_dq_kernel_tuned = triton.autotune(configs=_DQ_CONFIGS, key=_BWD_KEY)(_xattn_bwd_dq_kernel)
+
+# Fixed tiles under the interpreter (CPU), and the GPU preprocess kernel's rows per program.
 _INTERP_BLOCK_M = 32
 _INTERP_BLOCK_N = 32
-_GPU_BWD_BLOCK_M = 64
-_GPU_BWD_BLOCK_N = 64
+_GPU_PRE_BLOCK_M = 64
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -383,10 +405,6 @@ def _block_d(head_dim: int) -> int:
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: IEEE matmul (TF32 would cost ~1e-3 relative error); fp16/bf16 ignore this.
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _bwd_warps(block_d: int) -> int:
-    return 8 if block_d >= 128 else 4
 
 
 def _forward(q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k, sm_scale):
@@ -436,24 +454,37 @@ def _backward(do, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len, 
     if total_q == 0 or total_k == 0 or batch == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
         return dq, dk, dv
     interp = q.device.type == "cpu" or _is_interpreted(_xattn_fwd_kernel)
-    block_m = _INTERP_BLOCK_M if interp else _GPU_BWD_BLOCK_M
-    block_n = _INTERP_BLOCK_N if interp else _GPU_BWD_BLOCK_N
     block_d = _block_d(head_dim)
-    launch = {} if interp else {"num_warps": _bwd_warps(block_d), "num_stages": 2}
     range_arg = key_range if key_range is not None else q_start
     consts = dict(HAS_RANGE=key_range is not None, EVEN_D=head_dim == block_d,
                   DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=block_d)
 
     delta = torch.empty_like(lse)  # (Hq, Tq) fp32
-    _kernel_for(_xattn_bwd_preprocess_kernel, q.device)[(triton.cdiv(total_q, block_m), n_q_heads)](
+    pre_m = _INTERP_BLOCK_M if interp else _GPU_PRE_BLOCK_M
+    _kernel_for(_xattn_bwd_preprocess_kernel, q.device)[(triton.cdiv(total_q, pre_m), n_q_heads)](
         out, do, delta,
         out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0),
         total_q, head_dim,
-        BLOCK_M=block_m, BLOCK_D=block_d, **launch,
+        BLOCK_M=pre_m, BLOCK_D=block_d,
     )
     group_size = n_q_heads // n_kv_heads
     qk_scale = sm_scale * _LOG2E
-    _kernel_for(_xattn_bwd_dkdv_kernel, q.device)[(triton.cdiv(max_seqlen_k, block_n), batch * n_kv_heads)](
+    buckets = (triton.next_power_of_2(max_seqlen_q), triton.next_power_of_2(max_seqlen_k))
+    if interp:
+        tiles = dict(BLOCK_M=_INTERP_BLOCK_M, BLOCK_N=_INTERP_BLOCK_N)
+        dkdv_kernel = _kernel_for(_xattn_bwd_dkdv_kernel, q.device)
+        dq_kernel = _kernel_for(_xattn_bwd_dq_kernel, q.device)
+    else:
+        tiles = {}
+        dkdv_kernel, dq_kernel = _xattn_bwd_dkdv_kernel_tuned, _xattn_bwd_dq_kernel_tuned
+
+    def dkdv_grid(meta):
+        return (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), batch * n_kv_heads)
+
+    def dq_grid(meta):
+        return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * n_q_heads)
+
+    dkdv_kernel[dkdv_grid](
         q, k, v, do, lse, delta, dk, dv, range_arg,
         q_start, q_len, k_start, k_len,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
@@ -461,9 +492,10 @@ def _backward(do, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len, 
         lse.stride(0),
         n_kv_heads, group_size, head_dim,
         qk_scale, sm_scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, **consts, **launch,
+        *buckets,
+        **tiles, **consts,
     )
-    _kernel_for(_xattn_bwd_dq_kernel, q.device)[(triton.cdiv(max_seqlen_q, block_m), batch * n_q_heads)](
+    dq_kernel[dq_grid](
         q, k, v, do, lse, delta, dq, range_arg,
         q_start, q_len, k_start, k_len,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
@@ -471,7 +503,8 @@ def _backward(do, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len, 
         lse.stride(0),
         n_q_heads, group_size, head_dim,
         qk_scale, sm_scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, **consts, **launch,
+        *buckets,
+        **tiles, **consts,
     )
     return dq, dk, dv
 

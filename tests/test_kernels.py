@@ -115,6 +115,8 @@ TRITON_CASES = {
     "previous_gqa2": dict(shape=(2, 40, 48, 4, 2, 64), mask="previous", media=(4, 12)),
     "all_gqa2": dict(shape=(2, 40, 48, 4, 2, 64), mask="all", media=(4, 12)),
     "previous_mqa_multitile": dict(shape=(2, 70, 100, 4, 1, 32), mask="previous", media=(5, 20)),
+    # Whole query blocks that see whole key tiles: the forward's unmasked fast path, then a ragged kv edge.
+    "full_tiles_kv_lens": dict(shape=(2, 64, 96, 2, 1, 32), mask="kv_lens", kv_lens=[96, 70]),
     "all_kv_lens": dict(shape=(2, 33, 40, 2, 2, 32), mask="all", media=(4, 10), kv_lens=[40, 25]),
     "previous_headdim40": dict(shape=(2, 21, 30, 2, 1, 40), mask="previous", media=(3, 10)),
     "random_ranges": dict(shape=(2, 35, 37, 2, 2, 32), mask="random", kv_lens=[37, 20]),
@@ -432,7 +434,8 @@ def test_triton_suite_in_subprocess():
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_gpu():
-    """Compile every kernel to a Hopper cubin (no GPU needed): catches what the interpreter lets through."""
+    """Compile the kernels' autotune configs to Hopper cubins (no GPU needed): catches what the interpreter lets
+    through, and a kernel none of whose configs fits an H100's shared memory."""
     out = _run_python("""
         import triton
         from triton.compiler import ASTSource
@@ -449,16 +452,29 @@ def test_kernels_compile_for_sm90_without_gpu():
                 elif name in ("qk_scale", "sm_scale"): sig[name] = "fp32"
                 else: sig[name] = "i32"
             return sig
-        for dtype, d, bd in [("bf16", 128, 128), ("fp16", 40, 64), ("fp32", 64, 64)]:
+        H100_SMEM = 232448  # bytes of shared memory one block may use on sm_90
+        def compile_all(kern, configs, dtype, consts, failures):
+            fits = []
+            for cfg in configs:
+                full = dict(consts, **cfg.kwargs)
+                src = ASTSource(kern, signature(kern, dtype, full), constexprs=full)
+                ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                    options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                fits.append(ck.metadata.shared <= H100_SMEM)
+            if not any(fits):
+                failures.append(f"{kern.fn.__name__} {dtype}: no config fits in shared memory")
+        failures = []
+        for dtype, d, bd in [("bf16", 128, 128), ("fp16", 40, 64), ("fp32", 64, 64), ("bf16", 64, 64)]:
             common = dict(HAS_RANGE=True, EVEN_D=d == bd, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
                           BLOCK_D=bd)
-            for kern, consts, warps in [
-                    (tx._xattn_fwd_kernel, dict(common, BLOCK_M=128, BLOCK_N=64), 8),
-                    (tx._xattn_bwd_dkdv_kernel, dict(common, BLOCK_M=64, BLOCK_N=64), tx._bwd_warps(bd)),
-                    (tx._xattn_bwd_dq_kernel, dict(common, BLOCK_M=64, BLOCK_N=64), tx._bwd_warps(bd)),
-                    (tx._xattn_bwd_preprocess_kernel, dict(BLOCK_M=64, BLOCK_D=bd), 4)]:
-                src = ASTSource(kern, signature(kern, dtype, consts), constexprs=consts)
-                triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=2))
+            # Every autotune config of the heaviest case; one per kernel for the others (compiles are slow).
+            pick = (lambda cs: cs) if (dtype, d) == ("bf16", 128) else (lambda cs: cs[:1])
+            compile_all(tx._xattn_fwd_kernel, pick(tx._FWD_CONFIGS), dtype, common, failures)
+            compile_all(tx._xattn_bwd_dkdv_kernel, pick(tx._DKDV_CONFIGS), dtype, common, failures)
+            compile_all(tx._xattn_bwd_dq_kernel, pick(tx._DQ_CONFIGS), dtype, common, failures)
+            compile_all(tx._xattn_bwd_preprocess_kernel, [triton.Config(dict(BLOCK_M=64), num_warps=4)], dtype,
+                        dict(BLOCK_D=bd), failures)
+        assert not failures, failures
         print("OK")
     """, {"TRITON_DEFAULT_FP_FUSION": "1"}, timeout=600)
     assert "OK" in out

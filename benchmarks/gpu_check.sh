@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One-shot GPU check of the Triton cross-attention: the GPU tests, then the kernel benchmark, in one call.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]      (repo root, CUDA machine; OUT_DIR defaults to $OUT, else
+#                                                benchmarks/results)
+#
+# Writes OUT_DIR/gpu.txt (card, driver, versions), gpu_tests.log, kernels.log and kernels.json (copy that to
+# benchmarks/results/kernels.json with the date and card). Sized to finish inside one 10-minute device call:
+# tests up to 200 s, benchmark up to 330 s. Exit status non-zero if either part fails.
+set -uo pipefail
+out=${1:-${OUT:-benchmarks/results}}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+
+if ! command -v nvidia-smi >/dev/null || ! $py -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "gpu_check: no CUDA device here; this script is for a GPU machine" >&2
+    exit 2
+fi
+# mmscale.kernels is the kernels/ folder, mapped into the package by setup.py. Without installing anything
+# (the GPU machine has no network), lay the package out in a temporary folder of links instead.
+site=$(mktemp -d)
+mkdir "$site/mmscale"
+for f in "$PWD"/mmscale/*; do ln -s "$f" "$site/mmscale/"; done
+ln -s "$PWD/kernels" "$site/mmscale/kernels"
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+$py -c "import mmscale.kernels" || exit 1
+{
+    nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader
+    $py -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda)"
+    date -u +%Y-%m-%dT%H:%M:%SZ
+} | tee "$out/gpu.txt"
+
+status=0
+timeout 200 $py -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/gpu_tests.log" \
+    || status=1
+timeout 330 $py benchmarks/kernels.py --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log" || status=1
+exit $status
