@@ -259,55 +259,8 @@ def _sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not args.smoke:
-        raise SystemExit("no CUDA device: run with --smoke (tiny CPU shapes; numbers are meaningless)")
-    names, skipped = backends_to_run(args, device)
-    gen = torch.Generator().manual_seed(args.seed)
-    if device.type != "cuda":
-        print("NOTE: CPU run (Triton through its interpreter if enabled): absolute numbers are meaningless; "
-              "this only proves the benchmark runs.")
-
-    rows, results = [], []
-    for head_dim in args.head_dims:
-        for mode in args.modes:
-            case = build_case(args, head_dim, mode, device, gen)
-            case_id = f"{mode}-D{head_dim}"
-            entry = dict(case=case_id, mode=mode, head_dim=head_dim, batch=args.batch, heads=args.heads,
-                         kv_heads=args.kv_heads, seqlen_q=args.seqlen_q, max_seqlen_k=case["len_k"],
-                         kv_lens=case["kv_lens"].tolist(), tokens_per_image=case["tokens"],
-                         visible_pairs=case["visible_pairs"], backends={})
-            for name in names:
-                if name == "sdpa_flash" and mode != "full":
-                    entry["backends"][name] = dict(skipped="dense kernel: runs in the full case only")
-                    continue
-                try:
-                    res = run_backend(name, case, device)
-                except Exception as e:  # an unavailable or failing backend is reported, not fatal
-                    res = dict(error=f"{type(e).__name__}: {e}"[:300])
-                entry["backends"][name] = res
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            for name, why in skipped.items():
-                entry["backends"][name] = dict(skipped=why)
-            results.append(entry)
-            for name, res in entry["backends"].items():
-                rows.append((case_id, name, res))
-
-    # Table
-    print(f"\ndevice={device_name(device)} "
-          f"dtype={args.dtype} B={args.batch} H={args.heads}/{args.kv_heads} Lq={args.seqlen_q}")
-    print(f"{'case':<16}{'backend':<9}{'fwd ms':>10}{'fwd TF/s':>10}{'f+b ms':>10}{'f+b TF/s':>10}")
-    for case_id, name, res in rows:
-        if "fwd_ms" in res:
-            print(f"{case_id:<16}{name:<9}{res['fwd_ms']:>10.3f}{res['fwd_tflops']:>10.3f}"
-                  f"{res['fwd_bwd_ms']:>10.3f}{res['fwd_bwd_tflops']:>10.3f}")
-        else:
-            print(f"{case_id:<16}{name:<9}  {res.get('error') or 'skipped: ' + res.get('skipped', '')}")
-
-    # Headline: triton TFLOP/s over each other backend (> 1 = triton faster), per case and min over cases.
+def headline_of(args, device, results) -> dict:
+    """Triton TFLOP/s over each other backend's (> 1 = triton faster), per case and the minimum over cases."""
     ratios, minima = {}, {}
     for entry in results:
         tri = entry["backends"].get("triton", {})
@@ -324,26 +277,85 @@ def main(argv=None):
     triton_tflops = {e["case"]: {p: _sig(e["backends"]["triton"][f"{p}_tflops"]) for p in ("fwd", "fwd_bwd")}
                      for e in results if "fwd_ms" in e["backends"].get("triton", {})}
     dense128 = triton_tflops.get("full-D128", {}).get("fwd")
-    headline = dict(
+    return dict(
         benchmark="kernels", date=time.strftime("%Y-%m-%d"), device=device_name(device), smoke=args.smoke,
         dtype=args.dtype, meaningful=device.type == "cuda" and not args.smoke,
-        triton_tflops=triton_tflops, ratios=ratios, min_ratios=minima,
+        cases_done=len(results), triton_tflops=triton_tflops, ratios=ratios, min_ratios=minima,
         # Indicative only: flash-attn 2's published H100 figure at seqlen 1k, not measured in this run.
         fwd_full_D128_over_published_fa2_h100_1k=None if dense128 is None else _sig(
             dense128 / PUBLISHED_FA2_H100_FWD_D128["1k"]),
     )
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def write_results(args, device, results) -> dict:
+    """(Re)write the JSON file; called after every case, so a run cut short still leaves its finished cases."""
     import triton
 
+    headline = headline_of(args, device, results)
     payload = dict(headline=headline, config=vars(args), torch=torch.__version__, triton=triton.__version__,
                    interpret=os.environ.get("TRITON_INTERPRET"),
                    published_fa2_h100_fwd_d128_tflops=dict(PUBLISHED_FA2_H100_FWD_D128,
                                                            source="FlashAttention-3 paper (Shah et al., 2024), "
                                                                   "bf16 forward, head dim 128, no mask"),
                    cases=results)
-    out_path.write_text(json.dumps(payload, indent=2))
-    print(f"wrote {out_path}")
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(out_path)
+    return headline
+
+
+def print_row(case_id, name, res):
+    if "fwd_ms" in res:
+        print(f"{case_id:<16}{name:<11}{res['fwd_ms']:>10.3f}{res['fwd_tflops']:>10.3f}"
+              f"{res['fwd_bwd_ms']:>10.3f}{res['fwd_bwd_tflops']:>10.3f}", flush=True)
+    else:
+        print(f"{case_id:<16}{name:<11}  {res.get('error') or 'skipped: ' + res.get('skipped', '')}", flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        raise SystemExit("no CUDA device: run with --smoke (tiny CPU shapes; numbers are meaningless)")
+    names, skipped = backends_to_run(args, device)
+    gen = torch.Generator().manual_seed(args.seed)
+    if device.type != "cuda":
+        print("NOTE: CPU run (Triton through its interpreter if enabled): absolute numbers are meaningless; "
+              "this only proves the benchmark runs.")
+    print(f"\ndevice={device_name(device)} "
+          f"dtype={args.dtype} B={args.batch} H={args.heads}/{args.kv_heads} Lq={args.seqlen_q}")
+    print(f"{'case':<16}{'backend':<11}{'fwd ms':>10}{'fwd TF/s':>10}{'f+b ms':>10}{'f+b TF/s':>10}", flush=True)
+
+    results = []
+    for head_dim in args.head_dims:
+        for mode in args.modes:
+            case = build_case(args, head_dim, mode, device, gen)
+            case_id = f"{mode}-D{head_dim}"
+            entry = dict(case=case_id, mode=mode, head_dim=head_dim, batch=args.batch, heads=args.heads,
+                         kv_heads=args.kv_heads, seqlen_q=args.seqlen_q, max_seqlen_k=case["len_k"],
+                         kv_lens=case["kv_lens"].tolist(), tokens_per_image=case["tokens"],
+                         visible_pairs=case["visible_pairs"], backends={})
+            for name in names:
+                if name == "sdpa_flash" and mode != "full":
+                    res = dict(skipped="dense kernel: runs in the full case only")
+                else:
+                    try:
+                        res = run_backend(name, case, device)
+                    except Exception as e:  # an unavailable or failing backend is reported, not fatal
+                        res = dict(error=f"{type(e).__name__}: {e}"[:300])
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                entry["backends"][name] = res
+                print_row(case_id, name, res)
+            for name, why in skipped.items():
+                entry["backends"][name] = dict(skipped=why)
+                print_row(case_id, name, entry["backends"][name])
+            results.append(entry)
+            headline = write_results(args, device, results)
+
+    print(f"wrote {args.out}")
     print(json.dumps(headline))
 
 
