@@ -166,19 +166,12 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_range
     if chosen == "flash":
         return _flash_padded(q, k, v, key_range, kv_lens, scale)
 
-    # triton: view the padded batch as packed sequences, q_start = b * Lq, k_start = b * Lk (no copy).
-    device = q.device
-    starts = torch.arange(batch, device=device, dtype=torch.int32)
-    q_start, k_start = starts * len_q, starts * len_k
-    q_len = torch.full((batch,), len_q, device=device, dtype=torch.int32)
-    if kv_lens is None:
-        k_len = torch.full((batch,), len_k, device=device, dtype=torch.int32)
-    else:
-        k_len = kv_lens.to(torch.int32).clamp(0, len_k)
+    # triton: the padded batch is read in place, sequence b at rows b * Lq and keys b * Lk (no index tensors).
+    kl = None if kv_lens is None else kv_lens.to(torch.int32)  # clamped to [0, Lk] in the kernel
     kr = None if key_range is None else key_range.reshape(batch * len_q, 2).to(torch.int32).contiguous()
     out = triton_cross_attention_packed(
         q.reshape(batch * len_q, q.shape[2], head_dim), k.reshape(batch * len_k, k.shape[2], head_dim),
-        v.reshape(batch * len_k, v.shape[2], head_dim), kr, q_start, q_len, k_start, k_len, len_q, len_k, scale)
+        v.reshape(batch * len_k, v.shape[2], head_dim), kr, None, None, None, kl, len_q, len_k, scale)
     return out.view(q.shape)
 
 

@@ -57,6 +57,30 @@ _NO_KEY = tl.constexpr(1 << 30)
 
 
 @triton.jit
+def _seq_bounds(b, QStart, QLen, KStart, KLen, pad_q, pad_k, PADDED: tl.constexpr, HAS_KLEN: tl.constexpr):
+    """Rows of sequence b: queries [q_start, q_start + q_len), keys [k_start, k_start + k_len) (packed indices).
+
+    PADDED: sequence b owns query rows [b * pad_q, (b + 1) * pad_q) and key rows from b * pad_k, with k_len =
+    KLen[b] clamped to [0, pad_k] when HAS_KLEN, else pad_k: no per-call index tensors on the host. Otherwise
+    all four are read from the (B,) arrays.
+    """
+    if PADDED:
+        q_start = b.to(tl.int64) * pad_q
+        q_len = pad_q
+        k_start = b.to(tl.int64) * pad_k
+        if HAS_KLEN:
+            k_len = tl.minimum(tl.maximum(tl.load(KLen + b), 0), pad_k)
+        else:
+            k_len = pad_k
+    else:
+        q_start = tl.load(QStart + b).to(tl.int64)
+        q_len = tl.load(QLen + b)
+        k_start = tl.load(KStart + b).to(tl.int64)
+        k_len = tl.load(KLen + b)
+    return q_start, q_len, k_start, k_len
+
+
+@triton.jit
 def _row_key_ranges(KeyRange, rows, m_valid, k_len, HAS_RANGE: tl.constexpr, BLOCK_M: tl.constexpr):
     """Per-row visible keys [lo, hi) clamped to [0, k_len) (hi = 0 for rows past q_len or with no key), and the
     interval [blk_lo, blk_hi) holding every visible key of the block (empty when no row has one)."""
@@ -78,12 +102,15 @@ def _row_key_ranges(KeyRange, rows, m_valid, k_len, HAS_RANGE: tl.constexpr, BLO
 @triton.jit
 def _xattn_fwd_kernel(
     Q, K, V, Out, Lse, KeyRange,  # q/out (Tq, Hq, D); k/v (Tk, Hkv, D); lse (Hq, Tq) fp32; range (Tq, 2)
-    QStart, QLen, KStart, KLen,  # (B,) int32 each
+    QStart, QLen, KStart, KLen,  # (B,) int32 each; with PADDED only KLen, and only if HAS_KLEN
+    pad_q, pad_k,  # PADDED: query / key rows per sequence
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
     stride_lse_h,
     n_q_heads, group_size, head_dim,
     qk_scale,  # softmax_scale * log2(e): scores live in base 2
     LK_BUCKET,  # autotune key only (next pow2 of max key length)
+    PADDED: tl.constexpr,
+    HAS_KLEN: tl.constexpr,
     HAS_RANGE: tl.constexpr,
     EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -96,10 +123,7 @@ def _xattn_fwd_kernel(
     b = pid_bh // n_q_heads
     h = pid_bh % n_q_heads
     hk = h // group_size
-    q_start = tl.load(QStart + b).to(tl.int64)
-    q_len = tl.load(QLen + b)
-    k_start = tl.load(KStart + b).to(tl.int64)
-    k_len = tl.load(KLen + b)
+    q_start, q_len, k_start, k_len = _seq_bounds(b, QStart, QLen, KStart, KLen, pad_q, pad_k, PADDED, HAS_KLEN)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (M,) query index within the sequence
     offs_n = tl.arange(0, BLOCK_N)  # (N,)
@@ -182,12 +206,15 @@ def _xattn_bwd_preprocess_kernel(
 def _xattn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, KeyRange,
     QStart, QLen, KStart, KLen,
+    pad_q, pad_k,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
     stride_dkm, stride_dkh, stride_dvm, stride_dvh,
     stride_lse_h,
     n_kv_heads, group_size, head_dim,
     qk_scale, sm_scale,
     LQ_BUCKET, LK_BUCKET,  # autotune keys only (next pow2 of the longest query / key sequence)
+    PADDED: tl.constexpr,
+    HAS_KLEN: tl.constexpr,
     HAS_RANGE: tl.constexpr,
     EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -201,10 +228,7 @@ def _xattn_bwd_dkdv_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // n_kv_heads
     hk = pid_bh % n_kv_heads
-    q_start = tl.load(QStart + b).to(tl.int64)
-    q_len = tl.load(QLen + b)
-    k_start = tl.load(KStart + b).to(tl.int64)
-    k_len = tl.load(KLen + b)
+    q_start, q_len, k_start, k_len = _seq_bounds(b, QStart, QLen, KStart, KLen, pad_q, pad_k, PADDED, HAS_KLEN)
 
     n_lo = pid_n * BLOCK_N
     cols = n_lo + tl.arange(0, BLOCK_N)  # (N,) key index within the sequence
@@ -262,12 +286,15 @@ def _xattn_bwd_dkdv_kernel(
 def _xattn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, KeyRange,
     QStart, QLen, KStart, KLen,
+    pad_q, pad_k,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
     stride_dqm, stride_dqh,
     stride_lse_h,
     n_q_heads, group_size, head_dim,
     qk_scale, sm_scale,
     LQ_BUCKET, LK_BUCKET,  # autotune keys only (next pow2 of the longest query / key sequence)
+    PADDED: tl.constexpr,
+    HAS_KLEN: tl.constexpr,
     HAS_RANGE: tl.constexpr,
     EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -280,10 +307,7 @@ def _xattn_bwd_dq_kernel(
     b = pid_bh // n_q_heads
     h = pid_bh % n_q_heads
     hk = h // group_size
-    q_start = tl.load(QStart + b).to(tl.int64)
-    q_len = tl.load(QLen + b)
-    k_start = tl.load(KStart + b).to(tl.int64)
-    k_len = tl.load(KLen + b)
+    q_start, q_len, k_start, k_len = _seq_bounds(b, QStart, QLen, KStart, KLen, pad_q, pad_k, PADDED, HAS_KLEN)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -407,11 +431,41 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+_DUMMY_I32: dict = {}
+
+
+def _dummy_i32(device: torch.device) -> torch.Tensor:
+    """A pointer for kernel arguments a specialisation never reads (cached: no per-call allocation)."""
+    key = str(device)
+    if key not in _DUMMY_I32:
+        _DUMMY_I32[key] = torch.zeros(1, device=device, dtype=torch.int32)
+    return _DUMMY_I32[key]
+
+
+def _layout(q, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k):
+    """(batch, pointer/size args, constexprs) shared by the kernels' signatures.
+
+    Padded layout (q_start is None): sequence b owns rows [b * max_seqlen_q, ...) and keys [b * max_seqlen_k, ...),
+    k_len optional (B,) valid keys. Packed layout: the four (B,) arrays.
+    """
+    padded = q_start is None
+    dummy = _dummy_i32(q.device) if (padded or key_range is None) else None
+    if padded:
+        batch = q.shape[0] // max_seqlen_q if max_seqlen_q else 0
+        seq = (dummy, dummy, dummy, k_len if k_len is not None else dummy)
+    else:
+        batch = q_start.shape[0]
+        seq = (q_start, q_len, k_start, k_len)
+    args = (key_range if key_range is not None else dummy, *seq, max_seqlen_q, max_seqlen_k)
+    consts = dict(PADDED=padded, HAS_KLEN=k_len is not None, HAS_RANGE=key_range is not None)
+    return batch, args, consts
+
+
 def _forward(q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k, sm_scale):
     """q (Tq, Hq, D), k/v (Tk, Hkv, D) -> out (Tq, Hq, D), lse (Hq, Tq) fp32 base-2."""
     total_q, n_q_heads, head_dim = q.shape
     total_k, n_kv_heads, _ = k.shape
-    batch = q_start.shape[0]
+    batch, layout_args, consts = _layout(q, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k)
     out = torch.empty_like(q)
     lse = torch.empty((n_q_heads, total_q), device=q.device, dtype=torch.float32)
     if total_q == 0 or batch == 0 or max_seqlen_q == 0:
@@ -420,16 +474,14 @@ def _forward(q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, m
         return out.zero_(), lse.zero_()
     block_d = _block_d(head_dim)
     args = (
-        q, k, v, out, lse, key_range if key_range is not None else q_start,
-        q_start, q_len, k_start, k_len,
+        q, k, v, out, lse, *layout_args,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         lse.stride(0),
         n_q_heads, n_q_heads // n_kv_heads, head_dim,
         sm_scale * _LOG2E,
         triton.next_power_of_2(max_seqlen_k),
     )
-    consts = dict(HAS_RANGE=key_range is not None, EVEN_D=head_dim == block_d,
-                  DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=block_d)
+    consts.update(EVEN_D=head_dim == block_d, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=block_d)
     if q.device.type == "cpu" or _is_interpreted(_xattn_fwd_kernel):
         kernel = _kernel_for(_xattn_fwd_kernel, q.device)
         grid = (triton.cdiv(max_seqlen_q, _INTERP_BLOCK_M), batch * n_q_heads)
@@ -447,17 +499,18 @@ def _backward(do, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len, 
     """Gradients (dq, dk, dv) with the shapes and dtypes of (q, k, v)."""
     total_q, n_q_heads, head_dim = q.shape
     total_k, n_kv_heads, _ = k.shape
-    batch = q_start.shape[0]
-    dq = torch.zeros_like(q)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
+    batch, layout_args, consts = _layout(q, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k)
+    # Rows no program writes must read 0: packed rows outside every sequence, keys past a sequence's k_len.
+    # The padded layout writes every query row (keyless rows get 0), and every key row unless k_len is given.
+    dq = torch.empty_like(q) if consts["PADDED"] else torch.zeros_like(q)
+    every_key_written = consts["PADDED"] and not consts["HAS_KLEN"]
+    dk = torch.empty_like(k) if every_key_written else torch.zeros_like(k)
+    dv = torch.empty_like(v) if every_key_written else torch.zeros_like(v)
     if total_q == 0 or total_k == 0 or batch == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
-        return dq, dk, dv
+        return dq.zero_(), dk.zero_(), dv.zero_()
     interp = q.device.type == "cpu" or _is_interpreted(_xattn_fwd_kernel)
     block_d = _block_d(head_dim)
-    range_arg = key_range if key_range is not None else q_start
-    consts = dict(HAS_RANGE=key_range is not None, EVEN_D=head_dim == block_d,
-                  DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=block_d)
+    consts.update(EVEN_D=head_dim == block_d, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=block_d)
 
     delta = torch.empty_like(lse)  # (Hq, Tq) fp32
     pre_m = _INTERP_BLOCK_M if interp else _GPU_PRE_BLOCK_M
@@ -485,8 +538,7 @@ def _backward(do, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len, 
         return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * n_q_heads)
 
     dkdv_kernel[dkdv_grid](
-        q, k, v, do, lse, delta, dk, dv, range_arg,
-        q_start, q_len, k_start, k_len,
+        q, k, v, do, lse, delta, dk, dv, *layout_args,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         lse.stride(0),
@@ -496,8 +548,7 @@ def _backward(do, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len, 
         **tiles, **consts,
     )
     dq_kernel[dq_grid](
-        q, k, v, do, lse, delta, dq, range_arg,
-        q_start, q_len, k_start, k_len,
+        q, k, v, do, lse, delta, dq, *layout_args,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1),
         lse.stride(0),
@@ -510,8 +561,9 @@ def _backward(do, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# torch.library custom ops: opaque to torch.compile (traced through their fake implementations, no graph
-# break), differentiable through register_autograd.
+# Autograd. Eager calls go through a plain autograd.Function (the lightest host path); under torch.compile the
+# same code runs as torch.library custom ops, which the compiler traces through their fake implementations
+# (no graph break) and differentiates through register_autograd.
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -530,15 +582,54 @@ def _prep(*tensors: torch.Tensor, dtype: torch.dtype):
     return tuple(_last_dim_contiguous(t.to(dtype)) for t in tensors)
 
 
-@torch.library.custom_op("mmscale::xattn_fwd", mutates_args=())
-def _xattn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_range: Optional[torch.Tensor],
-                  q_start: torch.Tensor, q_len: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor,
-                  max_seqlen_q: int, max_seqlen_k: int, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed forward: q (Tq, Hq, D), k/v (Tk, Hkv, D) -> out (Tq, Hq, D) in q's dtype, lse (Hq, Tq) fp32."""
+def _fwd_impl(q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k, sm_scale):
     io_dtype = q.dtype
     q, k, v = _prep(q, k, v, dtype=_compute_dtype(q))
     out, lse = _forward(q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k, sm_scale)
     return out.to(io_dtype), lse
+
+
+def _bwd_impl(dout, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k,
+              sm_scale):
+    io_dtype = q.dtype
+    dout, q, k, v, out = _prep(dout, q, k, v, out, dtype=_compute_dtype(q))
+    dq, dk, dv = _backward(dout, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len, max_seqlen_q,
+                           max_seqlen_k, sm_scale)
+    return dq.to(io_dtype), dk.to(io_dtype), dv.to(io_dtype)
+
+
+def _save(ctx, inputs, out, lse):
+    q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k, sm_scale = inputs
+    ctx.save_for_backward(q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len)
+    ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.sm_scale = max_seqlen_q, max_seqlen_k, sm_scale
+
+
+def _grads(ctx, dout, bwd):
+    q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len = ctx.saved_tensors
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len, ctx.max_seqlen_q,
+                     ctx.max_seqlen_k, ctx.sm_scale)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+class _XAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, lse = _fwd_impl(*inputs)
+        _save(ctx, inputs, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        return _grads(ctx, dout, _bwd_impl)
+
+
+@torch.library.custom_op("mmscale::xattn_fwd", mutates_args=())
+def _xattn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_range: Optional[torch.Tensor],
+                  q_start: Optional[torch.Tensor], q_len: Optional[torch.Tensor], k_start: Optional[torch.Tensor],
+                  k_len: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                  sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: q (Tq, Hq, D), k/v (Tk, Hkv, D) -> out (Tq, Hq, D) in q's dtype, lse (Hq, Tq) fp32."""
+    return _fwd_impl(q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k, sm_scale)
 
 
 @_xattn_fwd_op.register_fake
@@ -548,15 +639,13 @@ def _(q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seql
 
 @torch.library.custom_op("mmscale::xattn_bwd", mutates_args=())
 def _xattn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, key_range: Optional[torch.Tensor], q_start: torch.Tensor, q_len: torch.Tensor,
-                  k_start: torch.Tensor, k_len: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                  lse: torch.Tensor, key_range: Optional[torch.Tensor], q_start: Optional[torch.Tensor],
+                  q_len: Optional[torch.Tensor], k_start: Optional[torch.Tensor], k_len: Optional[torch.Tensor],
+                  max_seqlen_q: int, max_seqlen_k: int,
                   sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Packed backward: (dq, dk, dv) with the shapes and dtypes of (q, k, v)."""
-    io_dtype = q.dtype
-    dout, q, k, v, out = _prep(dout, q, k, v, out, dtype=_compute_dtype(q))
-    dq, dk, dv = _backward(dout, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len, max_seqlen_q,
-                           max_seqlen_k, sm_scale)
-    return dq.to(io_dtype), dk.to(io_dtype), dv.to(io_dtype)
+    """Backward: (dq, dk, dv) with the shapes and dtypes of (q, k, v)."""
+    return _bwd_impl(dout, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len, max_seqlen_q,
+                     max_seqlen_k, sm_scale)
 
 
 @_xattn_bwd_op.register_fake
@@ -564,37 +653,29 @@ def _(dout, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len, max_se
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k, sm_scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len)
-    ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.sm_scale = max_seqlen_q, max_seqlen_k, sm_scale
-
-
-def _xattn_fwd_backward(ctx, dout, dlse):
-    # lse is an auxiliary output for the backward; nothing differentiates through it (dlse is None or 0).
-    q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len = ctx.saved_tensors
-    dq, dk, dv = _xattn_bwd_op(dout, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len,
-                               ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.sm_scale)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
-
-
-_xattn_fwd_op.register_autograd(_xattn_fwd_backward, setup_context=_setup_context)
+_xattn_fwd_op.register_autograd(
+    lambda ctx, dout, dlse: _grads(ctx, dout, _xattn_bwd_op),  # lse is auxiliary: nothing flows through it
+    setup_context=lambda ctx, inputs, output: _save(ctx, inputs, *output),
+)
 
 
 def triton_cross_attention_packed(q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q: int,
                                   max_seqlen_k: int, softmax_scale: float) -> torch.Tensor:
-    """Packed Triton cross-attention (arguments already validated; see ``dispatch``).
+    """Triton cross-attention (arguments already validated; see ``dispatch``).
 
-    q (Tq, Hq, D), k/v (Tk, Hkv, D), key_range (Tq, 2) int32 relative to each sequence's keys or None,
-    q_start/q_len/k_start/k_len (B,) int32. Returns (Tq, Hq, D).
+    q (Tq, Hq, D), k/v (Tk, Hkv, D), key_range (Tq, 2) int32 relative to each sequence's keys or None.
+    Packed: q_start/q_len/k_start/k_len (B,) int32. Padded: q_start = q_len = k_start = None, sequence b owning
+    rows [b * max_seqlen_q, ...) and keys [b * max_seqlen_k, ...), k_len (B,) int32 valid keys or None.
+    Returns (Tq, Hq, D).
     """
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"backend='triton' supports head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}. "
                          "Fix: use backend='sdpa' or split heads to a smaller head dim.")
-    out, _ = _xattn_fwd_op(q, k, v, key_range, q_start, q_len, k_start, k_len, int(max_seqlen_q),
-                           int(max_seqlen_k), float(softmax_scale))
-    return out
+    args = (q, k, v, key_range, q_start, q_len, k_start, k_len, int(max_seqlen_q), int(max_seqlen_k),
+            float(softmax_scale))
+    if torch.compiler.is_compiling():
+        return _xattn_fwd_op(*args)[0]
+    return _XAttnFunction.apply(*args)
 
 
 def default_softmax_scale(head_dim: int) -> float:

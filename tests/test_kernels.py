@@ -178,7 +178,7 @@ def test_triton_bf16_runs_close_to_fp32():
 # ----------------------------------------------------------------------------------------------------
 
 
-def _packed_op_args(with_range: bool):
+def _op_args(with_range: bool, padded: bool):
     gen = torch.Generator().manual_seed(3)
     B, Lq, Lk, Hq, Hkv, D = 2, 20, 24, 4, 2, 32
     q = torch.randn(B * Lq, Hq, D, generator=gen, requires_grad=True)
@@ -189,14 +189,17 @@ def _packed_op_args(with_range: bool):
         lo = torch.randint(-2, Lk, (B * Lq,), generator=gen)
         key_range = torch.stack([lo, lo + 7], -1).to(torch.int32)
     i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
+    if padded:  # sequence b at rows b * Lq, keys b * Lk
+        return (q, k, v, key_range, None, None, None, i32([Lk, 17]), Lq, Lk, 0.2)
     return (q, k, v, key_range, i32([0, Lq]), i32([Lq, Lq]), i32([0, Lk]), i32([Lk, 17]), Lq, Lk, 0.2)
 
 
 @needs_interpreter
+@pytest.mark.parametrize("padded", [False, True], ids=["packed", "padded"])
 @pytest.mark.parametrize("with_range", [True, False], ids=["key_range", "no_range"])
-def test_triton_custom_ops_pass_opcheck(with_range):
+def test_triton_custom_ops_pass_opcheck(with_range, padded):
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the Triton ops."""
-    args = _packed_op_args(with_range)
+    args = _op_args(with_range, padded)
     torch.library.opcheck(triton_xattn._xattn_fwd_op, args)
     q, k, v = args[:3]
     out, lse = triton_xattn._xattn_fwd_op(*args)
@@ -465,8 +468,8 @@ def test_kernels_compile_for_sm90_without_gpu():
                 failures.append(f"{kern.fn.__name__} {dtype}: no config fits in shared memory")
         failures = []
         for dtype, d, bd in [("bf16", 128, 128), ("fp16", 40, 64), ("fp32", 64, 64), ("bf16", 64, 64)]:
-            common = dict(HAS_RANGE=True, EVEN_D=d == bd, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-                          BLOCK_D=bd)
+            common = dict(PADDED=dtype == "bf16", HAS_KLEN=True, HAS_RANGE=True, EVEN_D=d == bd,
+                          DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_D=bd)
             # Every autotune config of the heaviest case; one per kernel for the others (compiles are slow).
             pick = (lambda cs: cs) if (dtype, d) == ("bf16", 128) else (lambda cs: cs[:1])
             compile_all(tx._xattn_fwd_kernel, pick(tx._FWD_CONFIGS), dtype, common, failures)
