@@ -17,7 +17,8 @@ substitute 0 for the running max / normaliser of such rows.
 
 Layout (packed, "varlen"): q ``(total_q, Hq, D)``, k and v ``(total_k, Hkv, D)``; sequence ``b`` owns query
 rows ``[q_start[b], q_start[b] + q_len[b])`` and key rows ``[k_start[b], k_start[b] + k_len[b])``.
-The padded API ``(B, L, H, D)`` maps onto this with ``q_start = b * Lq`` and ``k_start = b * Lk`` (no copy).
+The padded API ``(B, L, H, D)`` is the special case ``q_start = b * Lq``, ``k_start = b * Lk``: the kernels
+compute those offsets themselves (``PADDED``), so a padded call builds no index tensors and copies nothing.
 GQA: query head ``h`` reads key/value head ``h // (Hq // Hkv)``; the dK/dV kernel loops over the query
 heads of a group itself, so group gradients are summed in a fixed order.
 
