@@ -140,3 +140,16 @@ def test_crash_mid_checkpoint_keeps_previous(tmp_path):
     checkpoint.commit(root, 300, keep=2)
     assert [p.name for p in checkpoint.complete_checkpoints(root)] == ["step_00000200", "step_00000300"]
     assert (root / "latest").read_text() == "step_00000300"
+
+
+def test_generated_validation_split_is_spread_over_ranks(tmp_path):
+    """The demo's val split is cut into 16 equal shards whatever samples_per_shard says (one process, no launch)."""
+    from mmscale.config import load_config
+    from mmscale.data.shards import read_sizes, resolve_shards
+    from mmscale.training.build import prepare_data
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"output_dir={tmp_path}", "data.synthetic_train_samples=32",
+                                                      "data.synthetic_val_samples=64", "data.samples_per_shard=500"])
+    train, val, tok = prepare_data(cfg, rank=0)
+    assert sorted(read_sizes(resolve_shards(val)).values()) == [4] * 16
+    assert list(read_sizes(resolve_shards(train)).values()) == [32] and Path(tok).is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _val_samples_per_shard(d) -> int:
+    """The generated validation split goes into up to 16 shards, not `samples_per_shard`-sized ones: with 512
+    samples in shards of 500, one of two ranks would get a 12-sample shard and evaluate it ten times over. With a
+    split divisible by 16, every rank and worker of a world dividing 16 reads the same samples count."""
+    return max(1, min(d.samples_per_shard, math.ceil(d.synthetic_val_samples / 16)))
+
+
 def prepare_data(cfg: JobConfig, rank: int) -> tuple[str, str, str]:
     """Resolve (train_shards, val_shards, tokenizer_path); for the demo dataset, rank 0 makes it while the others
     wait at a barrier. A restart reuses what is there (a split made with other arguments is remade)."""
@@ -44,7 +52,7 @@ def prepare_data(cfg: JobConfig, rank: int) -> tuple[str, str, str]:
             ensure_shapes_dataset(train, d.synthetic_train_samples, d.samples_per_shard, d.image_size,
                                   seed=cfg.train.seed, prefix="train")
             if d.synthetic_val_samples > 0:
-                ensure_shapes_dataset(val, d.synthetic_val_samples, d.samples_per_shard, d.image_size,
+                ensure_shapes_dataset(val, d.synthetic_val_samples, _val_samples_per_shard(d), d.image_size,
                                       seed=cfg.train.seed + 1, prefix="val")
             stamp = Path(train) / "train.shapes.json"
             if not d.tokenizer and (not Path(tok).exists() or Path(tok).stat().st_mtime < stamp.stat().st_mtime):
