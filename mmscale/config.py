@@ -110,6 +110,9 @@ class CrossAttentionConfig:
     """`previous`: a text token sees only the latest image before it (Flamingo); `all`: every image before it."""
     backend: str = "auto"
     """Cross-attention kernel: `auto`, `triton`, `flash` or `sdpa` (see mmscale.kernels)."""
+    gate_init: float = 0.0
+    """Initial value of the tanh gates. 0 (Flamingo) leaves a pretrained LM unchanged at step 0, but also passes no
+    gradient to the visual side until the gates move; a model trained from scratch learns faster from e.g. 1.0."""
 
 
 @dataclass
@@ -403,6 +406,9 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> list[str]:
         _positive(p, f"model.xattn.{name}", getattr(m.xattn, name))
     _choice(p, "model.xattn.media_mode", m.xattn.media_mode, ("previous", "all"))
     _choice(p, "model.xattn.backend", m.xattn.backend, ("auto", "triton", "flash", "sdpa"))
+    if isinstance(m.xattn.gate_init, (int, float)) and not -10 <= m.xattn.gate_init <= 10:
+        p.append(f"model.xattn.gate_init: {m.xattn.gate_init!r} saturates tanh (gradient ~0); use a value in "
+                 "[-10, 10], e.g. 0 (Flamingo) or 1")
     if not (m.train_vision or m.train_lm or m.train_resampler or m.train_xattn):
         p.append("model.train_*: every component is frozen, nothing would train; set e.g. model.train_xattn=true")
 

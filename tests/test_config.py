@@ -63,18 +63,19 @@ def test_batch_not_divisible_by_micro_times_world():
 def test_all_problems_reported_together():
     raw = {
         "data": {"image_size": 0},  # no training data either
-        "model": {"xattn": {"media_mode": "sideways"}, "vision": {"type": "resnet"}},
+        "model": {"xattn": {"media_mode": "sideways", "gate_init": 50.0}, "vision": {"type": "resnet"}},
         "train": {"global_batch_size": 10, "micro_batch_size": 4, "precision": "fp8", "bogus": 1},
         "deepspeed": {"zero_stage": 2, "offload_params": "cpu"},
         "callbacks": [{"name": "nope"}],
     }
     problems = _problems(raw)
     text = "\n".join(problems)
-    for field in ("data.train_shards", "data.image_size", "model.xattn.media_mode", "model.vision.type",
+    for field in ("data.train_shards", "data.image_size", "model.xattn.media_mode", "model.xattn.gate_init",
+                  "model.vision.type",
                   "train.global_batch_size", "train.precision", "train.bogus", "deepspeed.offload_params",
                   "callbacks[0].name"):
         assert field in text, f"{field} missing from:\n{text}"
-    assert len(problems) >= 9
+    assert len(problems) >= 10
 
 
 def test_unknown_preset():

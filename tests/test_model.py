@@ -157,6 +157,21 @@ def test_decoder_layer_wrapper_passes_everything_through():
     assert changed(out[:, 1:], 2 * x[:, 1:])
 
 
+def test_gate_init_sets_both_gates_and_opens_the_visual_path():
+    x, media = torch.randn(1, 3, 8), torch.randn(1, 5, 4)
+    key_range = torch.tensor([[[0, 5]] * 3], dtype=torch.int32)
+    closed = GatedCrossAttentionBlock(dim_text=8, dim_visual=4, heads=2, dim_head=4, ff_mult=2)
+    opened = GatedCrossAttentionBlock(dim_text=8, dim_visual=4, heads=2, dim_head=4, ff_mult=2, gate_init=1.0)
+    assert closed.attn_gate.item() == closed.ff_gate.item() == 0.0
+    assert opened.attn_gate.item() == opened.ff_gate.item() == 1.0
+    grads = []
+    for block in (closed, opened):
+        m = media.clone().requires_grad_(True)
+        block(x, m, key_range).sum().backward()
+        grads.append(m.grad.abs().sum().item())
+    assert grads[0] == 0.0 and grads[1] > 0  # gates at 0 pass no gradient to the visual tokens
+
+
 def test_gated_xattn_fits_other_decoders():
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=64)).eval()

@@ -205,7 +205,8 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None, meta: bool = Fa
     r, x = cfg.resampler, cfg.xattn
     with torch.device("meta") if meta else contextlib.nullcontext():
         resampler = PerceiverResampler(vision.hidden_size, r.depth, r.num_latents, r.heads, r.dim_head, r.ff_mult)
-        apply_gated_xattn(lm, vision.hidden_size, x.every_n_layers, x.heads, x.dim_head, x.ff_mult, x.backend)
+        apply_gated_xattn(lm, vision.hidden_size, x.every_n_layers, x.heads, x.dim_head, x.ff_mult, x.backend,
+                          x.gate_init)
     if cfg.activation_checkpointing:
         kwargs = {"use_reentrant": False}
         if hasattr(lm, "activation_checkpointing_enable"):

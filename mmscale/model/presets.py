@@ -77,7 +77,9 @@ def demo() -> ModelConfig:
         vision=_clip(hidden=128, layers=4, heads=4, intermediate=512, patch=4, image=64),
         lm=_llama(hidden=128, layers=4, heads=4, kv_heads=4, intermediate=344, max_pos=512),
         resampler=ResamplerConfig(num_latents=16, depth=2, heads=4, dim_head=32, ff_mult=2),
-        xattn=CrossAttentionConfig(every_n_layers=1, heads=4, dim_head=32, ff_mult=2),
+        # Gates open at tanh(1) = 0.76: with no pretrained LM to protect, Flamingo's closed gates (0) only delay
+        # the gradient to the visual side (colour loss 0.33 instead of 0.40 nats after the demo's 400 steps).
+        xattn=CrossAttentionConfig(every_n_layers=1, heads=4, dim_head=32, ff_mult=2, gate_init=1.0),
         train_vision=True,
         train_lm=True,
     )

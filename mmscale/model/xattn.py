@@ -26,7 +26,8 @@ _LAYER_LIST_NAMES = ("layers", "h", "blocks")
 
 
 class GatedCrossAttentionBlock(nn.Module):
-    def __init__(self, dim_text: int, dim_visual: int, heads: int, dim_head: int, ff_mult: int, backend: str = "auto"):
+    def __init__(self, dim_text: int, dim_visual: int, heads: int, dim_head: int, ff_mult: int, backend: str = "auto",
+                 gate_init: float = 0.0):
         super().__init__()
         self.heads, self.dim_head, self.backend = heads, dim_head, backend
         inner = heads * dim_head
@@ -35,9 +36,9 @@ class GatedCrossAttentionBlock(nn.Module):
         self.to_kv = nn.Linear(dim_visual, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim_text, bias=False)
         # shape (1,) rather than 0-d: partitioning tools handle 1-d tensors everywhere
-        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.attn_gate = nn.Parameter(torch.full((1,), float(gate_init)))
         self.ff = feed_forward(dim_text, ff_mult)
-        self.ff_gate = nn.Parameter(torch.zeros(1))
+        self.ff_gate = nn.Parameter(torch.full((1,), float(gate_init)))
 
     def forward(
         self, x: torch.Tensor, media: torch.Tensor, key_range: torch.Tensor, kv_lens: torch.Tensor | None = None
@@ -118,6 +119,7 @@ def apply_gated_xattn(
     dim_head: int,
     ff_mult: int,
     backend: str = "auto",
+    gate_init: float = 0.0,
 ) -> list[XAttnDecoderLayer]:
     """Wrap decoder layers 0, N, 2N, ... of `lm` in place with new gated cross-attention blocks.
 
@@ -130,7 +132,7 @@ def apply_gated_xattn(
     for i in range(0, len(layers), every_n_layers):
         if isinstance(layers[i], XAttnDecoderLayer):
             raise ValueError(f"decoder layer {i} already has gated cross-attention")
-        block = GatedCrossAttentionBlock(dim_text, dim_visual, heads, dim_head, ff_mult, backend)
+        block = GatedCrossAttentionBlock(dim_text, dim_visual, heads, dim_head, ff_mult, backend, gate_init)
         layers[i] = XAttnDecoderLayer(layers[i], block)
         wrappers.append(layers[i])
     return wrappers
