@@ -580,14 +580,14 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _prep(*tensors: torch.Tensor, dtype: torch.dtype):
-    return tuple(_last_dim_contiguous(t.to(dtype)) for t in tensors)
+    return tuple(_last_dim_contiguous(t if t.dtype == dtype else t.to(dtype)) for t in tensors)
 
 
 def _fwd_impl(q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k, sm_scale):
     io_dtype = q.dtype
     q, k, v = _prep(q, k, v, dtype=_compute_dtype(q))
     out, lse = _forward(q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k, sm_scale)
-    return out.to(io_dtype), lse
+    return (out if out.dtype == io_dtype else out.to(io_dtype)), lse
 
 
 def _bwd_impl(dout, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k,
@@ -596,7 +596,9 @@ def _bwd_impl(dout, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len
     dout, q, k, v, out = _prep(dout, q, k, v, out, dtype=_compute_dtype(q))
     dq, dk, dv = _backward(dout, q, k, v, out, lse, key_range, q_start, q_len, k_start, k_len, max_seqlen_q,
                            max_seqlen_k, sm_scale)
-    return dq.to(io_dtype), dk.to(io_dtype), dv.to(io_dtype)
+    if dq.dtype != io_dtype:
+        dq, dk, dv = dq.to(io_dtype), dk.to(io_dtype), dv.to(io_dtype)
+    return dq, dk, dv
 
 
 def _save(ctx, inputs, out, lse):
