@@ -29,8 +29,9 @@ Limits:
   known on the host without a sync; only the head-dim edge has an ``EVEN_D`` fast path.
 - CPU tensors run only under ``TRITON_INTERPRET=1`` set before ``triton`` is first imported (tests). There
   bf16 is computed in fp32 (the interpreter cannot do bf16 arithmetic) and block sizes are fixed (32x32, no
-  autotune). On GPU the forward and both backward kernels are autotuned on (head dim, length buckets). GPU numerics and speed are not yet measured (no GPU in the dev loop); the kernels are
-  compile-checked for sm_90 without a GPU in tests/test_kernels.py.
+  autotune). On GPU the forward and both backward kernels are autotuned on (head dim, length buckets).
+  GPU numerics and speed are not yet measured (no GPU in the dev loop; ``benchmarks/gpu_check.sh`` does both);
+  every autotune config is compile-checked for sm_90 without a GPU in tests/test_kernels.py.
 - Range values are clamped to ``[0, k_len)`` in the kernel; no host-side value checks (they would sync).
 """
 
