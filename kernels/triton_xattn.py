@@ -102,6 +102,26 @@ def _row_key_ranges(KeyRange, rows, m_valid, k_len, HAS_RANGE: tl.constexpr, BLO
 
 
 @triton.jit
+def _tile_mask(valid, offs_d, head_dim, EVEN_D: tl.constexpr):
+    """(rows, BLOCK_D) load/store mask: valid rows, and the real head-dim columns unless D fills the tile."""
+    if EVEN_D:
+        return valid[:, None]
+    else:
+        return valid[:, None] & (offs_d[None, :] < head_dim)
+
+
+@triton.jit
+def _probs_and_dscores(q, k, v, do, lse, delta, cols, lo, hi, qk_scale, DOT_PRECISION: tl.constexpr):
+    """Backward tile: softmax probabilities P recomputed from the saved log-sum-exp (0 where masked) and
+    dS = P * (dO V^T - delta), the gradient of the scaled scores. (M, N) each, fp32."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+    p = tl.exp2(tl.where(visible, s, float("-inf")) - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _xattn_fwd_kernel(
     Q, K, V, Out, Lse, KeyRange,  # q/out (Tq, Hq, D); k/v (Tk, Hkv, D); lse (Hq, Tq) fp32; range (Tq, 2)
     QStart, QLen, KStart, KLen,  # (B,) int32 each; with PADDED only KLen, and only if HAS_KLEN
@@ -142,10 +162,7 @@ def _xattn_fwd_kernel(
     full_lo = tl.max(tl.where(has_key, lo, _NO_KEY), axis=0)
     full_hi = tl.min(hi, axis=0)
 
-    if EVEN_D:
-        q_mask = m_valid[:, None]
-    else:
-        q_mask = m_valid[:, None] & (offs_d[None, :] < head_dim)
+    q_mask = _tile_mask(m_valid, offs_d, head_dim, EVEN_D)
     q = tl.load(Q + rows[:, None] * stride_qm + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")  # running row max (base 2)
@@ -154,10 +171,7 @@ def _xattn_fwd_kernel(
     for start_n in range(start, blk_hi, BLOCK_N):
         cols = start_n + offs_n  # (N,) key index within the sequence
         n_valid = cols < k_len
-        if EVEN_D:
-            kv_mask = n_valid[:, None]
-        else:
-            kv_mask = n_valid[:, None] & (offs_d[None, :] < head_dim)
+        kv_mask = _tile_mask(n_valid, offs_d, head_dim, EVEN_D)
         krows = k_start + cols
         k = tl.load(K + krows[:, None] * stride_km + hk * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + krows[:, None] * stride_vm + hk * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -236,10 +250,7 @@ def _xattn_bwd_dkdv_kernel(
     cols = n_lo + tl.arange(0, BLOCK_N)  # (N,) key index within the sequence
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = cols < k_len
-    if EVEN_D:
-        kv_mask = n_valid[:, None]
-    else:
-        kv_mask = n_valid[:, None] & (offs_d[None, :] < head_dim)
+    kv_mask = _tile_mask(n_valid, offs_d, head_dim, EVEN_D)
     krows = k_start + cols
     k = tl.load(K + krows[:, None] * stride_km + hk * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V + krows[:, None] * stride_vm + hk * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -257,10 +268,7 @@ def _xattn_bwd_dkdv_kernel(
             lo, hi, has_key, blk_lo, blk_hi = _row_key_ranges(KeyRange, rows, m_valid, k_len, HAS_RANGE, BLOCK_M)
             # Skip query blocks whose key interval misses this key block.
             if (blk_lo < n_lo + BLOCK_N) & (blk_hi > n_lo):
-                if EVEN_D:
-                    q_mask = m_valid[:, None]
-                else:
-                    q_mask = m_valid[:, None] & (offs_d[None, :] < head_dim)
+                q_mask = _tile_mask(m_valid, offs_d, head_dim, EVEN_D)
                 q = tl.load(Q + rows[:, None] * stride_qm + h * stride_qh + offs_d[None, :], mask=q_mask,
                             other=0.0)
                 do = tl.load(DO + rows[:, None] * stride_dom + h * stride_doh + offs_d[None, :], mask=q_mask,
@@ -268,13 +276,8 @@ def _xattn_bwd_dkdv_kernel(
                 lse = tl.load(Lse + h * stride_lse_h + rows, mask=m_valid, other=0.0)
                 delta = tl.load(Delta + h * stride_lse_h + rows, mask=m_valid, other=0.0)
 
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, N)
-                visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
-                s = tl.where(visible, s, float("-inf"))
-                p = tl.exp2(s - lse[:, None])  # (M, N) softmax probabilities, 0 where masked
+                p, ds = _probs_and_dscores(q, k, v, do, lse, delta, cols, lo, hi, qk_scale, DOT_PRECISION)
                 dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
-                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (M, N)
-                ds = p * (dp - delta[:, None])  # dL/d(scaled score)
                 dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
 
     dk = dk * sm_scale
@@ -319,10 +322,7 @@ def _xattn_bwd_dq_kernel(
     lo, hi, has_key, blk_lo, blk_hi = _row_key_ranges(KeyRange, rows, m_valid, k_len, HAS_RANGE, BLOCK_M)
     start = (blk_lo // BLOCK_N) * BLOCK_N
 
-    if EVEN_D:
-        q_mask = m_valid[:, None]
-    else:
-        q_mask = m_valid[:, None] & (offs_d[None, :] < head_dim)
+    q_mask = _tile_mask(m_valid, offs_d, head_dim, EVEN_D)
     q = tl.load(Q + rows[:, None] * stride_qm + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(DO + rows[:, None] * stride_dom + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
     lse = tl.load(Lse + h * stride_lse_h + rows, mask=m_valid, other=0.0)
@@ -332,20 +332,12 @@ def _xattn_bwd_dq_kernel(
     for start_n in range(start, blk_hi, BLOCK_N):
         cols = start_n + offs_n
         n_valid = cols < k_len
-        if EVEN_D:
-            kv_mask = n_valid[:, None]
-        else:
-            kv_mask = n_valid[:, None] & (offs_d[None, :] < head_dim)
+        kv_mask = _tile_mask(n_valid, offs_d, head_dim, EVEN_D)
         krows = k_start + cols
         k = tl.load(K + krows[:, None] * stride_km + hk * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + krows[:, None] * stride_vm + hk * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
 
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
+        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, cols, lo, hi, qk_scale, DOT_PRECISION)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
     dq = dq * sm_scale
