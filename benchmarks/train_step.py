@@ -37,7 +37,7 @@ def main() -> None:
     import deepspeed
 
     from mmscale.config import config_from_dict
-    from mmscale.data import build_train_loader, load_tokenizer, make_shapes_dataset, train_sentencepiece
+    from mmscale.data import TrainLoader, load_tokenizer, make_shapes_dataset, train_sentencepiece
     from mmscale.data.tokenizer import captions_from_shards
     from mmscale.model import build_model
     from mmscale.training.build import seed_everything
@@ -62,7 +62,7 @@ def main() -> None:
         train_sentencepiece(captions_from_shards(str(tmp / "data")), tmp / "tok", vocab_size=64)
     barrier()
     tok = load_tokenizer(tmp / "tok.model")
-    loader = build_train_loader(cfg.data, tok, args.micro_batch, rank, world, seed=0)
+    loader = TrainLoader(cfg.data, tok, args.micro_batch, rank, world, seed=0)
     batches = list(itertools.islice(iter(loader), 8))
 
     seed_everything(0)

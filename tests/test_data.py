@@ -19,10 +19,10 @@ from mmscale.data import (
     COLOURS,
     IGNORE_INDEX,
     SHAPES,
+    EvalLoader,
     ShardSpecError,
     Tokenizer,
-    build_eval_loader,
-    build_train_loader,
+    TrainLoader,
     collate_samples,
     ensure_shapes_dataset,
     image_to_tensor,
@@ -202,7 +202,7 @@ def test_two_ranks_two_workers_see_each_sample_once(shapes_shards, sp_tokenizer)
         all_keys |= set(read_tar(Path(shard)))
     epochs: list[list[str]] = [[], []]
     for rank in range(2):
-        loader = build_train_loader(cfg, sp_tokenizer, 4, rank, 2, seed=7, shards=str(shapes_shards))
+        loader = TrainLoader(cfg, sp_tokenizer, 4, rank, 2, seed=7, shards=str(shapes_shards))
         assert loader.steps_per_epoch == 64 // (4 * 2)
         batches = take(loader, 2 * loader.steps_per_epoch)
         assert loader.state_dict()["epoch"] == 2 and loader.state_dict()["batch_in_epoch"] == 0
@@ -218,7 +218,7 @@ def test_fewer_shards_than_slots_splits_samples(shapes_val_shards, sp_tokenizer)
     cfg = data_cfg(num_workers=2)  # 2 shards < 2 ranks x 2 workers: sample-level split
     keys = []
     for rank in range(2):
-        loader = build_train_loader(cfg, sp_tokenizer, 2, rank, 2, seed=0, shards=str(shapes_val_shards))
+        loader = TrainLoader(cfg, sp_tokenizer, 2, rank, 2, seed=0, shards=str(shapes_val_shards))
         keys += [k for b in take(loader, loader.steps_per_epoch) for k in b["__key__"]]
     assert len(keys) == len(set(keys)) == 16
 
@@ -239,7 +239,7 @@ def test_equal_steps_per_rank_with_uneven_shards(uneven_shards, sp_tokenizer, nu
     cfg = data_cfg(num_workers=num_workers, image_size=16)
     counts = []
     for rank in range(2):
-        loader = build_train_loader(cfg, sp_tokenizer, 2, rank, 2, seed=0, shards=str(uneven_shards))
+        loader = TrainLoader(cfg, sp_tokenizer, 2, rank, 2, seed=0, shards=str(uneven_shards))
         assert loader.steps_per_epoch == 30 // (2 * 2)
         batches = take(loader, 2 * loader.steps_per_epoch + 1)
         assert all(b["input_ids"].shape[0] == 2 for b in batches)
@@ -273,7 +273,7 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, sp_tokenizer, caplog)
     shards = str(tmp_path / "shards")
     # 6 usable samples; 4 skips: garbage JPEG, no caption, empty caption, the truncated tar (its cut sample dropped).
     cfg = data_cfg(image_size=16, num_samples=6, shuffle_buffer=0, warn_every=2)
-    loader = build_train_loader(cfg, sp_tokenizer, 1, 0, 1, seed=0, shards=shards)
+    loader = TrainLoader(cfg, sp_tokenizer, 1, 0, 1, seed=0, shards=shards)
     with caplog.at_level("WARNING", logger="mmscale.data.pipeline"):
         batches = take(loader, 18)  # three epochs: the run goes on
     for epoch in range(3):
@@ -286,7 +286,7 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, sp_tokenizer, caplog)
     assert 2 <= len(warnings) <= 1 + loader.num_skipped // 2  # rate limited: the first skip, then every 2nd
 
     # 8 samples from 6 usable ones: the eval loader wraps around, reading every corrupt sample exactly once.
-    evaluator = build_eval_loader(cfg, sp_tokenizer, 2, 0, 1, shards=shards, max_batches=4)
+    evaluator = EvalLoader(cfg, sp_tokenizer, 2, 0, 1, shards=shards, max_batches=4)
     keys = [k for b in evaluator for k in b["__key__"]]
     assert keys == sorted(good_keys) + sorted(good_keys)[:2]
     assert evaluator.num_skipped == 4
@@ -296,7 +296,7 @@ def test_resume_matches_uninterrupted_run(shapes_shards, sp_tokenizer):
     cfg = data_cfg(num_workers=2)
 
     def loader():
-        return build_train_loader(cfg, sp_tokenizer, 4, 1, 2, seed=3, shards=str(shapes_shards))
+        return TrainLoader(cfg, sp_tokenizer, 4, 1, 2, seed=3, shards=str(shapes_shards))
 
     steps = loader().steps_per_epoch  # 8
     reference = take(loader(), steps + 5)
@@ -318,19 +318,19 @@ def test_resume_matches_uninterrupted_run(shapes_shards, sp_tokenizer):
 def test_eval_loader_is_finite_and_repeatable(shapes_val_shards, sp_tokenizer):
     cfg = data_cfg(num_workers=2)
     shards = str(shapes_val_shards)
-    loaders = [build_eval_loader(cfg, sp_tokenizer, 2, r, 2, shards=shards, max_batches=3) for r in range(2)]
+    loaders = [EvalLoader(cfg, sp_tokenizer, 2, r, 2, shards=shards, max_batches=3) for r in range(2)]
     assert [len(x) for x in loaders] == [3, 3]
     first = [b["__key__"] for b in loaders[0]]
     assert len(first) == 3 and [b["__key__"] for b in loaders[0]] == first
     keys = [k for ld in loaders for b in ld for k in b["__key__"]]
     assert len(set(keys)) == len(keys) == 12
-    big = build_eval_loader(cfg, sp_tokenizer, 2, 0, 2, shards=str(shapes_val_shards), max_batches=100)
+    big = EvalLoader(cfg, sp_tokenizer, 2, 0, 2, shards=str(shapes_val_shards), max_batches=100)
     assert len(big) == 16 // (2 * 2)
 
 
 def test_batch_contract(shapes_shards, sp_tokenizer):
     cfg = data_cfg(max_images=2)
-    b = take(build_train_loader(cfg, sp_tokenizer, 3, 0, 1, seed=0, shards=str(shapes_shards)), 1)[0]
+    b = take(TrainLoader(cfg, sp_tokenizer, 3, 0, 1, seed=0, shards=str(shapes_shards)), 1)[0]
     L = 1 + cfg.max_text_len
     assert b["pixel_values"].shape == (3, 2, 3, IMAGE_SIZE, IMAGE_SIZE) and b["pixel_values"].dtype == torch.float32
     assert b["image_mask"].tolist() == [[True, False]] * 3

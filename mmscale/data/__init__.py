@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "mmscale.data.collate": ["IGNORE_INDEX", "collate_samples", "media_index_from_ids"],
     "mmscale.data.pipeline": [
-        "EvalLoader", "TrainLoader", "build_eval_loader", "build_train_loader", "caption_to_ids", "decode_sample",
-        "image_to_tensor",
+        "EvalLoader", "TrainLoader", "caption_to_ids", "decode_sample", "image_to_tensor",
     ],
     "mmscale.data.shards": ["ShardSpecError", "read_sizes", "resolve_shards", "write_tar_shards"],
     "mmscale.data.synthetic": [
@@ -44,8 +43,6 @@ if TYPE_CHECKING:
     from mmscale.data.pipeline import (
         EvalLoader,
         TrainLoader,
-        build_eval_loader,
-        build_train_loader,
         caption_to_ids,
         decode_sample,
         image_to_tensor,

@@ -510,31 +510,3 @@ class EvalLoader:
             self.num_skipped += count
             self._warner.add(count, batch.pop("__skipped__"))
             yield batch
-
-
-def build_train_loader(
-    cfg: DataConfig,
-    tokenizer: Tokenizer,
-    micro_batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    shards: str | None = None,
-    pin_memory: bool = False,
-) -> TrainLoader:
-    """The training loader of one rank (`shards` overrides `cfg.train_shards`)."""
-    return TrainLoader(cfg, tokenizer, micro_batch_size, rank, world_size, seed, shards, pin_memory)
-
-
-def build_eval_loader(
-    cfg: DataConfig,
-    tokenizer: Tokenizer,
-    micro_batch_size: int,
-    rank: int,
-    world_size: int,
-    shards: str,
-    max_batches: int,
-    pin_memory: bool = False,
-) -> EvalLoader:
-    """The validation loader of one rank: the same `max_batches`-or-fewer batches, in the same order, every time."""
-    return EvalLoader(cfg, tokenizer, micro_batch_size, rank, world_size, shards, max_batches, pin_memory)

@@ -107,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="also write the JSON result here")
     args = p.parse_args(argv)
 
-    from mmscale.data import COLOURS, SHAPES, build_eval_loader
+    from mmscale.data import COLOURS, SHAPES, EvalLoader
 
     cfg, model, tokenizer = load_run(args.run)
     shards = cfg.data.val_shards or cfg.data.train_shards
-    loader = build_eval_loader(cfg.data, tokenizer, cfg.train.micro_batch_size, 0, 1, shards=shards,
-                               max_batches=args.batches)
+    loader = EvalLoader(cfg.data, tokenizer, cfg.train.micro_batch_size, 0, 1, shards=shards,
+                        max_batches=args.batches)
     colours, shapes = word_token_ids(tokenizer, list(COLOURS)), word_token_ids(tokenizer, list(SHAPES))
     r = image_use(model, loader, {"colours": colours, "shapes": shapes, "colours_and_shapes": colours | shapes})
     print(f"{'words':<24}{'true images':>12}{'shuffled':>10}{'chance':>8}{'tokens':>8}")

@@ -64,7 +64,7 @@ def prepare_data(cfg: JobConfig, rank: int) -> tuple[str, str, str]:
 def build_trainer(cfg: JobConfig, resume: bool = False, train_data: Any = None, eval_data: Any = None) -> Trainer:
     """Everything a run needs. `train_data`/`eval_data` replace the configured shards (tests, benchmarks)."""
     from mmscale.callbacks import build_callbacks
-    from mmscale.data import build_eval_loader, build_train_loader, load_tokenizer
+    from mmscale.data import EvalLoader, TrainLoader, load_tokenizer
     from mmscale.model import build_model
 
     rank, world_size = init_distributed()
@@ -89,11 +89,11 @@ def build_trainer(cfg: JobConfig, resume: bool = False, train_data: Any = None, 
         log.info("model: %s parameters, %s trainable; world size %d, gradient accumulation %d",
                  f"{counts['total']:,}", f"{counts['trainable']:,}", world_size, engine.grad_accum)
     if train_data is None:
-        train_data = build_train_loader(cfg.data, tokenizer, cfg.train.micro_batch_size, rank, world_size,
-                                        seed=cfg.train.seed, shards=train_shards)
+        train_data = TrainLoader(cfg.data, tokenizer, cfg.train.micro_batch_size, rank, world_size,
+                                 seed=cfg.train.seed, shards=train_shards)
     if eval_data is None and val_shards:
-        eval_data = build_eval_loader(cfg.data, tokenizer, cfg.train.micro_batch_size, rank, world_size,
-                                      shards=val_shards, max_batches=cfg.train.eval_batches)
+        eval_data = EvalLoader(cfg.data, tokenizer, cfg.train.micro_batch_size, rank, world_size,
+                               shards=val_shards, max_batches=cfg.train.eval_batches)
     trainer = Trainer(cfg, engine, train_data, eval_data=eval_data, callbacks=callbacks, tokenizer=tokenizer)
     if resume:
         trainer.resume()

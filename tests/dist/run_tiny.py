@@ -64,7 +64,7 @@ def main() -> int:
     args = p.parse_intermixed_args()
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs/tiny.yaml", args.overrides)
 
-    from mmscale.data import build_train_loader, load_tokenizer
+    from mmscale.data import TrainLoader, load_tokenizer
     from mmscale.training.build import build_trainer, close
     from mmscale.training.engine import init_distributed
 
@@ -72,8 +72,8 @@ def main() -> int:
     data = None
     if args.same_global_batches:
         tok = load_tokenizer(cfg.data.tokenizer)
-        loader = build_train_loader(cfg.data, tok, cfg.train.global_batch_size, rank=0, world_size=1,
-                                    seed=cfg.train.seed, shards=cfg.data.train_shards)
+        loader = TrainLoader(cfg.data, tok, cfg.train.global_batch_size, rank=0, world_size=1,
+                             seed=cfg.train.seed, shards=cfg.data.train_shards)
         accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * world)
         data = SameGlobalBatches(loader, cfg.train.micro_batch_size, rank, world, accum)
     trainer = build_trainer(cfg, resume=args.resume, train_data=data)
