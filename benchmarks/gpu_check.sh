@@ -6,7 +6,9 @@
 #
 # Writes OUT_DIR/gpu.txt (card, driver, versions), gpu_tests.log, kernels.log and kernels.json (copy that to
 # benchmarks/results/kernels.json with the date and card). Sized to finish inside one 10-minute device call:
-# tests up to 200 s, benchmark up to 330 s. Exit status non-zero if either part fails.
+# tests up to 200 s, benchmark up to 330 s. Both parts always run; the last line says "gpu_check: OK" or
+# "gpu_check: FAILED: <parts>", and the exit status is 1 if either part fails (a test, a crashed benchmark backend,
+# a timeout), 2 without a GPU.
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results}}
 mkdir -p "$out"
@@ -25,15 +27,22 @@ mkdir "$site/mmscale"
 for f in "$PWD"/mmscale/*; do ln -s "$f" "$site/mmscale/"; done
 ln -s "$PWD/kernels" "$site/mmscale/kernels"
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-$py -c "import mmscale.kernels" || exit 1
+$py -c "import mmscale.kernels" || { echo "gpu_check: FAILED: mmscale.kernels does not import"; exit 1; }
 {
     nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader
     $py -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda)"
     date -u +%Y-%m-%dT%H:%M:%SZ
 } | tee "$out/gpu.txt"
 
-status=0
+# pipefail: a pipeline's status is the python's (or timeout's 124), not tee's 0.
+failed=()
 timeout 200 $py -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/gpu_tests.log" \
-    || status=1
-timeout 330 $py benchmarks/kernels.py --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log" || status=1
-exit $status
+    || failed+=("GPU tests (exit ${PIPESTATUS[0]}, see gpu_tests.log)")
+timeout 330 $py benchmarks/kernels.py --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log" \
+    || failed+=("benchmark (exit ${PIPESTATUS[0]}, see kernels.log)")
+if ((${#failed[@]})); then
+    printf -v parts '%s; ' "${failed[@]}"
+    echo "gpu_check: FAILED: ${parts%; }"
+    exit 1
+fi
+echo "gpu_check: OK (GPU tests passed, every benchmark backend ran or was skipped as unavailable)"

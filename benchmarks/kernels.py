@@ -17,16 +17,20 @@ for an indicative comparison (other shapes and card: not a side-by-side measurem
     TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke   # CPU: tiny shapes, proves the script runs
 
 Writes benchmarks/results/kernels.json; the last stdout line is one JSON object with the headline ratios
-(TFLOP/s of triton over each other backend, per case and the minimum over cases).
+(TFLOP/s of triton over each other backend, per case and the minimum over cases). A backend that cannot run here
+(not installed, CUDA only, wrong dtype) is skipped; one that raises is recorded as an error, the run goes on to
+the other cases, and the script exits 1 at the end, naming the failures on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -96,7 +100,8 @@ def build_case(args, head_dim, mode, device, gen):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Backends: each returns a function (q, k, v) -> out in the (B, L, H, D) layout, or raises if unavailable.
+# Backends: each returns a function (q, k, v) -> out in the (B, L, H, D) layout. backends_to_run skips those
+# that cannot run on this machine, so a raise from one that runs is a failure of the run.
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -247,6 +252,12 @@ def backends_to_run(args, device):
             if name in ("flash", "flex"):
                 skipped[name] = "CUDA only"
                 continue
+        elif name == "flash" and importlib.util.find_spec("flash_attn") is None:
+            skipped[name] = "flash-attn not installed"
+            continue
+        elif name in ("flash", "sdpa_flash") and args.dtype == "fp32":
+            skipped[name] = "FlashAttention kernels need fp16/bf16"
+            continue
         chosen.append(name)
     return chosen, skipped
 
@@ -257,6 +268,11 @@ def device_name(device) -> str:
 
 def _sig(x: float) -> float:
     return float(f"{x:.4g}")
+
+
+def failures_of(results) -> list:
+    """["case/backend", ...] for every backend that raised (skips are not failures)."""
+    return [f"{e['case']}/{name}" for e in results for name, res in e["backends"].items() if "error" in res]
 
 
 def headline_of(args, device, results) -> dict:
@@ -280,7 +296,8 @@ def headline_of(args, device, results) -> dict:
     return dict(
         benchmark="kernels", date=time.strftime("%Y-%m-%d"), device=device_name(device), smoke=args.smoke,
         dtype=args.dtype, meaningful=device.type == "cuda" and not args.smoke,
-        cases_done=len(results), triton_tflops=triton_tflops, ratios=ratios, min_ratios=minima,
+        cases_done=len(results), failed=failures_of(results), triton_tflops=triton_tflops, ratios=ratios,
+        min_ratios=minima,
         # Indicative only: flash-attn 2's published H100 figure at seqlen 1k, not measured in this run.
         fwd_full_D128_over_published_fa2_h100_1k=None if dense128 is None else _sig(
             dense128 / PUBLISHED_FA2_H100_FWD_D128["1k"]),
@@ -343,7 +360,7 @@ def main(argv=None):
                 else:
                     try:
                         res = run_backend(name, case, device)
-                    except Exception as e:  # an unavailable or failing backend is reported, not fatal
+                    except Exception as e:  # recorded, and the other backends and cases still run; exit 1 at the end
                         res = dict(error=f"{type(e).__name__}: {e}"[:300])
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -357,6 +374,10 @@ def main(argv=None):
 
     print(f"wrote {args.out}")
     print(json.dumps(headline))
+    if headline["failed"]:  # a crashed backend must fail the run (gpu_check.sh reads the exit status)
+        print(f"FAILED: {len(headline['failed'])} backend run(s) raised: {', '.join(headline['failed'])} "
+              f"(errors in {args.out})", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -208,8 +208,8 @@ def _require_full_ranges(key_range, k_len):
         return
     klen = k_len[:, None] if key_range.dim() == 3 else k_len
     lo, hi = key_range[..., 0], key_range[..., 1]
-    # note: CPU-GPU sync point (only on explicit backend='flash' with a key_range)
-    full = bool(((lo <= 0) & (hi >= klen)).all())
+    # A row without keys is 0 whatever its range. note: CPU-GPU sync point (explicit backend='flash' + key_range)
+    full = bool((((lo <= 0) & (hi >= klen)) | (klen == 0)).all())
     if not full:
         raise ValueError("backend='flash' supports only full attention per sample: every key_range row must "
                          "be [0, kv_len). Fix: use backend='triton' (or 'auto') for media-masked attention.")
@@ -228,7 +228,8 @@ def cross_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
 
     q: (total_q, Hq, D); k, v: (total_k, Hkv, D); cu_seqlens_q/k: (B+1,) int32 prefix sums of the lengths;
     max_seqlen_q/k: Python ints >= every length (sizes the launch grid); key_range: (total_q, 2) int, relative
-    to each sequence's own keys. Returns (total_q, Hq, D).
+    to each sequence's own keys. Returns (total_q, Hq, D); rows past cu_seqlens_q[-1] belong to no sequence
+    and get 0 (their values are never read), as rows without a visible key do.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -245,13 +246,12 @@ def cross_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if not isinstance(m, int) or m < 0:
             raise ValueError(f"{name} must be a non-negative Python int, got {m!r}")
-    total_q, n_q_heads, head_dim = q.shape
+    total_q, head_dim = q.shape[0], q.shape[-1]
     if key_range is not None:
         _check_int_tensor("key_range", key_range, (total_q, 2), q.device, "(total_q, 2) = [lo, hi) per query")
     scale = float(softmax_scale) if softmax_scale is not None else default_softmax_scale(head_dim)
     chosen = resolve_backend(backend, q.device, has_key_range=key_range is not None, dtype=q.dtype)
     _log_choice(backend, chosen, q.device)
-    batch = cu_seqlens_q.shape[0] - 1
     cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
 
     if chosen == "triton":
@@ -259,22 +259,42 @@ def cross_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         return triton_cross_attention_packed(q, k, v, kr, cu_q[:-1], cu_q[1:] - cu_q[:-1], cu_k[:-1],
                                              cu_k[1:] - cu_k[:-1], max_seqlen_q, max_seqlen_k, scale)
     if chosen == "flash":
-        if key_range is not None:
-            k_len_rows = torch.repeat_interleave(cu_k[1:] - cu_k[:-1], cu_q[1:] - cu_q[:-1], output_size=total_q)
-            _require_full_ranges(key_range, k_len_rows)
-        out = _flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale=scale)
-        k_len_rows = torch.repeat_interleave(cu_k[1:] - cu_k[:-1], cu_q[1:] - cu_q[:-1], output_size=total_q)
-        return torch.where((k_len_rows > 0)[:, None, None], out, out.new_zeros(()))
+        return _flash_varlen(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, key_range, scale)
+    return _sdpa_varlen(q, k, v, cu_q, cu_k, key_range, scale)
 
-    # sdpa: unpack to padded, run, repack. note: .tolist() is a CPU-GPU sync point (sdpa is the CPU path).
-    q_lens = (cu_q[1:] - cu_q[:-1]).tolist()
-    k_lens = (cu_k[1:] - cu_k[:-1]).tolist()
-    len_q, len_k = max(q_lens, default=0), max(k_lens, default=0)
+
+def _k_len_per_row(cu_q, cu_k, total_q):
+    """(total_q,) keys of each query row's sequence, 0 for rows in no sequence (past cu_q[-1]); no sync."""
+    rows = torch.arange(total_q, device=cu_q.device, dtype=cu_q.dtype)
+    seq = torch.searchsorted(cu_q, rows, right=True) - 1  # (total_q,) in [0, B]; B = past the last sequence
+    k_lens = torch.cat([cu_k[1:] - cu_k[:-1], cu_k.new_zeros(1)])  # (B + 1,)
+    return k_lens[seq]
+
+
+def _flash_varlen(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, key_range, scale):
+    """Packed layout through flash_attn_varlen_func (full attention per sequence)."""
+    k_len_rows = _k_len_per_row(cu_q, cu_k, q.shape[0])
+    _require_full_ranges(key_range, k_len_rows)
+    out = _flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale=scale)
+    # Rows without keys or in no sequence (flash-attn leaves the latter unwritten): force exact zeros.
+    return torch.where((k_len_rows > 0)[:, None, None], out, out.new_zeros(()))
+
+
+def _sdpa_varlen(q, k, v, cu_q, cu_k, key_range, scale):
+    """Packed layout through the sdpa backend: unpack to padded, run, repack; rows in no sequence get 0."""
+    total_q, n_q_heads, head_dim = q.shape
+    # note: .tolist() is a CPU-GPU sync point (sdpa is the CPU path).
+    q_off, k_off = cu_q.tolist(), cu_k.tolist()
+    if len(q_off) == 1:  # no sequence: run one empty one, so the output stays in the autograd graph (as triton's)
+        q_off, k_off = [0, 0], [0, 0]
+    batch = len(q_off) - 1
+    q_lens = [q_off[b + 1] - q_off[b] for b in range(batch)]
+    k_lens = [k_off[b + 1] - k_off[b] for b in range(batch)]
+    len_q, len_k = max(q_lens), max(k_lens)
     qp = q.new_zeros(batch, len_q, n_q_heads, head_dim)
     kp = k.new_zeros(batch, len_k, k.shape[1], head_dim)
     vp = v.new_zeros(batch, len_k, v.shape[1], head_dim)
     krp = None if key_range is None else key_range.new_zeros(batch, len_q, 2)
-    q_off, k_off = cu_q.tolist(), cu_k.tolist()
     for b in range(batch):
         qp[b, : q_lens[b]] = q[q_off[b]: q_off[b + 1]]
         kp[b, : k_lens[b]] = k[k_off[b]: k_off[b + 1]]
@@ -283,4 +303,6 @@ def cross_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
             krp[b, : q_lens[b]] = key_range[q_off[b]: q_off[b + 1]]
     kv_lens = torch.tensor(k_lens, device=q.device, dtype=torch.int32)
     out = sdpa_cross_attention(qp, kp, vp, krp, kv_lens, scale)
-    return torch.cat([out[b, : q_lens[b]] for b in range(batch)], dim=0) if batch else q.new_zeros(q.shape)
+    rows = [out[b, : q_lens[b]] for b in range(batch)]
+    rows.append(q.new_zeros(total_q - q_off[-1], n_q_heads, head_dim))  # past the last sequence
+    return torch.cat(rows)

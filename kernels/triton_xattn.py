@@ -17,8 +17,10 @@ substitute 0 for the running max / normaliser of such rows.
 
 Layout (packed, "varlen"): q ``(total_q, Hq, D)``, k and v ``(total_k, Hkv, D)``; sequence ``b`` owns query
 rows ``[q_start[b], q_start[b] + q_len[b])`` and key rows ``[k_start[b], k_start[b] + k_len[b])``.
-The padded API ``(B, L, H, D)`` is the special case ``q_start = b * Lq``, ``k_start = b * Lk``: the kernels
-compute those offsets themselves (``PADDED``), so a padded call builds no index tensors and copies nothing.
+Rows in no sequence (a buffer longer than the last sequence's end) are never read; they get output 0,
+log-sum-exp 0 and zero gradients. The padded API ``(B, L, H, D)`` is the special case ``q_start = b * Lq``,
+``k_start = b * Lk``: the kernels compute those offsets themselves (``PADDED``), so a padded call builds no
+index tensors and copies nothing.
 GQA: query head ``h`` reads key/value head ``h // (Hq // Hkv)``; the dK/dV kernel loops over the query
 heads of a group itself, so group gradients are summed in a fixed order.
 
@@ -460,12 +462,14 @@ def _forward(q, k, v, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, m
     total_q, n_q_heads, head_dim = q.shape
     total_k, n_kv_heads, _ = k.shape
     batch, layout_args, consts = _layout(q, key_range, q_start, q_len, k_start, k_len, max_seqlen_q, max_seqlen_k)
-    out = torch.empty_like(q)
-    lse = torch.empty((n_q_heads, total_q), device=q.device, dtype=torch.float32)
-    if total_q == 0 or batch == 0 or max_seqlen_q == 0:
-        return out, lse
-    if total_k == 0 or max_seqlen_k == 0:  # nothing to attend to anywhere
-        return out.zero_(), lse.zero_()
+    # Packed rows past the last sequence (a buffer longer than cu_seqlens_q[-1]) are written by no program, so
+    # they must start at 0: a memset of out, on the stream (finding where they start would be a sync). The padded
+    # layout writes all B * Lq rows.
+    padded = consts["PADDED"]
+    out = torch.empty_like(q) if padded else torch.zeros_like(q)
+    lse = (torch.empty if padded else torch.zeros)((n_q_heads, total_q), device=q.device, dtype=torch.float32)
+    if total_q == 0 or batch == 0 or max_seqlen_q == 0 or total_k == 0 or max_seqlen_k == 0:
+        return out.zero_(), lse.zero_()  # no query row or no key anywhere: every row is 0
     block_d = _block_d(head_dim)
     args = (
         q, k, v, out, lse, *layout_args,

@@ -1,14 +1,18 @@
 """The benchmark scripts run end to end (tiny shapes on CPU): a GPU session should not find them broken.
 
-The figures they print here are meaningless; only the output contract is checked: a table, a JSON file, and the
-headline as one JSON object on the last stdout line.
+The figures they print here are meaningless; only the output contract is checked: a table, a JSON file, the
+headline as one JSON object on the last stdout line, and an exit status that fails when a backend crashed (also
+through gpu_check.sh, run here with a fake python and nvidia-smi).
 """
 
 import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,3 +37,69 @@ def test_kernel_benchmark_smoke(tmp_path):
     full = cases["full-D32"]
     assert full["visible_pairs"] == full["batch"] * full["heads"] * full["seqlen_q"] * full["max_seqlen_k"]
     assert cases["previous-D32"]["visible_pairs"] < cases["all-D32"]["visible_pairs"]
+
+
+def test_kernel_benchmark_crashing_backend_fails_the_run(tmp_path):
+    """A backend that raises is recorded in the JSON, the other backends and cases still run, and the exit status
+    is 1 with the failures named: gpu_check.sh must not report success."""
+    out = tmp_path / "kernels.json"
+    code = textwrap.dedent("""
+        import importlib.util, sys
+        spec = importlib.util.spec_from_file_location("bench_kernels", sys.argv[1])
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+
+        def crash(case):
+            raise RuntimeError("injected failure")
+
+        bench.BACKEND_FACTORIES["sdpa"] = crash
+        bench.main(sys.argv[2:])
+    """)
+    res = subprocess.run([sys.executable, "-c", code, str(REPO / "benchmarks" / "kernels.py"), "--smoke",
+                          "--out", str(out), "--backends", "sdpa_flash", "sdpa", "flex", "--modes", "full", "previous"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "FAILED" in res.stderr and "full-D32/sdpa, previous-D32/sdpa" in res.stderr, res.stderr[-3000:]
+    headline = json.loads(res.stdout.strip().splitlines()[-1])
+    assert headline["failed"] == ["full-D32/sdpa", "previous-D32/sdpa"] and headline["cases_done"] == 2
+    payload = json.loads(out.read_text())
+    full, previous = payload["cases"]
+    assert full["backends"]["sdpa"] == {"error": "RuntimeError: injected failure"}
+    assert "fwd_ms" in full["backends"]["sdpa_flash"]  # the healthy backend still ran
+    # Skips are not failures: flex is CUDA only, sdpa_flash dense only.
+    assert previous["backends"]["flex"] == {"skipped": "CUDA only"} and "skipped" in previous["backends"]["sdpa_flash"]
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+case "$*" in
+    *cuda.is_available*) exit "$FAKE_CUDA_RC" ;;
+    *test_kernels_gpu.py*) echo "fake GPU tests"; exit "$FAKE_TESTS_RC" ;;
+    *benchmarks/kernels.py*) echo "fake benchmark"; exit "$FAKE_BENCH_RC" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("cuda_rc,tests_rc,bench_rc,want_rc,want_last", [
+    (0, 0, 0, 0, "gpu_check: OK"),
+    (0, 0, 1, 1, "gpu_check: FAILED: benchmark (exit 1"),
+    (0, 1, 124, 1, "gpu_check: FAILED: GPU tests (exit 1, see gpu_tests.log); benchmark (exit 124"),
+    (1, 0, 0, 2, None),
+], ids=["ok", "benchmark_fails", "both_fail", "no_gpu"])
+def test_gpu_check_exit_status(tmp_path, cuda_rc, tests_rc, bench_rc, want_rc, want_last):
+    """gpu_check.sh through `timeout ... | tee` with a fake python and nvidia-smi: a failing part's status survives
+    the pipe, and the last line says OK or FAILED."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("python", FAKE_PYTHON), ("nvidia-smi", "#!/bin/sh\necho fake-gpu\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "python"),
+               TMPDIR=str(tmp_path), FAKE_CUDA_RC=str(cuda_rc), FAKE_TESTS_RC=str(tests_rc),
+               FAKE_BENCH_RC=str(bench_rc))
+    res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == want_rc, res.stdout[-3000:] + res.stderr[-3000:]
+    if want_last is None:
+        assert "no CUDA device here" in res.stderr
+    else:
+        assert res.stdout.strip().splitlines()[-1].startswith(want_last), res.stdout[-3000:]

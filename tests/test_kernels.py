@@ -268,6 +268,112 @@ def test_varlen_matches_padded(backend):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Packed rows outside every sequence, and the early returns: defined (0) whatever the allocator held
+# ----------------------------------------------------------------------------------------------------
+
+
+def _garbage(t):
+    return t.fill_(float("nan") if t.dtype.is_floating_point else -7)
+
+
+class _GarbageTorch:
+    """``torch`` as a kernels module sees it, except that ``empty``/``empty_like`` return NaN-filled tensors: a row
+    the code never writes then reads NaN every time, instead of whatever the allocator happened to hold."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        return _garbage(torch.empty(*args, **kwargs))
+
+    @staticmethod
+    def empty_like(*args, **kwargs):
+        return _garbage(torch.empty_like(*args, **kwargs))
+
+
+@pytest.fixture
+def garbage_alloc(monkeypatch):
+    from mmscale.kernels import reference
+
+    for module in (triton_xattn, dispatch, reference):
+        monkeypatch.setattr(module, "torch", _GarbageTorch())
+
+
+def _varlen_grads(out, q, k, v, dout):
+    # An input the backend never read has no gradient path (sdpa); it reads as zeros, as it should.
+    return torch.autograd.grad(out, (q, k, v), dout, allow_unused=True, materialize_grads=True)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "sdpa"])
+def test_varlen_rows_past_last_sequence_are_zero(backend, garbage_alloc):
+    """q and k/v buffers longer than cu_seqlens[-1] (a collator's fixed-size packing buffer): the rows in no
+    sequence hold NaN here, yet their output, dq, dk and dv are exactly 0 and the other rows match the reference."""
+    gen = torch.Generator().manual_seed(5)
+    B, Lq, Lk, Hq, Hkv, D = 2, 21, 15, 4, 2, 32
+    q_lens, k_lens, tail_q, tail_k = [21, 6], [15, 9], 5, 3
+    q, k, v = (torch.randn(B, n, h, D, generator=gen) for n, h in ((Lq, Hq), (Lk, Hkv), (Lk, Hkv)))
+    key_range = _media_ranges(gen, B, Lq, 3, 5, "previous")
+    nan_rows = lambda n, h: torch.full((n, h, D), float("nan"))  # noqa: E731
+    qp = torch.cat([_pack(q, q_lens), nan_rows(tail_q, Hq)]).requires_grad_(True)
+    kp = torch.cat([_pack(k, k_lens), nan_rows(tail_k, Hkv)]).requires_grad_(True)
+    vp = torch.cat([_pack(v, k_lens), nan_rows(tail_k, Hkv)]).requires_grad_(True)
+    kr = torch.cat([_pack(key_range, q_lens), torch.tensor([[0, 4]] * tail_q, dtype=torch.int32)])
+    n_q, n_k = sum(q_lens), sum(k_lens)
+
+    out = cross_attention_varlen(qp, kp, vp, _cu(q_lens), _cu(k_lens), max(q_lens), max(k_lens), key_range=kr,
+                                 backend=backend)
+    assert out.shape == qp.shape
+    assert torch.equal(out[n_q:], torch.zeros_like(out[n_q:]))
+    ref = cross_attention_reference(q, k, v, key_range, torch.tensor(k_lens, dtype=torch.int32))
+    torch.testing.assert_close(out[:n_q].double(), _pack(ref, q_lens), **TOL[torch.float32])
+    dq, dk, dv = _varlen_grads(out, qp, kp, vp, torch.randn(out.shape, generator=gen))
+    for name, g, n in (("dq", dq, n_q), ("dk", dk, n_k), ("dv", dv, n_k)):
+        assert torch.isfinite(g).all(), f"{name} has non-finite values"
+        assert torch.equal(g[n:], torch.zeros_like(g[n:])), f"{name} is not 0 on rows outside every sequence"
+
+
+# (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) over 6 query rows and 5 key rows, none attended.
+EARLY_RETURN_CASES = {
+    "no_sequence": ([0], [0], 0, 0),
+    "no_query_in_any_sequence": ([0, 0, 0], [0, 3, 5], 0, 3),
+    "no_key_and_tail_rows": ([0, 2, 4], [0, 0, 0], 2, 0),
+}
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "sdpa"])
+@pytest.mark.parametrize("name", list(EARLY_RETURN_CASES))
+def test_varlen_early_returns_are_zero(name, backend, garbage_alloc):
+    cu_q, cu_k, max_q, max_k = EARLY_RETURN_CASES[name]
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(6, 4, 32, generator=gen, requires_grad=True)
+    k, v = (torch.randn(5, 2, 32, generator=gen, requires_grad=True) for _ in range(2))
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
+    out = cross_attention_varlen(q, k, v, i32(cu_q), i32(cu_k), max_q, max_k, backend=backend)
+    assert out.shape == q.shape and torch.equal(out, torch.zeros_like(out))
+    assert out.requires_grad, "the output left the autograd graph"
+    for name_, g in zip(("dq", "dk", "dv"), _varlen_grads(out, q, k, v, torch.randn(out.shape, generator=gen))):
+        assert torch.equal(g, torch.zeros_like(g)), f"{name_} is not 0"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("cu_q,max_q", [([0, 3, 7], 4), ([0], 0)], ids=["tail_rows", "no_sequence"])
+def test_triton_saved_lse_is_zero_outside_sequences(cu_q, max_q, garbage_alloc):
+    """The forward's saved log-sum-exp (returned by the custom op) is defined for every row too."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(10, 2, 32, generator=gen)
+    k, v = (torch.randn(8, 1, 32, generator=gen) for _ in range(2))
+    cu_q = torch.tensor(cu_q, dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 8][: len(cu_q)], dtype=torch.int32)
+    out, lse = triton_xattn._xattn_fwd_op(q, k, v, None, cu_q[:-1], cu_q[1:] - cu_q[:-1], cu_k[:-1],
+                                          cu_k[1:] - cu_k[:-1], max_q, 5, 0.2)
+    n_q = int(cu_q[-1])
+    assert torch.isfinite(lse).all() and torch.isfinite(out).all()
+    assert torch.equal(lse[:, n_q:], torch.zeros_like(lse[:, n_q:]))
+    assert torch.equal(out[n_q:], torch.zeros_like(out[n_q:]))
+
+
+# ----------------------------------------------------------------------------------------------------
 # SDPA backend and reference
 # ----------------------------------------------------------------------------------------------------
 
@@ -346,6 +452,35 @@ def test_flash_padded_path_with_fake_flash(monkeypatch):
     full[1, 3, 1] = 0
     with pytest.raises(ValueError, match="only full attention"):
         dispatch._flash_padded(q, k, v, full, kv_lens, 0.2)
+
+
+def test_flash_varlen_path_zeroes_rows_outside_sequences(monkeypatch):
+    """flash-attn leaves rows past cu_seqlens_q[-1] unwritten (NaN in the fake): they, and rows of a keyless
+    sequence, come out exactly 0; their key ranges are not held against the full-attention check."""
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None):
+        out = torch.full_like(q, float("nan"))
+        for b in range(cu_q.numel() - 1):
+            qs, ks, vs = q[cu_q[b]:cu_q[b + 1]], k[cu_k[b]:cu_k[b + 1]], v[cu_k[b]:cu_k[b + 1]]
+            if ks.shape[0]:
+                out[cu_q[b]:cu_q[b + 1]] = cross_attention_reference(qs[None], ks[None], vs[None],
+                                                                     softmax_scale=softmax_scale)[0].to(q.dtype)
+        return out
+
+    monkeypatch.setattr(dispatch, "_flash_attn_varlen_func", fake_varlen)
+    gen = torch.Generator().manual_seed(8)
+    q_lens, k_lens, tail = [4, 3, 5], [6, 0, 2], 3
+    q = torch.randn(sum(q_lens) + tail, 2, 16, generator=gen)
+    k, v = (torch.randn(sum(k_lens) + 1, 1, 16, generator=gen) for _ in range(2))
+    full = torch.tensor([[0, n] for n, m in zip(k_lens, q_lens) for _ in range(m)] + [[9, -9]] * tail,
+                        dtype=torch.int32)
+    out = dispatch._flash_varlen(q, k, v, _cu(q_lens), _cu(k_lens), 5, 6, full, 0.2)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[4:7], torch.zeros_like(out[4:7])) and torch.equal(out[12:], torch.zeros_like(out[12:]))
+    ref = cross_attention_reference(q[None, :4], k[None, :6], v[None, :6], softmax_scale=0.2)[0]
+    torch.testing.assert_close(out[:4].double(), ref, **TOL[torch.float32])
+    full[0, 1] = 5
+    with pytest.raises(ValueError, match="only full attention"):
+        dispatch._flash_varlen(q, k, v, _cu(q_lens), _cu(k_lens), 5, 6, full, 0.2)
 
 
 # ----------------------------------------------------------------------------------------------------
