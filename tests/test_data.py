@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import pickle
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -23,6 +26,8 @@ from mmscale.data import (
     ShardSpecError,
     Tokenizer,
     TrainLoader,
+    check_shard_spec,
+    check_tokenizer_path,
     collate_samples,
     ensure_shapes_dataset,
     image_to_tensor,
@@ -143,6 +148,40 @@ def test_write_shards_error_names_the_row(digits_folder, tmp_path):
         list(samples)
 
 
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_write_shards_failure_leaves_no_partial_shard_or_open_file(digits_folder, tmp_path):
+    root, rows = digits_folder
+    pairs = tmp_path / "pairs.jsonl"
+    bad = rows[:7] + [{"image": "img/nope.jpg", "caption": "x"}] + rows[7:]  # line 8: inside the third shard of 3
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in bad))
+    out = tmp_path / "shards"
+    fds = open_fds()
+    samples = write_shards_cli.pairs_to_samples(pairs, root, skip_bad_rows=False, skipped=[])
+    with pytest.raises(write_shards_cli.BadRowError) as err:
+        write_tar_shards(samples, out, 3)
+    assert open_fds() == fds, "the shard being written is still open"  # `err` keeps the failed frames alive
+    assert "pairs.jsonl:8" in str(err.value) and "nope.jpg" in str(err.value) and "--skip-bad-rows" in str(err.value)
+    # The two complete shards stay, whole and recorded; nothing of the third, under any name.
+    assert sorted(p.name for p in out.iterdir()) == ["sizes.json", "train-000000.tar", "train-000001.tar"]
+    assert json.loads((out / "sizes.json").read_text()) == {"train-000000.tar": 3, "train-000001.tar": 3}
+    assert len(read_tar(out / "train-000001.tar")) == 3
+
+    args = ["--input", str(pairs), "--images", str(root), "--out", str(tmp_path / "cli"), "--samples-per-shard", "3"]
+    assert write_shards_cli.main(args) == 1
+    assert not list((tmp_path / "cli").glob("train-000002*"))
+
+    # A sample the writer cannot encode: the error names it and the fix, and its shard is not left behind.
+    samples = [{"__key__": f"k{i}", "txt": "a caption"} for i in range(5)]
+    samples[4] = {"__key__": "k4", "jpg": None, "txt": "no image bytes"}
+    with pytest.raises(ValueError, match=r"sample 4 \(key 'k4'\).*bytes or str") as err:
+        write_tar_shards(samples, tmp_path / "enc", 3)
+    assert open_fds() == fds
+    assert sorted(p.name for p in (tmp_path / "enc").iterdir()) == ["sizes.json", "train-000000.tar"]
+
+
 # ----------------------------------------------------------------------------------------------- shard specs
 
 
@@ -167,6 +206,34 @@ def test_resolve_shards_forms(shapes_shards, tmp_path):
         resolve_shards(tmp_path / "empty_dir")
     with pytest.raises(ShardSpecError, match="empty"):
         resolve_shards("")
+
+
+def test_check_shard_spec(shapes_shards, tmp_path):
+    assert check_shard_spec(str(shapes_shards), "data.train_shards", need_sizes=True) == []
+    assert check_shard_spec(f"{shapes_shards}/train-{{000000..000007}}.tar", "data.train_shards") == []
+    (none,) = check_shard_spec("x/{000..009}.tar", "data.train_shards")
+    assert none.startswith("data.train_shards: ") and "'x/{000..009}.tar'" in none and "no shard matches" in none
+    assert "expected a brace pattern like" in none  # the fix
+    (some,) = check_shard_spec(f"{shapes_shards}/train-{{000000..000009}}.tar", "data.val_shards")
+    assert some.startswith("data.val_shards: ") and "2 of 10 shards do not exist" in some and "fix the pattern" in some
+    (tmp_path / "empty").mkdir()
+    (empty,) = check_shard_spec(str(tmp_path / "empty"), "data.train_shards")
+    assert "no .tar files" in empty and "write_shards" in empty
+    unsized = tmp_path / "unsized"
+    unsized.mkdir()
+    (unsized / "a.tar").write_bytes((shapes_shards / "train-000000.tar").read_bytes())
+    assert check_shard_spec(str(unsized), "data.train_shards") == []
+    (nosizes,) = check_shard_spec(str(unsized), "data.train_shards", need_sizes=True)
+    assert "1 of 1 shards have no sample count" in nosizes and "data.num_samples" in nosizes
+    # Cheap enough for config validation: no torch (nor webdataset, which imports it) in a fresh interpreter.
+    code = (
+        "import sys; from mmscale.data.shards import check_shard_spec; "
+        "from mmscale.data.tokenizer import check_tokenizer_path; "
+        f"assert check_shard_spec({str(shapes_shards)!r}, 'f', need_sizes=True) == []; "
+        "assert check_tokenizer_path('nope', 'f'); "
+        "assert not {'torch', 'webdataset', 'transformers'} & set(sys.modules), sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # ----------------------------------------------------------------------------------------------- synthetic data
@@ -315,6 +382,30 @@ def test_resume_matches_uninterrupted_run(shapes_shards, sp_tokenizer):
         assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["batch_in_epoch"] == 5
 
 
+def test_resume_refuses_other_settings(shapes_shards, sp_tokenizer):
+    def loader(world_size=2, seed=3, **kw):
+        return TrainLoader(data_cfg(**kw), sp_tokenizer, 4, 0, world_size, seed=seed, shards=str(shapes_shards))
+
+    sd = json.loads(json.dumps(loader(num_workers=2).state_dict()))  # as a checkpoint stores it
+    sd["batch_in_epoch"] = 3
+    assert loader(num_workers=2).resume_problems(sd) == []
+    (workers,) = loader(num_workers=1).resume_problems(sd)
+    assert workers.startswith("data position: num_workers was 2 at the checkpoint, is 1 now; ")
+    assert "resume with data.num_workers=2" in workers
+    with pytest.raises(ValueError, match=r"(?s)epoch 0 batch 3.*resume with data\.num_workers=2"):
+        loader(num_workers=1).load_state_dict(sd)
+    (seed,) = loader(num_workers=2, seed=4).resume_problems(sd)
+    assert "seed was 3 at the checkpoint, is 4 now" in seed and "train.seed=3" in seed
+    problems = loader(num_workers=2, world_size=1).resume_problems(sd)  # 8 steps per epoch become 16
+    assert [p.split(" was ")[0] for p in problems] == ["data position: world_size", "data position: steps_per_epoch"]
+    assert "resume on 2 rank(s)" in problems[0] and "was 8 at the checkpoint, is 16 now" in problems[1]
+    assert "data.num_samples=64" in loader(num_workers=2, num_samples=36).resume_problems(sd)[0]
+    old_checkpoint = {k: sd[k] for k in ("epoch", "batch_in_epoch", "num_skipped")}  # without the settings
+    resumed = loader(num_workers=1)
+    resumed.load_state_dict(old_checkpoint)
+    assert resumed.state_dict()["batch_in_epoch"] == 3
+
+
 def test_eval_loader_is_finite_and_repeatable(shapes_val_shards, sp_tokenizer):
     cfg = data_cfg(num_workers=2)
     shards = str(shapes_val_shards)
@@ -439,6 +530,32 @@ def test_hf_tokenizer(tmp_path):
     again = load_tokenizer(tok.save(tmp_path / "saved"))
     assert again.image_token_id == tok.image_token_id and again.vocab_size == tok.vocab_size
     assert isinstance(pickle.loads(pickle.dumps(tok)), Tokenizer)
+
+
+def test_check_tokenizer_path(sp_tokenizer, tmp_path):
+    fix = "give a sentencepiece .model file or a Hugging Face tokenizer folder"
+    model = sp_tokenizer.save(tmp_path / "sp")  # sp/tokenizer.model
+    assert check_tokenizer_path(str(model), "data.tokenizer") == []
+    assert check_tokenizer_path(str(tmp_path / "sp"), "data.tokenizer") == []
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "tokenizer_config.json").write_text("{}")
+    assert check_tokenizer_path(str(tmp_path / "hf"), "data.tokenizer") == []
+    assert check_tokenizer_path("", "data.tokenizer") == [f"data.tokenizer: empty; {fix}"]
+    assert check_tokenizer_path(str(tmp_path / "nope"), "data.tokenizer") == [
+        f"data.tokenizer: {str(tmp_path / 'nope')!r} does not exist; {fix}"
+    ]
+    (tmp_path / "garbage.model").write_text("not a protobuf")
+    (bad,) = check_tokenizer_path(str(tmp_path / "garbage.model"), "data.tokenizer")
+    assert "garbage.model' is not a loadable sentencepiece model" in bad and bad.endswith(fix)
+    with pytest.raises(Exception):  # what the check spares the ranks
+        load_tokenizer(tmp_path / "garbage.model")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "spm.model").write_bytes(model.read_bytes())
+    (other,) = check_tokenizer_path(str(tmp_path / "other"), "data.tokenizer")
+    assert f"holds spm.model; give the file itself: data.tokenizer={tmp_path / 'other' / 'spm.model'}" in other
+    (tmp_path / "bare").mkdir()
+    (bare,) = check_tokenizer_path(str(tmp_path / "bare"), "data.tokenizer")
+    assert "holding neither tokenizer.json/tokenizer_config.json" in bare and bare.endswith(fix)
 
 
 def test_tokenizer_cli(shapes_shards, tmp_path):

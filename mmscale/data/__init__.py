@@ -15,11 +15,13 @@ _EXPORTS = {
     "mmscale.data.pipeline": [
         "EvalLoader", "TrainLoader", "caption_to_ids", "decode_sample", "image_to_tensor",
     ],
-    "mmscale.data.shards": ["ShardSpecError", "read_sizes", "resolve_shards", "write_tar_shards"],
+    "mmscale.data.shards": ["ShardSpecError", "check_shard_spec", "read_sizes", "resolve_shards", "write_tar_shards"],
     "mmscale.data.synthetic": [
         "COLOURS", "RELATIONS", "SHAPES", "ensure_shapes_dataset", "make_shapes_dataset", "make_shapes_sample",
     ],
-    "mmscale.data.tokenizer": ["IMAGE_TOKEN", "Tokenizer", "load_tokenizer", "train_sentencepiece"],
+    "mmscale.data.tokenizer": [
+        "IMAGE_TOKEN", "Tokenizer", "check_tokenizer_path", "load_tokenizer", "train_sentencepiece",
+    ],
 }
 # No export may share a submodule's name: importing `mmscale.data.X` binds the package attribute X to the module.
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
         decode_sample,
         image_to_tensor,
     )
-    from mmscale.data.shards import ShardSpecError, read_sizes, resolve_shards, write_tar_shards
+    from mmscale.data.shards import ShardSpecError, check_shard_spec, read_sizes, resolve_shards, write_tar_shards
     from mmscale.data.synthetic import (
         COLOURS,
         RELATIONS,
@@ -56,4 +58,10 @@ if TYPE_CHECKING:
         make_shapes_dataset,
         make_shapes_sample,
     )
-    from mmscale.data.tokenizer import IMAGE_TOKEN, Tokenizer, load_tokenizer, train_sentencepiece
+    from mmscale.data.tokenizer import (
+        IMAGE_TOKEN,
+        Tokenizer,
+        check_tokenizer_path,
+        load_tokenizer,
+        train_sentencepiece,
+    )

@@ -1,6 +1,6 @@
 """The streaming data pipeline: shards -> samples -> pixels and tokens -> batches, one visible stage at a time.
 
-Per rank, per data-loader worker, per epoch (`_SlotStream.__iter__` runs them in this order):
+Per rank, per data-loader worker, per epoch (`_SlotStream._epoch` runs them in this order):
 
 1. shard list         `resolve_shards(spec)`: brace pattern, directory or list file (mmscale.data.shards)
 2. shard shuffle      `shuffle_shards`: a permutation seeded by (seed, epoch), the same on every rank
@@ -33,7 +33,19 @@ Step counts and ordering guarantees
   run does not see the batches of a 1-rank run with twice the micro batch.
 - Resuming (`load_state_dict`) fast-forwards inside the epoch: each worker reads and discards its batches before
   the resume point, and the DataLoader workers are relabelled so the round robin continues where it stopped.
-  Resumed batches are identical to an uninterrupted run's.
+  Resumed batches are identical to an uninterrupted run's. A resume with another seed, world size, worker count,
+  micro batch or epoch size is refused (`resume_problems`): its batches would not be the interrupted run's.
+
+Worker processes
+----------------
+- A `TrainLoader` starts one set of `num_workers` processes per `iter()` and keeps them for every epoch after:
+  each worker streams epoch after epoch itself. Batch g of the endless stream (epoch g // steps_per_epoch) comes
+  from DataLoader worker g % num_workers (counted from the first batch of this `iter()`), which plays, in each
+  epoch, the worker that batch belongs to above; so the order is the same whether steps_per_epoch is divisible by
+  num_workers or not, and the same as with a fresh set of workers per epoch.
+- An `EvalLoader` starts its workers for each pass and stops them at its end.
+- `close()` (or leaving a `with` block, or dropping the iterator) shuts the workers down at once; iterating again
+  afterwards starts a fresh set at the loader's position.
 """
 
 from __future__ import annotations
@@ -43,7 +55,8 @@ import itertools
 import logging
 import random
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+import weakref
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -249,7 +262,8 @@ def caption_to_ids(caption: str, tokenizer: Tokenizer, max_text_len: int) -> lis
 
 
 class _SlotStream(IterableDataset):
-    """One epoch of one rank's micro-batches; each DataLoader worker produces its share (see the module doc)."""
+    """One rank's micro-batches from (epoch, start_batch) on, for `num_epochs` epochs (None: endless); each
+    DataLoader worker produces its share (see the module doc). Batches carry `__position__` = (epoch, batch)."""
 
     def __init__(
         self,
@@ -265,31 +279,32 @@ class _SlotStream(IterableDataset):
         num_batches: int,
         start_batch: int,
         shuffle: bool,
+        num_epochs: int | None = 1,
     ):
         self.shards, self.cfg, self.tokenizer = shards, cfg, tokenizer
         self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
-        self.num_batches, self.start_batch = num_batches, start_batch
+        self.num_batches, self.start_batch, self.num_epochs = num_batches, start_batch, num_epochs
         self.num_workers = max(1, cfg.num_workers)
         self.seq_len = 1 + cfg.max_text_len
 
-    def _samples(self, worker: int, counter: SkipCounter) -> Iterator[dict[str, Any]]:
-        """Tokenized samples of this slot: pass after pass over its shards (a pass is shuffled in itself)."""
+    def _samples(self, epoch: int, worker: int, counter: SkipCounter) -> Iterator[dict[str, Any]]:
+        """Tokenized samples of this slot in `epoch`: pass after pass over its shards (a pass is shuffled in itself)."""
         cfg = self.cfg
-        shards = shuffle_shards(self.shards, self.seed, self.epoch) if self.shuffle else self.shards
+        shards = shuffle_shards(self.shards, self.seed, epoch) if self.shuffle else self.shards
         mine, sample_split = split_shards(shards, self.rank, self.world_size, worker, self.num_workers)
-        sample_rng = _rng(self.seed, self.epoch, self.rank, worker, "samples")
+        sample_rng = _rng(self.seed, epoch, self.rank, worker, "samples")
         for pass_no in itertools.count():
             order = mine
             if pass_no == 1:  # once per epoch and slot; small eval sets wrap many times by design
                 log.info(
                     "rank %d worker %d epoch %d: its %d shard(s) ran dry before its share of %d-sample batches; "
                     "reading them again (extra samples are dropped at the end of the epoch)",
-                    self.rank, worker, self.epoch, len(mine), self.micro_batch_size,
+                    self.rank, worker, epoch, len(mine), self.micro_batch_size,
                 )
             if pass_no > 0 and self.shuffle:
                 order = list(mine)
-                _rng(self.seed, self.epoch, self.rank, worker, "pass", pass_no).shuffle(order)
+                _rng(self.seed, epoch, self.rank, worker, "pass", pass_no).shuffle(order)
             raw = tar_samples(order, counter, sample_split)
             if self.shuffle and cfg.shuffle_buffer > 1:
                 raw = shuffle_samples(raw, cfg.shuffle_buffer, sample_rng)
@@ -309,14 +324,9 @@ class _SlotStream(IterableDataset):
                     f"({', '.join(mine[:3])}{', ...' if len(mine) > 3 else ''}); all missing or corrupt?"
                 )
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        loader_worker = info.id if info is not None else 0
-        # The DataLoader asks its workers in round robin from worker 0. Batch i belongs to worker i % W, so after a
-        # resume at batch s, DataLoader worker k plays worker (k + s) % W to keep the order of the whole epoch.
-        worker = (loader_worker + self.start_batch) % self.num_workers
-        counter = SkipCounter()
-        samples = self._samples(worker, counter)
+    def _epoch(self, epoch: int, worker: int, start_batch: int, counter: SkipCounter) -> Iterator[dict[str, Any]]:
+        """Batches i = worker, worker + W, ... of `epoch` (those before `start_batch` are read and dropped)."""
+        samples = self._samples(epoch, worker, counter)
         collate_fn = partial(
             collate_samples,
             pad_id=self.tokenizer.pad_id,
@@ -324,35 +334,94 @@ class _SlotStream(IterableDataset):
             max_images=self.cfg.max_images,
             seq_len=self.seq_len,
         )
-        for i in range(worker, self.num_batches, self.num_workers):
-            if i < self.start_batch:  # fast-forward on resume: read the same samples, build nothing
-                for _ in range(self.micro_batch_size):
-                    next(samples)
-                counter.take()
-                continue
-            batch = collate_fn([next(samples) for _ in range(self.micro_batch_size)])
-            count, reasons = counter.take()
-            batch["num_skipped"] = torch.tensor(count, dtype=torch.int64)
-            batch["__skipped__"] = reasons
-            yield batch
+        try:
+            for i in range(worker, self.num_batches, self.num_workers):
+                if i < start_batch:  # fast-forward on resume: read the same samples, build nothing
+                    for _ in range(self.micro_batch_size):
+                        next(samples)
+                    counter.take()
+                    continue
+                batch = collate_fn([next(samples) for _ in range(self.micro_batch_size)])
+                count, reasons = counter.take()
+                batch["num_skipped"] = torch.tensor(count, dtype=torch.int64)
+                batch["__skipped__"] = reasons
+                batch["__position__"] = (epoch, i)
+                yield batch
+        finally:
+            samples.close()  # the unused rest of this epoch's samples: close its tar now, not when collected
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        loader_worker = info.id if info is not None else 0
+        W, S = self.num_workers, self.num_batches
+        # The DataLoader asks its workers in round robin from worker 0, and none runs dry before the stream ends, so
+        # batch g of the whole stream (g = epoch * S + batch, the first one g0) comes from DataLoader worker
+        # (g - g0) % W. In each epoch, that worker plays the worker its batches belong to (batch i: worker i % W):
+        # worker (g0 + loader_worker - epoch * S) % W. After a resume at batch s this relabels worker k as
+        # (k + s) % W; with S not divisible by W the role changes from epoch to epoch.
+        g0 = self.epoch * S + self.start_batch
+        counter = SkipCounter()
+        if self.num_epochs is None:
+            epochs: Iterable[int] = itertools.count(self.epoch)
+        else:
+            epochs = range(self.epoch, self.epoch + self.num_epochs)
+        for epoch in epochs:
+            worker = (g0 + loader_worker - epoch * S) % W
+            yield from self._epoch(epoch, worker, self.start_batch if epoch == self.epoch else 0, counter)
 
 
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # decoding is per-sample Python/PIL work; torch threads would only oversubscribe
 
 
-def _epoch_batches(stream: _SlotStream, num_workers: int, pin_memory: bool) -> Iterator[dict[str, Any]]:
+def _load_batches(stream: _SlotStream, num_workers: int, pin_memory: bool) -> Generator[dict[str, Any], None, None]:
+    """The stream's batches, made by `num_workers` worker processes (0: in this process).
+
+    A generator, so that its `finally` stops the workers whether the consumer exhausts it, closes it, or drops
+    it (Python closes a generator it collects): then, not whenever the DataLoader iterator happens to be freed.
+    """
     if num_workers == 0:
-        return iter(stream)
-    return iter(
+        yield from stream
+        return
+    batches = iter(
         DataLoader(
             stream,
             batch_size=None,  # the stream yields whole batches
             num_workers=num_workers,
             worker_init_fn=_worker_init,
             pin_memory=pin_memory,
-        )
+        )  # in order (the default): the batch order relies on the round robin (see _SlotStream.__iter__)
     )
+    try:
+        yield from batches
+    finally:
+        # Private, but the DataLoader's only way to stop its workers now (its __del__ calls it too); it joins each
+        # worker (up to 5 s) and then terminates the ones still alive. A no-op once it has run.
+        batches._shutdown_workers()
+
+
+class _WorkerOwner:
+    """close() and `with` for a loader: stops the workers of every live iterator of it."""
+
+    def __init__(self):
+        # Weak: an iterator the consumer drops is collected (and its workers stopped) as before.
+        self._live: weakref.WeakSet[Generator] = weakref.WeakSet()
+
+    def _track(self, gen: Generator) -> Generator:
+        self._live.add(gen)
+        return gen
+
+    def close(self) -> None:
+        """Shut down the worker processes of this loader's iterators now; iterating again starts fresh ones."""
+        for gen in list(self._live):
+            gen.close()  # GeneratorExit at its `yield`: the `finally` of _load_batches stops its workers
+        self._live.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # ----------------------------------------------------------------------------------------------- loaders
@@ -370,10 +439,12 @@ def samples_per_epoch(cfg: DataConfig, shards: list[str], spec: str) -> int:
     return sum(sizes.values())
 
 
-class TrainLoader:
+class TrainLoader(_WorkerOwner):
     """Infinite micro-batches for one rank: epoch after epoch, each exactly `steps_per_epoch` long.
 
-    `state_dict()` is the position of the next batch; `load_state_dict()` (before `iter()`) resumes there.
+    `state_dict()` is the position of the next batch; `load_state_dict()` (before `iter()`) resumes there. One
+    `iter()` keeps one set of worker processes for all its epochs; `close()` stops them (see the module doc). A
+    loader has one position, so it has one stream: `iter()` closes the previous iterator.
     """
 
     def __init__(
@@ -387,6 +458,7 @@ class TrainLoader:
         shards: str | None = None,
         pin_memory: bool = False,
     ):
+        super().__init__()
         spec = shards if shards is not None else cfg.train_shards
         if not 0 <= rank < world_size:
             raise ValueError(f"rank ({rank}) must be in [0, world_size ({world_size}))")
@@ -422,20 +494,51 @@ class TrainLoader:
             "epoch": epoch,
             "batch_in_epoch": batch,
             "num_skipped": self.num_skipped,
+            # What the position means: a resume with other values would not continue the interrupted run's order.
             "steps_per_epoch": self.steps_per_epoch,
             "seed": self.seed,
             "world_size": self.world_size,
             "num_workers": self.cfg.num_workers,
+            "micro_batch_size": self.micro_batch_size,
+            "samples_per_epoch": self.samples_per_epoch,
         }
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        for name, mine in (("steps_per_epoch", self.steps_per_epoch), ("world_size", self.world_size),
-                           ("num_workers", self.cfg.num_workers), ("seed", self.seed)):
-            if name in sd and sd[name] != mine:
-                log.warning(
-                    "data loader state: %s was %s, is now %s; resuming at epoch %d batch %d, but the batch order "
-                    "will differ from the interrupted run's", name, sd[name], mine, sd["epoch"], sd["batch_in_epoch"],
+    def resume_problems(self, sd: dict[str, Any]) -> list[str]:
+        """Why `sd` (a `state_dict()` from a checkpoint) cannot be resumed by this loader: one message per setting
+        that differs, with both values and the fix; empty when it can. Reads nothing, starts nothing: the trainer
+        calls it on every rank before any collective. Fields missing from an older checkpoint are not checked."""
+        fixes = {
+            "seed": lambda old: f"resume with train.seed={old}",
+            "world_size": lambda old: f"resume on {old} rank(s)",
+            "num_workers": lambda old: f"resume with data.num_workers={old}",
+            "micro_batch_size": lambda old: f"resume with train.micro_batch_size={old}",
+            "samples_per_epoch": lambda old: (
+                f"resume with the checkpoint's shards (their sizes.json) or data.num_samples={old}"
+            ),
+            "steps_per_epoch": lambda old: (
+                f"resume with the checkpoint's samples per epoch, train.micro_batch_size and world size (steps per "
+                f"epoch = samples // (micro_batch_size * world_size), now {self.samples_per_epoch} // "
+                f"({self.micro_batch_size} * {self.world_size}))"
+            ),
+        }
+        now = self.state_dict()
+        problems = []
+        for name, fix in fixes.items():
+            if name in sd and sd[name] != now[name]:
+                problems.append(
+                    f"data position: {name} was {sd[name]} at the checkpoint, is {now[name]} now; {fix(sd[name])} "
+                    f"(the resumed batches would differ from the interrupted run's)"
                 )
+        return problems
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Resume at `sd`'s position; raises ValueError with `resume_problems(sd)` if the order would differ."""
+        problems = self.resume_problems(sd)
+        if problems:
+            raise ValueError(
+                f"cannot resume the train data at epoch {sd.get('epoch')} batch {sd.get('batch_in_epoch')}:\n  "
+                + "\n  ".join(problems)
+            )
         self.epoch = int(sd["epoch"])
         self.batch_in_epoch = min(int(sd["batch_in_epoch"]), self.steps_per_epoch)
         self.num_skipped = int(sd.get("num_skipped", 0))
@@ -444,33 +547,44 @@ class TrainLoader:
         return _SlotStream(
             shards=self.shards, cfg=self.cfg, tokenizer=self.tokenizer, micro_batch_size=self.micro_batch_size,
             rank=self.rank, world_size=self.world_size, seed=self.seed, epoch=epoch,
-            num_batches=self.steps_per_epoch, start_batch=start_batch, shuffle=True,
+            num_batches=self.steps_per_epoch, start_batch=start_batch, shuffle=True, num_epochs=None,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        while True:
-            if self.batch_in_epoch >= self.steps_per_epoch:
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            stream = self._stream(self.epoch, self.batch_in_epoch)
-            for batch in _epoch_batches(stream, self.cfg.num_workers, self.pin_memory):
+        self.close()
+        return self._track(self._batches())
+
+    def _batches(self) -> Generator[dict[str, Any], None, None]:
+        if self.batch_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        batches = _load_batches(self._stream(self.epoch, self.batch_in_epoch), self.cfg.num_workers, self.pin_memory)
+        try:
+            for batch in batches:
+                if self.batch_in_epoch >= self.steps_per_epoch:
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                position = tuple(batch.pop("__position__"))
+                if position != (self.epoch, self.batch_in_epoch):  # the round robin is out of step: a bug
+                    raise RuntimeError(
+                        f"rank {self.rank}: got the batch of (epoch, batch) {position}, expected "
+                        f"{(self.epoch, self.batch_in_epoch)}"
+                    )
                 count = int(batch["num_skipped"])
                 self.num_skipped += count
                 self._warner.add(count, batch.pop("__skipped__"))
                 self.batch_in_epoch += 1
                 yield batch
-            if self.batch_in_epoch != self.steps_per_epoch:  # a worker ended early: a bug, not bad data
-                raise RuntimeError(
-                    f"rank {self.rank} epoch {self.epoch}: got {self.batch_in_epoch} batches, "
-                    f"expected {self.steps_per_epoch}"
-                )
+        finally:
+            batches.close()
+        raise RuntimeError(f"rank {self.rank}: the endless train stream ended at epoch {self.epoch}")  # a bug
 
 
-class EvalLoader:
+class EvalLoader(_WorkerOwner):
     """Finite, deterministic, unshuffled micro-batches for one rank; iterate it again for each evaluation.
 
     Every rank yields `num_batches` = min(max_batches, samples // (micro_batch_size * world_size)) batches (at
     least 1; `max_batches` when the shards have no sizes.json). A rank whose shards hold fewer samples wraps
-    around them, so all ranks step together.
+    around them, so all ranks step together. Each pass starts its workers and stops them at its end; `close()`
+    stops those of unfinished passes.
     """
 
     def __init__(
@@ -484,6 +598,7 @@ class EvalLoader:
         max_batches: int,
         pin_memory: bool = False,
     ):
+        super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank ({rank}) must be in [0, world_size ({world_size}))")
         self.cfg, self.tokenizer, self.micro_batch_size = cfg, tokenizer, micro_batch_size
@@ -500,13 +615,21 @@ class EvalLoader:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self._track(self._batches())
+
+    def _batches(self) -> Generator[dict[str, Any], None, None]:
         stream = _SlotStream(
             shards=self.shards, cfg=self.cfg, tokenizer=self.tokenizer, micro_batch_size=self.micro_batch_size,
             rank=self.rank, world_size=self.world_size, seed=0, epoch=0, num_batches=self.num_batches,
-            start_batch=0, shuffle=False,
+            start_batch=0, shuffle=False, num_epochs=1,
         )
-        for batch in _epoch_batches(stream, self.cfg.num_workers, self.pin_memory):
-            count = int(batch["num_skipped"])
-            self.num_skipped += count
-            self._warner.add(count, batch.pop("__skipped__"))
-            yield batch
+        batches = _load_batches(stream, self.cfg.num_workers, self.pin_memory)
+        try:
+            for batch in batches:
+                del batch["__position__"]
+                count = int(batch["num_skipped"])
+                self.num_skipped += count
+                self._warner.add(count, batch.pop("__skipped__"))
+                yield batch
+        finally:
+            batches.close()

@@ -3,19 +3,22 @@
 A shard is a WebDataset tar file: each sample is a group of members sharing a key (`000000042.jpg`,
 `000000042.txt`). The shard writer also leaves a `sizes.json` (`{shard file name: sample count}`) beside the
 shards; the loader reads it to know how many samples an epoch has without opening every tar.
+
+Nothing here imports torch (webdataset does, so it is imported where a shard is written): config validation calls
+`check_shard_spec` before any process group or data-loader worker starts.
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import braceexpand
-import webdataset as wds
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,10 @@ def resolve_shards(spec: str | os.PathLike | Iterable[str]) -> list[str]:
     if not _is_remote(spec) and path.is_dir():
         shards = sorted(str(p) for p in path.glob("*.tar"))
         if not shards:
-            raise ShardSpecError(f"shard spec {spec!r}: the directory holds no .tar files")
+            raise ShardSpecError(
+                f"shard spec {spec!r}: the directory holds no .tar files; give the folder the shard writer "
+                f"filled (python -m mmscale.data.write_shards --out DIR)"
+            )
         return shards
     if not _is_remote(spec) and path.is_file() and path.suffix != ".tar":
         shards = []
@@ -93,27 +99,69 @@ def resolve_shards(spec: str | os.PathLike | Iterable[str]) -> list[str]:
         )
     if missing:
         raise ShardSpecError(
-            f"{source}: {len(missing)} of {len(shards)} shards do not exist, e.g. {', '.join(missing[:3])}"
+            f"{source}: {len(missing)} of {len(shards)} shards do not exist, e.g. {', '.join(missing[:3])}; "
+            f"fix the pattern (or list) to name only existing shards, or write the missing ones"
         )
     return shards
 
 
-def read_sizes(shards: list[str]) -> dict[str, int] | None:
-    """Sample count of each shard from the `sizes.json` beside it; None if any shard has no recorded size."""
+def check_shard_spec(spec: str, field: str, need_sizes: bool = False) -> list[str]:
+    """Problems with the shard spec `spec` of config field `field` (e.g. "data.train_shards"); empty when fine.
+
+    Cheap, for config validation: resolves the names and checks the local files exist (reading a list file and,
+    with `need_sizes`, the `sizes.json` beside the shards), never opens a tar. `need_sizes`: the loader needs every
+    shard's sample count (no `data.num_samples` given).
+    """
+    try:
+        shards = resolve_shards(spec)
+    except (ValueError, OSError) as e:  # ShardSpecError; an unreadable or undecodable list file
+        return [f"{field}: {e}"]
+    if not need_sizes:
+        return []
+    remote = [s for s in shards if _is_remote(s)]
+    if remote:
+        return [
+            f"{field}: {spec!r} names remote shards (e.g. {remote[0]!r}), whose sample counts cannot be read "
+            f"from a sizes.json; set data.num_samples (samples per epoch)"
+        ]
+    try:
+        counted = _recorded_sizes(shards)
+    except (ValueError, TypeError, OSError) as e:  # a sizes.json that is not JSON or not {name: count}
+        return [
+            f"{field}: {spec!r}: cannot read the sizes.json beside its shards ({e!r}); rewrite the shards with "
+            f"`python -m mmscale.data.write_shards` or set data.num_samples (samples per epoch)"
+        ]
+    missing = [s for s in shards if s not in counted]
+    if missing:
+        return [
+            f"{field}: {spec!r}: {len(missing)} of {len(shards)} shards have no sample count in a sizes.json beside "
+            f"them (e.g. {missing[0]!r}); write the shards with `python -m mmscale.data.write_shards` or set "
+            f"data.num_samples (samples per epoch)"
+        ]
+    return []
+
+
+def _recorded_sizes(shards: list[str]) -> dict[str, int]:
+    """{shard: sample count} for the local shards a `sizes.json` beside them records; the others are left out."""
     cache: dict[Path, dict[str, int]] = {}
     sizes: dict[str, int] = {}
     for shard in shards:
         if _is_remote(shard):
-            return None
+            continue
         folder = Path(shard).parent
         if folder not in cache:
             f = folder / SIZES_FILE
             cache[folder] = json.loads(f.read_text()) if f.is_file() else {}
         name = Path(shard).name
-        if name not in cache[folder]:
-            return None
-        sizes[shard] = int(cache[folder][name])
+        if name in cache[folder]:
+            sizes[shard] = int(cache[folder][name])
     return sizes
+
+
+def read_sizes(shards: list[str]) -> dict[str, int] | None:
+    """Sample count of each shard from the `sizes.json` beside it; None if any shard has no recorded size."""
+    sizes = _recorded_sizes(shards)
+    return sizes if all(s in sizes for s in shards) else None
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -132,31 +180,90 @@ def write_tar_shards(
     str as UTF-8. Tar members get mtime 0, so the same samples give byte-identical shards. An existing
     `sizes.json` in `out_dir` is updated, so train and validation splits (different prefixes) can share a folder.
     Returns {shard file name: sample count} of the shards written.
+
+    A shard is written as `{name}.tmp` and renamed when complete, so a file under a shard's name is always whole.
+    If a sample (or the iterable producing them) raises, the shard in progress is closed and deleted, the complete
+    ones are recorded in `sizes.json`, and the error propagates.
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sizes: dict[str, int] = {}
-    writer: wds.TarWriter | None = None
-    name = ""
-    for i, sample in enumerate(samples):
-        if i % samples_per_shard == 0:
-            if writer is not None:
+    samples = iter(samples)
+    sizes: dict[str, int] = {}  # complete shards only
+    first = 0  # number of the next sample, for errors
+    try:
+        while True:
+            name = shard_name(prefix, len(sizes))
+            count = _write_shard(samples, out / name, samples_per_shard, first)
+            if count == 0:
+                break
+            sizes[name] = count
+            first += count
+            if count < samples_per_shard:
+                break
+    except BaseException:
+        if sizes:
+            _update_sizes(out, sizes)
+            log.error("writing shard %s failed; kept the %d complete shard(s) before it (recorded in %s)",
+                      shard_name(prefix, len(sizes)), len(sizes), SIZES_FILE)
+        raise
+    _update_sizes(out, sizes)
+    log.info("wrote %d samples into %d shards under %s", sum(sizes.values()), len(sizes), out)
+    return sizes
+
+
+def _write_shard(samples: Iterator[Mapping[str, object]], path: Path, max_samples: int, first: int) -> int:
+    """Write up to `max_samples` of `samples` into the tar `path`; returns how many (0: no file is left).
+
+    The tar is written as `{path}.tmp` and renamed when complete; on any error it is closed and deleted.
+    `first` numbers the samples in errors.
+    """
+    import webdataset as wds  # it imports torch: only here, so that resolving and checking shard specs does not
+
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            writer = wds.TarWriter(f, mtime=0)  # an int: a float mtime adds a pax header per member
+            try:
+                count = _write_samples(writer, itertools.islice(samples, max_samples), path.name, first)
+            finally:  # the tar's end blocks; on error too, else the tar stream flushes into a closed file when freed
                 writer.close()
-            name = shard_name(prefix, i // samples_per_shard)
-            writer = wds.TarWriter(str(out / name), mtime=0)  # an int: a float mtime adds a pax header per member
-            sizes[name] = 0
-        key = str(sample["__key__"])
-        if "." in key:
-            raise ValueError(f"sample key {key!r} contains a dot; WebDataset splits member names at the first dot")
-        writer.write(dict(sample))
-        sizes[name] += 1
-    if writer is not None:
-        writer.close()
+        if count:
+            os.replace(tmp, path)
+        else:
+            tmp.unlink()
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never a half-written shard, under its final name or any other
+        raise
+    return count
+
+
+def _write_samples(writer, samples: Iterable[Mapping[str, object]], name: str, first: int) -> int:
+    count = 0
+    for sample in samples:
+        key = str(sample.get("__key__", ""))
+        if not key or "." in key:
+            raise ValueError(
+                f"sample {first + count} (key {key!r}): every sample needs a __key__ without dots "
+                f"(WebDataset splits member names at the first dot)"
+            )
+        try:
+            writer.write(dict(sample))
+        except Exception as e:  # webdataset's encoder: AssertionError, ValueError, TypeError...
+            raise ValueError(
+                f"sample {first + count} (key {key!r}): cannot write it into {name}: {e!r}; give each member as "
+                f"bytes or str"
+            ) from e
+        count += 1
+    return count
+
+
+def _update_sizes(out: Path, sizes: dict[str, int]) -> None:
+    """Merge `sizes` into `out/sizes.json`, written whole or not at all (a temporary file, then a rename)."""
     sizes_file = out / SIZES_FILE
     all_sizes = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
     all_sizes.update(sizes)
-    sizes_file.write_text(json.dumps(dict(sorted(all_sizes.items())), indent=1) + "\n")
-    log.info("wrote %d samples into %d shards under %s", sum(sizes.values()), len(sizes), out)
-    return sizes
+    tmp = out / f"{SIZES_FILE}.tmp"
+    tmp.write_text(json.dumps(dict(sorted(all_sizes.items())), indent=1) + "\n")
+    os.replace(tmp, sizes_file)

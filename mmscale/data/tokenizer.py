@@ -192,6 +192,49 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     raise FileNotFoundError(f"tokenizer {str(path)!r} does not exist; give a sentencepiece .model file or a folder")
 
 
+def check_tokenizer_path(path: str | os.PathLike, field: str) -> list[str]:
+    """Problems that would stop `load_tokenizer(path)`, for config field `field` (e.g. "data.tokenizer"); empty
+    when it looks loadable.
+
+    Cheap, for config validation (imports neither torch nor transformers): a file must parse as a sentencepiece
+    model; a folder must hold tokenizer.json or tokenizer_config.json (Hugging Face; not loaded here) or a
+    sentencepiece `tokenizer.model`.
+    """
+    fix = "give a sentencepiece .model file or a Hugging Face tokenizer folder"
+    if not str(path).strip():
+        return [f"{field}: empty; {fix}"]
+    p = Path(path).expanduser()
+    if p.is_file():
+        return _check_sentencepiece_file(p, field, fix)
+    if p.is_dir():
+        if (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file():
+            return []
+        if (p / SP_MODEL_FILE).is_file():
+            return _check_sentencepiece_file(p / SP_MODEL_FILE, field, fix)
+        others = sorted(q.name for q in p.glob("*.model"))
+        if others:
+            return [
+                f"{field}: {str(path)!r} is a folder without tokenizer.json, tokenizer_config.json or "
+                f"{SP_MODEL_FILE}, but it holds {', '.join(others)}; give the file itself: "
+                f"{field}={p / others[0]}"
+            ]
+        return [
+            f"{field}: {str(path)!r} is a folder holding neither tokenizer.json/tokenizer_config.json (Hugging "
+            f"Face) nor {SP_MODEL_FILE} (sentencepiece); {fix}"
+        ]
+    return [f"{field}: {str(path)!r} does not exist; {fix}"]
+
+
+def _check_sentencepiece_file(path: Path, field: str, fix: str) -> list[str]:
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceProcessor(model_proto=path.read_bytes())
+    except Exception as e:  # OSError, RuntimeError from the protobuf parser
+        return [f"{field}: {str(path)!r} is not a loadable sentencepiece model ({str(e) or repr(e)}); {fix}"]
+    return []
+
+
 def train_sentencepiece(
     texts: Iterable[str],
     out_prefix: str | os.PathLike,

@@ -7,7 +7,8 @@ The input is a JSONL file (`{"image": "rel/path.jpg", "caption": "..."}` per lin
 the image file's own suffix; the bytes are copied, not re-encoded) plus `{key}.txt`, keys numbered in input order.
 
 A row whose image file is missing or whose caption is empty stops the run with an error naming the row, unless
-`--skip-bad-rows` is given: then such rows are skipped, counted, and the count is printed at the end.
+`--skip-bad-rows` is given: then such rows are skipped, counted, and the count is printed at the end. A stopped run
+leaves no part of the shard it was writing; the complete shards before it stay, recorded in sizes.json.
 """
 
 from __future__ import annotations
