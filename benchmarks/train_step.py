@@ -23,6 +23,13 @@ from pathlib import Path
 import torch
 
 
+def _cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="demo")
@@ -41,8 +48,8 @@ def main() -> None:
     from mmscale.data.tokenizer import captions_from_shards
     from mmscale.model import build_model
     from mmscale.training.build import seed_everything
-    from mmscale.training.engine import barrier, build_ds_config, build_engine, build_optimizer, init_distributed, \
-        lr_lambda
+    from mmscale.training.engine import barrier, build_ds_config, build_engine, build_optimizer, \
+        check_param_dtypes, init_distributed, lr_lambda, param_dtype
     from mmscale.training.trainer import MODEL_INPUTS, Trainer
 
     rank, world = init_distributed()
@@ -56,7 +63,7 @@ def main() -> None:
                   "max_steps": 10**6, "checkpoint_every": 0},
         "deepspeed": {"zero_stage": 3},
         "logging": {"tensorboard": False, "progress_bar": False, "plot": False, "log_every": 10},
-    }, world_size=world)
+    }, world_size=world, check_paths=False)  # the shards are generated just below
     if rank == 0 and not (tmp / "tok.model").exists():
         make_shapes_dataset(tmp / "data", 512, samples_per_shard=128, image_size=64, seed=0)
         train_sentencepiece(captions_from_shards(str(tmp / "data")), tmp / "tok", vocab_size=64)
@@ -92,6 +99,10 @@ def main() -> None:
 
     seed_everything(0)
     engine = build_engine(cfg, lambda: build_model(cfg.model, vocab_size=tok.vocab_size), world, rank)
+    # Both loops must train in the same precision: a ratio between a bf16 and an fp32 loop measures the CPU's bf16
+    # support, not the step (build_engine checks its own; the bare loop is checked the same way here).
+    check_param_dtypes(bare.module, param_dtype(cfg))
+    dtypes = {str(p.ds_tensor.dtype) for m in (bare.module, engine.module) for p in m.parameters()}
     trainer = Trainer(cfg, engine, train_data=None)
     trainer._data_iter = itertools.cycle(batches)
     engine.train(True)
@@ -135,7 +146,8 @@ def main() -> None:
             "setup": {"preset": args.preset, "world_size": world, "zero_stage": 3, "micro_batch": args.micro_batch,
                       "steps_per_round": args.steps, "device": "cuda" if torch.cuda.is_available() else "cpu",
                       "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-                      "deepspeed": deepspeed.__version__, "date": time.strftime("%Y-%m-%d")},
+                      "deepspeed": deepspeed.__version__, "date": time.strftime("%Y-%m-%d"),
+                      "param_dtypes": sorted(dtypes), "cpu_model": _cpu_model()},
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

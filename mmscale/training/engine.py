@@ -77,6 +77,24 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank (a decision one rank makes for all: the checkpoint to resume, say)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank (checks each rank makes locally, then all agree)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- config
 
 
@@ -135,6 +153,26 @@ def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
     return len(shape) <= 1 or "latents" in name or name.endswith("gate")
 
 
+class _AdamWSkipNonFinite(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not all finite, the way DeepSpeed's ZeRO and bf16 optimizers do
+    (`overflow` and `_global_grad_norm` are what DeepSpeed's engine reads). Used only where DeepSpeed hands the
+    step to the client optimizer as it is: ZeRO stage 0 in fp32."""
+
+    overflow = False
+    _global_grad_norm = None
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
+            if grads else torch.zeros(())
+        self._global_grad_norm = float(norm)
+        self.overflow = not math.isfinite(self._global_grad_norm)
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: JobConfig) -> torch.optim.Optimizer:
     t = cfg.train
     decay, no_decay = [], []
@@ -145,7 +183,10 @@ def build_optimizer(model: torch.nn.Module, cfg: JobConfig) -> torch.optim.Optim
         {"params": decay, "weight_decay": t.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    # ZeRO stages 1-3 and DeepSpeed's bf16 optimizer skip a step with a non-finite gradient norm themselves
+    cls = _AdamWSkipNonFinite if cfg.deepspeed.zero_stage == 0 and cfg.train.precision == "fp32" else \
+        torch.optim.AdamW
+    return cls([g for g in groups if g["params"]], lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
 
 
 def lr_lambda(cfg: JobConfig) -> Callable[[int], float]:
@@ -200,6 +241,20 @@ class Engine:
         """Called after every micro batch; DeepSpeed updates weights only at the accumulation boundary."""
         self.ds.step()
 
+    @property
+    def step_applied(self) -> bool:
+        """After the last micro batch of a step: whether the optimizer applied it. DeepSpeed skips a step whose
+        global gradient norm is not finite, on every rank alike (the norm is all-reduced)."""
+        return bool(self.ds.was_step_applied())
+
+    def scale_lr(self, factor: float) -> None:
+        """Multiply the learning rate, now and for the rest of the schedule (a rollback after non-finite steps)."""
+        sched = self.ds.lr_scheduler
+        sched.base_lrs = [lr * factor for lr in sched.base_lrs]
+        for group in sched.optimizer.param_groups:
+            group["lr"] *= factor
+        sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
+
     def grad_norm(self) -> float | None:
         norm = self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else None
@@ -214,6 +269,26 @@ class Engine:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {directory}/{tag}")
 
 
+def param_dtype(cfg: JobConfig) -> torch.dtype:
+    """The dtype every parameter must have in the engine: bf16 weights (fp32 master copy in the optimizer) or fp32."""
+    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+
+
+def check_param_dtypes(model: torch.nn.Module, expected: torch.dtype) -> None:
+    """Refuse to train when any parameter (its ZeRO-3 partition included) is not `expected`."""
+    wrong: dict[str, list[str]] = {}
+    for name, p in model.named_parameters():
+        dtype = getattr(p, "ds_tensor", p).dtype  # under ZeRO-3 p.data is an empty placeholder
+        if dtype != expected:
+            wrong.setdefault(str(dtype), []).append(name)
+    if wrong:
+        found = "; ".join(f"{len(v)} in {k} (e.g. {v[0]})" for k, v in wrong.items())
+        raise RuntimeError(
+            f"train.precision asks for {expected} parameters, but the engine holds {found}. DeepSpeed changed "
+            f"the dtype while building; refusing to train in a precision nobody asked for"
+        )
+
+
 def build_engine(cfg: JobConfig, build_model: Callable[[], torch.nn.Module], world_size: int, rank: int,
                  on_model_built: Callable[[torch.nn.Module], None] | None = None) -> Engine:
     """Construct the model (sharded at birth under ZeRO-3), optimizer, schedule and DeepSpeed engine."""
@@ -223,12 +298,11 @@ def build_engine(cfg: JobConfig, build_model: Callable[[], torch.nn.Module], wor
     ds_config = build_ds_config(cfg, world_size)
     # Keeps transformers' from_pretrained ZeRO-3 aware (it loads weights shard by shard) while it is alive.
     hf_ds = HfDeepSpeedConfig(ds_config) if cfg.deepspeed.zero_stage == 3 else None
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    init = (
-        deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype)
-        if cfg.deepspeed.zero_stage == 3
+    # No `dtype=` here: DeepSpeed 0.19.8's Init._set_dtype parses `dtype or fp16 if fp16_ok else bf16 if ...` as a
+    # conditional around `dtype or fp16`, so on its CPU accelerator an explicit float32 comes out bf16. Without the
+    # argument it follows the config's bf16 section. The dtype is checked after the build either way.
+    init = deepspeed.zero.Init(config_dict_or_path=ds_config) if cfg.deepspeed.zero_stage == 3 \
         else contextlib.nullcontext()
-    )
     with init:
         model = build_model()
     if on_model_built is not None:
@@ -239,4 +313,5 @@ def build_engine(cfg: JobConfig, build_model: Callable[[], torch.nn.Module], wor
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
     ds_engine._mmscale_hf_ds = hf_ds  # keep alive for the engine's lifetime
+    check_param_dtypes(ds_engine.module, param_dtype(cfg))
     return Engine(ds=ds_engine, world_size=world_size, rank=rank, grad_accum=grad_accum_steps(cfg, world_size))
