@@ -156,7 +156,18 @@ class TrainConfig:
     checkpoint_every: int = 500
     """Save a checkpoint every N steps (and always at the end). 0 = only at the end."""
     keep_checkpoints: int = 2
-    """Checkpoints to keep; older ones are deleted after a newer one is complete."""
+    """The newest N checkpoints are kept; older ones are deleted after a newer one is complete."""
+    keep_best: str = ""
+    """Also keep the checkpoint with the best value of this validation metric (e.g. `val_loss`); empty = off."""
+    keep_best_mode: str = "min"
+    """`min` or `max`: which way `keep_best` is better."""
+    max_nonfinite_steps: int = 3
+    """A step whose loss or gradient norm is not finite is skipped on every rank and counted; this many in a row
+    trigger `on_nonfinite`."""
+    on_nonfinite: str = "rollback"
+    """`rollback`: reload the last checkpoint's weights and optimizer, multiply the learning rate by
+    `rollback_lr_factor`, and go on with the data after the bad batches; `stop`: end the run with an error."""
+    rollback_lr_factor: float = 0.5
     eval_every: int = 0
     """Validate every N steps (0 = only at the end, if validation shards exist)."""
     eval_batches: int = 20
@@ -178,7 +189,25 @@ class DeepSpeedConfig:
     stage3_prefetch_bucket_size: int = 50_000_000
     stage3_param_persistence_threshold: int = 100_000
     extra: dict[str, Any] = field(default_factory=dict)
-    """Raw keys merged last into the generated DeepSpeed config (for options mmscale does not model)."""
+    """Raw keys merged last into the generated DeepSpeed config (for options mmscale does not model). Keys that
+    mmscale sets from its own fields (batch sizes, accumulation, clipping, precision, ZeRO stage, optimizer and
+    schedule) are refused here: DeepSpeed would then disagree with the trainer's loss scaling and logging."""
+
+
+# deepspeed.extra keys mmscale derives from its own fields: the field to set instead
+DS_OWNED_KEYS = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / (train.micro_batch_size * world size)",
+    "gradient_clipping": "train.grad_clip",
+    "bf16": "train.precision",
+    "fp16": "train.precision",
+    "optimizer": "train.lr, train.beta1/beta2, train.weight_decay",
+    "scheduler": "train.warmup_steps, train.min_lr_ratio",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
+    "zero_optimization.offload_param": "deepspeed.offload_params",
+}
 
 
 @dataclass
@@ -287,9 +316,24 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str], ba
         current = getattr(obj, key)
         if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
             setattr(obj, key, _build(hints[key], value, where, problems, base=current))
+        elif typing.get_origin(hints[key]) is dict and isinstance(current, dict) and isinstance(value, dict):
+            # A dict field (model.lm.config, model.vision.config, deepspeed.extra) merges key by key into what the
+            # preset or the YAML gave: `model.lm.config.num_hidden_layers=8` changes one key of the preset's LM,
+            # it does not replace the preset's whole LM config with one key.
+            setattr(obj, key, _merge_dict_field(current, value))
         else:
             setattr(obj, key, _coerce(value, hints[key], where, problems))
     return obj
+
+
+def _merge_dict_field(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(out.get(k), dict) and isinstance(v, dict):
+            out[k] = _merge_dict_field(out[k], v)
+        else:
+            out[k] = v
+    return out
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -314,9 +358,10 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                world_size: int | None = None) -> JobConfig:
+                world_size: int | None = None, check_paths: bool = True) -> JobConfig:
     """Load a YAML job config, apply `section.key=value` overrides, resolve the model preset and validate
-    (with `world_size`, also the batch arithmetic across ranks).
+    (with `world_size`, also the batch arithmetic across ranks; with `check_paths`, also that the data shards and
+    the tokenizer exist, which training needs and `--dry-run` / `--print-config` do not).
 
     Raises ConfigError listing every problem found.
     """
@@ -332,10 +377,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         key_path, value = _parse_override(item)
         raw = _merge(raw, _nest(key_path, value))
-    return config_from_dict(raw, world_size)
+    return config_from_dict(raw, world_size, check_paths)
 
 
-def config_from_dict(raw: dict[str, Any], world_size: int | None = None) -> JobConfig:
+def config_from_dict(raw: dict[str, Any], world_size: int | None = None, check_paths: bool = True) -> JobConfig:
     problems: list[str] = []
     cfg = JobConfig()
     preset = (raw.get("model") or {}).get("preset", "") if isinstance(raw.get("model"), dict) else ""
@@ -347,7 +392,7 @@ def config_from_dict(raw: dict[str, Any], world_size: int | None = None) -> JobC
         else:
             cfg.model = PRESETS[preset]()
     cfg = _build(JobConfig, raw, "", problems, base=cfg)
-    problems += validate(cfg, world_size)
+    problems += validate(cfg, world_size, check_paths)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -366,8 +411,32 @@ def _positive(problems: list[str], where: str, value: Any, minimum: float = 1) -
         problems.append(f"{where}: {value!r} must be >= {minimum}")
 
 
-def validate(cfg: JobConfig, world_size: int | None = None) -> list[str]:
-    """Every problem in `cfg` (an empty list when it is valid). `world_size` adds the batch arithmetic checks."""
+def _data_problems(d: DataConfig) -> list[str]:
+    """The shard specs resolve to files and the tokenizer exists (or mmscale will make both): checked here, so a
+    wrong path is one line of the config report instead of a traceback inside every rank."""
+    from mmscale.data.shards import check_shard_spec
+    from mmscale.data.tokenizer import check_tokenizer_path
+
+    p: list[str] = []
+    if d.train_shards:
+        p += check_shard_spec(d.train_shards, "data.train_shards", need_sizes=d.num_samples == 0)
+    if d.val_shards:
+        p += check_shard_spec(d.val_shards, "data.val_shards")
+    if d.tokenizer:
+        p += check_tokenizer_path(d.tokenizer, "data.tokenizer")
+    elif d.train_shards:  # mmscale trains a tokenizer only for the synthetic dataset it generates itself
+        p.append(
+            f"data.tokenizer: empty, but data.train_shards ({d.train_shards!r}) names your own shards, for which no "
+            f"tokenizer is made; give a sentencepiece .model or a Hugging Face tokenizer folder, or train one with "
+            f"`python -m mmscale.data.tokenizer --shards '{d.train_shards}' --out tok --vocab-size 8000` and set "
+            f"data.tokenizer=tok.model"
+        )
+    return p
+
+
+def validate(cfg: JobConfig, world_size: int | None = None, check_paths: bool = True) -> list[str]:
+    """Every problem in `cfg` (an empty list when it is valid). `world_size` adds the batch arithmetic checks,
+    `check_paths` the data and tokenizer files."""
     p: list[str] = []
     d, m, t, ds = cfg.data, cfg.model, cfg.train, cfg.deepspeed
     if not cfg.output_dir:
@@ -386,8 +455,8 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> list[str]:
     elif any(s <= 0 for s in d.image_std):
         p.append(f"data.image_std: {d.image_std} must all be > 0")
     _positive(p, "data.tokenizer_vocab_size", d.tokenizer_vocab_size, 16)
-    if d.tokenizer and not Path(d.tokenizer).exists():
-        p.append(f"data.tokenizer: {d.tokenizer!r} does not exist; give a sentencepiece .model file or a tokenizer directory")
+    if check_paths:
+        p += _data_problems(d)
 
     _choice(p, "model.vision.type", m.vision.type, ("clip", "siglip", "dinov2"))
     tower_size = m.vision.config.get("image_size")
@@ -421,6 +490,14 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> list[str]:
     if isinstance(t.min_lr_ratio, (int, float)) and not 0 <= t.min_lr_ratio <= 1:
         p.append(f"train.min_lr_ratio: {t.min_lr_ratio!r} must be in [0, 1]")
     _choice(p, "train.precision", t.precision, ("fp32", "bf16"))
+    _choice(p, "train.keep_best_mode", t.keep_best_mode, ("min", "max"))
+    _choice(p, "train.on_nonfinite", t.on_nonfinite, ("rollback", "stop"))
+    _positive(p, "train.max_nonfinite_steps", t.max_nonfinite_steps)
+    if isinstance(t.rollback_lr_factor, (int, float)) and not 0 < t.rollback_lr_factor <= 1:
+        p.append(f"train.rollback_lr_factor: {t.rollback_lr_factor!r} must be in (0, 1], e.g. 0.5")
+    if t.keep_best and not (d.val_shards or d.synthetic_val_samples > 0):
+        p.append(f"train.keep_best: {t.keep_best!r} needs validation data (data.val_shards or "
+                 "data.synthetic_val_samples) to rank checkpoints by")
     if isinstance(t.global_batch_size, int) and isinstance(t.micro_batch_size, int) and t.micro_batch_size > 0:
         if t.global_batch_size % t.micro_batch_size:
             p.append(
@@ -441,12 +518,20 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> list[str]:
         p.append(f"deepspeed.offload_params: {ds.offload_params!r} needs deepspeed.zero_stage=3 (got {ds.zero_stage})")
     if ds.offload_optimizer != "none" and ds.zero_stage == 0:
         p.append("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1")
+    for key, instead in DS_OWNED_KEYS.items():
+        section, _, sub = key.partition(".")
+        if section in ds.extra and (not sub or (isinstance(ds.extra[section], dict) and sub in ds.extra[section])):
+            value = ds.extra[section][sub] if sub else ds.extra[section]
+            p.append(f"deepspeed.extra.{key}: {value!r} would put DeepSpeed out of step with the trainer, which "
+                     f"derives it from {instead}; set that instead and remove deepspeed.extra.{key}")
 
-    from mmscale.callbacks import CALLBACKS
+    from mmscale.callbacks import CALLBACKS, callback_problems
 
     for i, cb in enumerate(cfg.callbacks):
         if cb.name not in CALLBACKS:
             p.append(f"callbacks[{i}].name: unknown callback {cb.name!r}. Registered: {', '.join(sorted(CALLBACKS))}")
+        else:  # constructing a callback checks its arguments and does no work (see the Callback protocol)
+            p += callback_problems(i, cb.name, cb.args)
     _positive(p, "logging.log_every", cfg.logging.log_every)
     return p
 

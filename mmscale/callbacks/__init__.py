@@ -23,15 +23,19 @@ def register_callback(name: str) -> Callable[[type[Callback]], type[Callback]]:
     return wrap
 
 
+def callback_problems(index: int, name: str, args: dict[str, Any]) -> list[str]:
+    """Problems with `callbacks[index]`'s arguments, found by constructing it (config validation calls this before
+    any process group starts; a callback's constructor only checks and stores its arguments)."""
+    try:
+        CALLBACKS[name](**args)
+    except (TypeError, ValueError) as e:
+        return [f"callbacks[{index}].args ({name}): {args}: {e}"]
+    return []
+
+
 def build_callbacks(specs: list[Any]) -> list[Callback]:
-    """Instantiate `[CallbackSpec(name, args), ...]`; bad args give an error naming the callback."""
-    out = []
-    for i, spec in enumerate(specs):
-        try:
-            out.append(CALLBACKS[spec.name](**spec.args))
-        except TypeError as e:
-            raise ValueError(f"callbacks[{i}] ({spec.name}): bad args {spec.args}: {e}") from e
-    return out
+    """Instantiate `[CallbackSpec(name, args), ...]` (already validated with the config)."""
+    return [CALLBACKS[spec.name](**spec.args) for spec in specs]
 
 
 from mmscale.callbacks import early_stopping  # noqa: E402,F401  (registers itself)

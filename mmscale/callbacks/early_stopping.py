@@ -16,9 +16,11 @@ log = logging.getLogger("mmscale.callbacks")
 class EarlyStopping(Callback):
     def __init__(self, metric: str = "val_loss", patience: int = 3, min_delta: float = 0.0, mode: str = "min"):
         if mode not in ("min", "max"):
-            raise TypeError(f"mode must be 'min' or 'max', got {mode!r}")
-        if patience < 1:
-            raise TypeError(f"patience must be >= 1, got {patience}")
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
+        if not isinstance(min_delta, (int, float)) or min_delta < 0:
+            raise ValueError(f"min_delta must be a number >= 0, got {min_delta!r}")
         self.metric, self.patience, self.min_delta, self.mode = metric, patience, min_delta, mode
         self.best = math.inf if mode == "min" else -math.inf
         self.bad_evals = 0

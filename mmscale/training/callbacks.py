@@ -14,6 +14,10 @@ Event order in one run::
     on_eval_end(trainer, metrics)    # after each validation; may set trainer.should_stop
     on_train_end(trainer)
     state_dict() / load_state_dict() # saved in every checkpoint, restored on --resume
+
+A callback's constructor only checks and stores its arguments (raising ValueError or TypeError with the value and
+the fix): config validation constructs every configured callback once, before any process group starts.
+`state_dict()` returns plain Python values and tensors only, so that checkpoints load with `weights_only=True`.
 """
 
 from __future__ import annotations

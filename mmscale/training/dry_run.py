@@ -50,11 +50,11 @@ def estimate_memory(cfg: JobConfig, counts: dict[str, Any], world_size: int, hid
     return out
 
 
-def dry_run(cfg: JobConfig, world_size: int, vocab_size: int) -> dict[str, Any]:
+def dry_run(cfg: JobConfig, world_size: int, vocab_size: int | None) -> dict[str, Any]:
     from mmscale.config import validate
     from mmscale.model import build_model
 
-    problems = validate(cfg, world_size=world_size)
+    problems = validate(cfg, world_size=world_size, check_paths=False)  # sizing needs no data
     model = build_model(cfg.model, vocab_size=vocab_size, meta=True)
     counts = model.param_counts()
     lm_cfg = model.lm.config
