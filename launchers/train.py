@@ -1,6 +1,8 @@
 """Train a multimodal model.
 
     deepspeed --num_gpus 2 launchers/train.py --config configs/demo.yaml [section.key=value ...]
+    deepspeed --num_gpus 2 launchers/train.py --config configs/demo.yaml --resume        # continue (must exist)
+    deepspeed --num_gpus 2 launchers/train.py --config configs/demo.yaml --resume auto   # continue, or start fresh
     python launchers/train.py --config configs/demo.yaml --print-config
     python launchers/train.py --config configs/flamingo-9b.yaml --dry-run --world-size 64
 """
@@ -14,6 +16,7 @@ import os
 import sys
 
 from mmscale.config import ConfigError, load_config
+from mmscale.training.checkpoint import run_dir_problems
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,8 +27,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--dry-run", action="store_true", help="size the model on the meta device and exit")
     p.add_argument("--world-size", type=int, default=None, help="world size assumed by --dry-run")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--resume", action="store_const", const="required", default=None,
+                   help="continue from the newest good checkpoint in output_dir (an error if there is none); "
+                        "`--resume auto`: start fresh when there is none (what a requeued job wants)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output_dir that holds an earlier run (deletes its checkpoints and logs)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, a in enumerate(argv):  # `--resume auto` / `--resume=auto`: an optional value argparse cannot tell
+        if a == "--resume=auto" or (a == "--resume" and i + 1 < len(argv) and argv[i + 1] == "auto"):
+            argv[i:i + (1 if a == "--resume=auto" else 2)] = ["--resume-auto"]
+            break
+    p.add_argument("--resume-auto", action="store_const", const="auto", dest="resume", help=argparse.SUPPRESS)
     return p.parse_intermixed_args(argv)
 
 
@@ -35,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every config problem is reported here, before any process group starts
         # the deepspeed launcher, torchrun and srun set the world size before this process starts
         world = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS")
-        cfg = load_config(args.config, args.overrides + args.set, world_size=int(world) if world else None)
+        cfg = load_config(args.config, args.overrides + args.set, world_size=int(world) if world else None,
+                          check_paths=not (args.print_config or args.dry_run))
+        if not (args.print_config or args.dry_run):
+            problems = run_dir_problems(cfg.output_dir, resume=args.resume is not None, overwrite=args.overwrite)
+            if problems:
+                raise ConfigError(problems)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -52,10 +70,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not report["problems"] else 2
 
     from mmscale.training.build import build_trainer, close
+    from mmscale.training.trainer import NonFiniteError, ResumeError
 
-    trainer = build_trainer(cfg, resume=args.resume)
     try:
+        trainer = build_trainer(cfg, resume=args.resume, overwrite=args.overwrite)
         trainer.train()
+    except (ResumeError, NonFiniteError) as e:  # raised on every rank alike: a message, not a traceback
+        from mmscale.training.engine import barrier
+
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        barrier()  # every rank is here: none tears the process group down under another
+        return 2 if isinstance(e, ResumeError) else 3
     finally:
         close()
     return 0

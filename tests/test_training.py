@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,16 +26,30 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def launch(script: Path, args: list[str], nprocs: int, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus N script args` (real ranks, gloo) or, for one process, plain `python script args`."""
+def launch(script: Path, args: list[str], nprocs: int, timeout: int = 600, check: bool = True,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N script args` (real ranks, gloo) or, for one process, plain `python script args`.
+
+    The job runs in its own process group, and that whole group is SIGKILLed however this call ends (timeout,
+    failure, Ctrl-C): no launcher or rank outlives the test that started it."""
     if nprocs == 1:
         cmd = [sys.executable, str(script), *args]
     else:
         cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(nprocs), "--master_port", str(_port()),
                str(script), *args]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-    if r.returncode != 0:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
     return r
 
@@ -153,3 +168,93 @@ def test_generated_validation_split_is_spread_over_ranks(tmp_path):
     train, val, tok = prepare_data(cfg, rank=0)
     assert sorted(read_sizes(resolve_shards(val)).values()) == [4] * 16
     assert list(read_sizes(resolve_shards(train)).values()) == [32] and Path(tok).is_file()
+
+
+def _fake_checkpoint(root: Path, step: int, keep: int = 2, metrics: dict | None = None, **kw) -> Path:
+    tag = checkpoint.begin(root, step)
+    (root / tag).mkdir()
+    (root / tag / "weights").write_bytes(bytes(range(256)) * step)
+    files = checkpoint.hash_share(root / tag, checkpoint.files_of(root / tag), 0, 1)
+    checkpoint.write_manifest(root / tag, step, files, {"world_size": 1, "metrics": metrics or {}})
+    return checkpoint.commit(root, step, keep=keep, **kw)
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    """An older run's step_400 must not outrank a new step_100 (the new one was deleted, `latest` dangled)."""
+    root = tmp_path / "checkpoints"
+    _fake_checkpoint(root, 400)
+    new = _fake_checkpoint(root, 100, keep=1)
+    assert new.is_dir() and (root / "latest").read_text() == "step_00000100"
+
+
+def test_keep_last_k_and_the_best_by_a_metric(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, val in ((1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5), (5, 2.6)):
+        _fake_checkpoint(root, step, keep=2, metrics={"val_loss": val}, best_metric="val_loss")
+    assert [p.name for p in checkpoint.complete_checkpoints(root)] == ["step_00000002", "step_00000004",
+                                                                       "step_00000005"]
+    assert checkpoint.best_checkpoint(checkpoint.complete_checkpoints(root), "val_loss").name == "step_00000002"
+
+
+def test_a_failed_prune_is_reported(tmp_path, monkeypatch, caplog):
+    root = tmp_path / "checkpoints"
+    _fake_checkpoint(root, 1, keep=1)
+
+    def refuse(path, *a, **k):
+        raise PermissionError(f"read-only: {path}")
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", refuse)
+    with caplog.at_level("WARNING", logger="mmscale.checkpoint"):
+        _fake_checkpoint(root, 2, keep=1)
+    assert "could not delete old checkpoint" in caplog.text and "step_00000001" in caplog.text
+
+
+def test_manifest_catches_every_kind_of_damage(tmp_path):
+    root = tmp_path / "checkpoints"
+    ckpt = _fake_checkpoint(root, 3)
+    assert checkpoint.verify(ckpt) == []
+    weights = ckpt / "weights"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # same size, one bit
+    assert "checksum" in checkpoint.verify(ckpt)[0]
+    weights.write_bytes(good[:10])
+    assert "bytes, the manifest says" in checkpoint.verify(ckpt)[0]
+    weights.unlink()
+    assert "missing" in checkpoint.verify(ckpt)[0]
+    (ckpt / checkpoint.MANIFEST).unlink()
+    assert "manifest" in checkpoint.verify(ckpt)[0]
+
+
+def test_checkpoint_reader_unpickles_no_code(tmp_path):
+    """A model_states file whose pickle would run a command is refused (weights_only), and the command never runs."""
+    import pickle
+
+    from mmscale.training.checkpoint import consolidated_state_dict
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    ckpt = tmp_path / "step_00000001"
+    ckpt.mkdir()
+    with open(ckpt / "mp_rank_00_model_states.pt", "wb") as f:
+        pickle.dump({"module": Evil()}, f)
+    with pytest.raises(pickle.UnpicklingError):
+        consolidated_state_dict(ckpt)
+    assert not marker.exists()
+
+
+def test_trainer_state_loads_with_weights_only(tmp_path):
+    """RNG state (numpy's included) round-trips through torch.save / torch.load(weights_only=True)."""
+    import random
+
+    import numpy as np
+
+    from mmscale.training.trainer import rng_state, set_rng_state
+
+    torch.save({"rng": rng_state(), "step": 3}, tmp_path / "s.pt")
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected

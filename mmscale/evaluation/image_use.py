@@ -35,7 +35,7 @@ def load_run(run_dir: str | Path, checkpoint_dir: str | Path | None = None):
     from mmscale.training.checkpoint import consolidated_state_dict, latest_checkpoint
 
     run_dir = Path(run_dir)
-    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), check_paths=False)  # the model only
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:

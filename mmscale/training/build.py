@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from mmscale.config import JobConfig
+from mmscale.training import checkpoint
 from mmscale.training.engine import barrier, build_engine, init_distributed
 from mmscale.training.trainer import Trainer
 
@@ -61,14 +62,22 @@ def prepare_data(cfg: JobConfig, rank: int) -> tuple[str, str, str]:
     return train, val, tok
 
 
-def build_trainer(cfg: JobConfig, resume: bool = False, train_data: Any = None, eval_data: Any = None) -> Trainer:
-    """Everything a run needs. `train_data`/`eval_data` replace the configured shards (tests, benchmarks)."""
+def build_trainer(cfg: JobConfig, resume: str | None = None, overwrite: bool = False, train_data: Any = None,
+                  eval_data: Any = None) -> Trainer:
+    """Everything a run needs. `resume`: None (a fresh run), "required" (`--resume`) or "auto" (`--resume auto`);
+    `overwrite` clears an earlier run from output_dir first. `train_data`/`eval_data` replace the configured shards
+    (tests, benchmarks)."""
     from mmscale.callbacks import build_callbacks
     from mmscale.data import EvalLoader, TrainLoader, load_tokenizer
     from mmscale.model import build_model
 
     rank, world_size = init_distributed()
     seed_everything(cfg.train.seed)
+    if overwrite and rank == 0:
+        removed = checkpoint.clear_run(cfg.output_dir)
+        if removed:
+            log.warning("--overwrite: removed %s from %s", ", ".join(removed), cfg.output_dir)
+    barrier()
     train_shards, val_shards, tok_path = prepare_data(cfg, rank)
     tokenizer = load_tokenizer(tok_path)
     if rank == 0:  # the resolved config beside the run, with the data and tokenizer it actually used
@@ -96,7 +105,7 @@ def build_trainer(cfg: JobConfig, resume: bool = False, train_data: Any = None, 
                                shards=val_shards, max_batches=cfg.train.eval_batches)
     trainer = Trainer(cfg, engine, train_data, eval_data=eval_data, callbacks=callbacks, tokenizer=tokenizer)
     if resume:
-        trainer.resume()
+        trainer.resume(required=resume != "auto")
     return trainer
 
 
@@ -105,15 +114,22 @@ def close() -> None:
         dist.destroy_process_group()
 
 
+def dry_run_vocab_size(cfg: JobConfig) -> int | None:
+    """The vocabulary training would size the model with: the tokenizer's (the configured one, or the one mmscale
+    already trained for the demo data), else the upper bound mmscale would train it with; None = the LM's own."""
+    from mmscale.data import load_tokenizer
+
+    d = cfg.data
+    if d.tokenizer:
+        return load_tokenizer(d.tokenizer).vocab_size
+    if not d.train_shards and d.synthetic_train_samples > 0:
+        made = Path(cfg.output_dir) / "data" / "tokenizer.model"
+        return load_tokenizer(made).vocab_size if made.is_file() else d.tokenizer_vocab_size
+    return None
+
+
 def dry_run_report(cfg: JobConfig, world_size: int) -> tuple[str, dict[str, Any]]:
     from mmscale.training.dry_run import dry_run, format_dry_run
 
-    vocab = 32000
-    if cfg.data.tokenizer:
-        from mmscale.data import load_tokenizer
-
-        vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
-    elif cfg.data.synthetic_train_samples and not cfg.data.train_shards:
-        vocab = cfg.data.tokenizer_vocab_size
-    report = dry_run(cfg, world_size, vocab_size=int(cfg.model.lm.config.get("vocab_size", vocab)))
+    report = dry_run(cfg, world_size, vocab_size=dry_run_vocab_size(cfg))
     return format_dry_run(report), report

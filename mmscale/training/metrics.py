@@ -33,6 +33,21 @@ class MetricsWriter:
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
 
+    def truncate_after(self, step: int) -> int:
+        """On resume: drop the records the interrupted run logged after the checkpoint it resumes from (they are
+        about to be logged again, by this run). Rewritten atomically. Returns how many records were dropped."""
+        if not (self.enabled and self.path.is_file()):
+            return 0
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        keep = [line for line in lines if json.loads(line)["step"] <= step]
+        if len(keep) != len(lines):
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.replace(self.path)
+            log.info("metrics.jsonl: dropped %d record(s) logged after step %d by the interrupted run",
+                     len(lines) - len(keep), step)
+        return len(lines) - len(keep)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.flush()
@@ -45,7 +60,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     for line in Path(path).read_text().splitlines():
         if line.strip():
             r = json.loads(line)
-            by_step[(r["step"], "loss" in r)] = r
+            by_step[(r["step"], "val_loss" not in r)] = r  # a training record may lack `loss` (a skipped step)
     return [by_step[k] for k in sorted(by_step)]
 
 

@@ -2,7 +2,9 @@
 
     train_step:  grad_accum micro batches -> forward_backward_step each -> one optimizer step
     evaluate:    held-out micro batches -> token-weighted mean loss over all ranks
-    save/resume: DeepSpeed shards + trainer state (step, data position, callbacks, RNG) per rank
+    save/resume: DeepSpeed shards + trainer state (step, data position, callbacks, RNG) per rank + a manifest
+    guard:       a step with a non-finite loss or gradient norm is skipped on every rank and counted; several in
+                 a row roll back to the last checkpoint at a lower learning rate (or stop)
 
 Data is any object with `__iter__`, `state_dict()` and `load_state_dict()` (mmscale.data's loaders are): the data
 position is checkpointed state like the weights.
@@ -23,12 +25,69 @@ from tqdm import tqdm
 from mmscale.config import JobConfig
 from mmscale.training import checkpoint
 from mmscale.training.callbacks import Callback
-from mmscale.training.engine import Engine, all_reduce_sum, barrier
+from mmscale.training.engine import Engine, all_gather_object, all_reduce_sum, barrier, broadcast_object
 from mmscale.training.metrics import MetricsWriter, plot_losses
 
 log = logging.getLogger("mmscale.trainer")
 
 MODEL_INPUTS = ("pixel_values", "image_mask", "input_ids", "attention_mask", "media_index", "labels")
+
+
+class ResumeError(RuntimeError):
+    """No checkpoint this run can continue from; raised on every rank alike, before any collective load."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row, and the config says stop (or there is nothing to roll back to)."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG's state as tensors and plain values (numpy's array becomes a tensor): loads with weights_only."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    random.setstate(rng["python"])
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# What a resume may not change (the data loader checks its own position's terms): the model, its precision and
+# sharding, the seed. Everything else (lr, max_steps, logging, ...) may change and is logged.
+_FIXED_ON_RESUME = ("model", "train.precision", "train.seed", "deepspeed.zero_stage")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) and v else {key: v})
+    return out
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Refusals for changes a checkpoint cannot survive; other changes are logged, one line each."""
+    old, new = _flatten(saved), _flatten(now)
+    refused = []
+    for key in sorted(set(old) | set(new)):
+        if key.startswith("output_dir") or old.get(key) == new.get(key):
+            continue
+        line = f"{key}: {old.get(key, '(unset)')!r} at the checkpoint, {new.get(key, '(unset)')!r} now"
+        if any(key == f or key.startswith(f + ".") for f in _FIXED_ON_RESUME):
+            refused.append(f"{line}; resume with {key}={old.get(key)!r}, or start a new run in another output_dir")
+        else:
+            log.info("resume: %s", line)
+    return refused
 
 
 class Trainer:
@@ -55,6 +114,11 @@ class Trainer:
         self.samples_seen = 0
         self.tokens_seen = 0
         self.data_skipped = 0
+        self.nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient norm, over the whole run
+        self.rollbacks = 0
+        self.lr_scale = 1.0  # product of the rollbacks' factors
+        self._nonfinite_in_a_row = 0
+        self.last_eval: dict[str, float] = {}
         self.should_stop = False
         self.metrics = MetricsWriter(cfg.output_dir, enabled=self.is_main, tensorboard=cfg.logging.tensorboard)
         self.history: list[dict[str, float]] = []  # this process's logged records (tests and benchmarks read it)
@@ -100,16 +164,40 @@ class Trainer:
         global_tokens = float(all_reduce_sum([local_tokens])[0])
         scale = self.engine.grad_accum * self.world_size / max(global_tokens, 1.0)
         loss_sum = sum(float(self.forward_backward_step(b, scale)) for b in micro)
+        # A non-finite loss on any rank makes the all-reduced gradient norm non-finite, and DeepSpeed then skips
+        # the step on every rank alike (mmscale's stage-0 optimizer does the same): the verdict is global.
+        applied = self.engine.step_applied
         self.step += 1
         dt = time.perf_counter() - t0
         self.samples_seen += self.cfg.train.global_batch_size
         self.tokens_seen += int(global_tokens)
         w = self._window
-        w["loss_sum"] += loss_sum
-        w["tokens"] += local_tokens
+        if applied:
+            w["loss_sum"] += loss_sum
+            w["tokens"] += local_tokens
+            self._nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_steps += 1
+            self._nonfinite_in_a_row += 1
+            log.warning("step %d skipped: non-finite loss or gradient norm (local loss %s); %d in a row",
+                        self.step, loss_sum, self._nonfinite_in_a_row)
         w["time"] += dt
         w["steps"] += 1
-        return {"step_time": dt}
+        return {"step_time": dt, "step_applied": float(applied)}
+
+    def _guard(self) -> None:
+        """After a step: act on `max_nonfinite_steps` non-finite steps in a row (the count is the same on every
+        rank, so every rank takes the same branch)."""
+        t = self.cfg.train
+        if self._nonfinite_in_a_row < t.max_nonfinite_steps:
+            return
+        if t.on_nonfinite == "stop":
+            raise NonFiniteError(
+                f"{self._nonfinite_in_a_row} non-finite steps in a row at step {self.step} ({self.nonfinite_steps} "
+                f"in the run); stopping as train.on_nonfinite=stop says. Lower train.lr (now {t.lr}), check the "
+                f"data, or set train.on_nonfinite=rollback"
+            )
+        self._rollback()
 
     def _flush_window(self) -> dict[str, float]:
         """Global mean loss and throughput over the steps since the last log (one all-reduce)."""
@@ -118,7 +206,7 @@ class Trainer:
         steps, secs = w["steps"], w["time"]
         self._window = {"loss_sum": 0.0, "tokens": 0.0, "time": 0.0, "steps": 0}
         return {
-            "loss": loss_sum / max(tokens, 1.0),
+            "loss": loss_sum / tokens if tokens else None,  # None: every step of the window was skipped
             "lr": self.engine.lr,
             "grad_norm": self.engine.grad_norm(),
             "samples_per_s": steps * self.cfg.train.global_batch_size / secs,
@@ -127,6 +215,8 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "tokens_seen": self.tokens_seen,
             "data_skipped": int(skipped),
+            "nonfinite_steps": self.nonfinite_steps,
+            "rollbacks": self.rollbacks,
         }
 
     @torch.no_grad()
@@ -144,73 +234,146 @@ class Trainer:
         metrics = {"val_loss": loss_sum / max(tokens, 1.0), "val_tokens": int(tokens)}
         for cb in self.callbacks:
             cb.on_eval_end(self, metrics)
+        self.last_eval = {"step": self.step, **metrics}  # recorded in the manifest of a checkpoint at this step
         return metrics
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
     def _state(self) -> dict[str, Any]:
+        """This rank's trainer state: plain values and tensors only, so it loads with `weights_only=True`."""
         return {
             "step": self.step,
             "samples_seen": self.samples_seen,
             "tokens_seen": self.tokens_seen,
             "data_skipped": self.data_skipped,
+            "nonfinite_steps": self.nonfinite_steps,
+            "lr_scale": self.lr_scale,
             "world_size": self.world_size,
             "data": self.train_data.state_dict(),
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
+            "rng": rng_state(),
         }
 
     def save_checkpoint(self) -> None:
+        """Every rank writes its shards into `step_N.partial`; the ranks hash a share of the files each; rank 0
+        writes the manifest last and publishes the directory by a rename (see mmscale.training.checkpoint)."""
         tag = checkpoint.tag_for(self.step) + checkpoint.PARTIAL
+        ckpt = self.ckpt_root / tag
         if self.is_main:
             checkpoint.begin(self.ckpt_root, self.step)
         barrier()
         self.engine.save(str(self.ckpt_root), tag)
-        torch.save(self._state(), self.ckpt_root / tag / checkpoint.state_file(self.rank))
-        barrier()  # every rank's shards are on disk before the checkpoint is published
+        torch.save(self._state(), ckpt / checkpoint.state_file(self.rank))
+        barrier()  # every rank's files are on disk
+        names = broadcast_object(checkpoint.files_of(ckpt) if self.is_main else None)
+        shares = all_gather_object(checkpoint.hash_share(ckpt, names, self.rank, self.world_size))
         if self.is_main:
-            final = checkpoint.commit(self.ckpt_root, self.step, self.cfg.train.keep_checkpoints)
+            meta = {"world_size": self.world_size, "config": self.cfg.to_dict(), "metrics": self._eval_at_step()}
+            checkpoint.write_manifest(ckpt, self.step, {k: v for share in shares for k, v in share.items()}, meta)
+            final = checkpoint.commit(self.ckpt_root, self.step, self.cfg.train.keep_checkpoints,
+                                      self.cfg.train.keep_best, self.cfg.train.keep_best_mode)
             log.info("saved checkpoint %s", final)
         barrier()
 
-    def resume(self) -> bool:
-        """Continue from the latest complete checkpoint in output_dir. Returns False when there is none."""
-        ckpt = checkpoint.latest_checkpoint(self.ckpt_root)
-        if ckpt is None:
-            log.warning("--resume: no complete checkpoint under %s; starting from scratch", self.ckpt_root)
-            return False
-        state_path = ckpt / checkpoint.state_file(self.rank)
-        if not state_path.is_file():
-            raise RuntimeError(
-                f"{ckpt} has no {state_path.name}: it was written by a different world size; resume with the "
-                f"same number of ranks it was saved with"
+    def _eval_at_step(self) -> dict[str, float]:
+        last = self.last_eval
+        return {k: v for k, v in last.items() if k != "step"} if last.get("step") == self.step else {}
+
+    def _check_candidate(self, ckpt: Path) -> tuple[list[str], list[str], dict[str, Any] | None]:
+        """This rank's verdict on one checkpoint, without any collective: (why it is damaged, why this run cannot
+        continue from it, its trainer state). Never raises, so that every rank reaches the vote that follows."""
+        try:
+            damaged = checkpoint.verify(ckpt, self.rank, self.world_size)
+            if damaged:
+                return damaged, [], None
+            manifest = checkpoint.read_manifest(ckpt)
+            saved_world = manifest.get("world_size")
+            if saved_world != self.world_size:
+                return [], [f"{ckpt.name} was saved by {saved_world} ranks, this run has {self.world_size}; "
+                            f"resume with {saved_world} ranks"], None
+            state = torch.load(ckpt / checkpoint.state_file(self.rank), map_location="cpu", weights_only=True)
+            mismatched = config_changes(manifest.get("config") or {}, self.cfg.to_dict())
+            if hasattr(self.train_data, "resume_problems"):
+                mismatched += self.train_data.resume_problems(state["data"])
+            return [], mismatched, state
+        except Exception as e:  # an unreadable file is damage, whatever the reader raised
+            return [f"{ckpt.name}: {type(e).__name__}: {e}"], [], None
+
+    def load_checkpoint(self, required: bool, restore_data: bool = True) -> Path | None:
+        """Load the newest checkpoint that passes its manifest, skipping (and setting aside) damaged ones.
+
+        Rank 0 lists the candidates and every rank receives the same list; each rank checks its share of each
+        candidate on its own, then all vote, so all load the same step or all stop with the same error before the
+        collective load starts. Returns the checkpoint loaded, or None when there is none and none is `required`."""
+        names = broadcast_object([c.name for c in checkpoint.candidates(self.ckpt_root)] if self.is_main else None)
+        for name in names:
+            ckpt = self.ckpt_root / name
+            damaged, mismatched, state = self._check_candidate(ckpt)
+            votes = all_gather_object((damaged, mismatched))
+            damaged = [m for d, _ in votes for m in d]
+            mismatched = sorted({m for _, mm in votes for m in mm})
+            if damaged:
+                if self.is_main:
+                    moved = checkpoint.set_aside(ckpt)
+                    log.warning("checkpoint %s is damaged and was set aside as %s; trying the one before it:\n  %s",
+                                name, moved.name, "\n  ".join(damaged[:10]))
+                barrier()
+                continue
+            if mismatched:
+                raise ResumeError(f"cannot continue from {ckpt}:\n  " + "\n  ".join(mismatched))
+            self.engine.load(str(self.ckpt_root), name)
+            self._apply_state(state, restore_data)
+            return ckpt
+        if required:
+            raise ResumeError(
+                f"--resume: no complete checkpoint under {self.ckpt_root}"
+                + (f" ({len(names)} damaged, set aside)" if names else "")
+                + "; start without --resume, or use `--resume auto` to start fresh when there is none"
             )
-        self.engine.load(str(self.ckpt_root), ckpt.name)
-        state = torch.load(state_path, weights_only=False)
-        if state["world_size"] != self.world_size:
-            raise RuntimeError(
-                f"{ckpt} was saved with world_size={state['world_size']}, this run has {self.world_size}; "
-                "resume with the same number of ranks"
-            )
+        return None
+
+    def _apply_state(self, state: dict[str, Any], restore_data: bool) -> None:
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self.tokens_seen, self.data_skipped = state["tokens_seen"], state["data_skipped"]
-        self.train_data.load_state_dict(state["data"])
+        saved_scale = state.get("lr_scale", 1.0)  # the checkpoint's schedule already runs at this scale
+        if restore_data:  # a resume: everything as it was at the checkpoint
+            self.nonfinite_steps, self.lr_scale = state.get("nonfinite_steps", 0), saved_scale
+            self.train_data.load_state_dict(state["data"])
+            set_rng_state(state["rng"])
+        elif self.lr_scale != saved_scale:  # a rollback: its lowered rate, and the counts go on
+            self.engine.scale_lr(self.lr_scale / saved_scale)
         for cb in self.callbacks:
             if cb.name in state["callbacks"]:
                 cb.load_state_dict(state["callbacks"][cb.name])
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def resume(self, required: bool = True) -> bool:
+        """Continue from the newest good checkpoint in output_dir. With `required=False` (`--resume auto`), start
+        fresh when there is none. Metrics logged after the checkpoint (by the run that died) are dropped."""
+        ckpt = self.load_checkpoint(required)
+        if self.is_main:
+            self.metrics.truncate_after(self.step)
+        if ckpt is None:
+            log.info("--resume auto: no checkpoint under %s; starting from scratch", self.ckpt_root)
+            return False
         log.info("resumed from %s at step %d", ckpt, self.step)
         return True
+
+    def _rollback(self) -> None:
+        """`max_nonfinite_steps` bad steps in a row: back to the last checkpoint's weights and optimizer at a lower
+        learning rate; the data goes on after the bad batches (feeding them again would likely repeat the fault)."""
+        t = self.cfg.train
+        at = self.step
+        self.lr_scale *= t.rollback_lr_factor
+        ckpt = self.load_checkpoint(required=False, restore_data=False)
+        if ckpt is None:
+            raise NonFiniteError(
+                f"{t.max_nonfinite_steps} non-finite steps in a row at step {at} and no checkpoint to roll back to; "
+                f"lower train.lr (now {t.lr}) or check the data"
+            )
+        self.rollbacks += 1
+        self._nonfinite_in_a_row = 0
+        log.warning("%d non-finite steps in a row at step %d: rolled back to %s, learning rate x%g (now x%g of "
+                    "the schedule)", t.max_nonfinite_steps, at, ckpt.name, t.rollback_lr_factor, self.lr_scale)
 
     # ------------------------------------------------------------------------------------------- loop
 
@@ -223,28 +386,38 @@ class Trainer:
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not (self.is_main and lg.progress_bar),
                    desc="train", unit="step", dynamic_ncols=True)
         last_saved = self.step
-        while self.step < t.max_steps and not self.should_stop:
-            step_metrics = self.train_step()
-            for cb in self.callbacks:
-                cb.on_step_end(self, step_metrics)
-            bar.update(1)
-            if self.step % lg.log_every == 0 or self.step == t.max_steps:
-                record = self._flush_window()
-                self._log(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.1f}")
-            if t.eval_every and self.step % t.eval_every == 0:
+        try:
+            while self.step < t.max_steps and not self.should_stop:
+                step_metrics = self.train_step()
+                for cb in self.callbacks:
+                    cb.on_step_end(self, step_metrics)
+                self._guard()  # may roll back: self.step goes back to the checkpoint's
+                bar.n = self.step
+                bar.refresh()
+                if self.step % lg.log_every == 0 or self.step == t.max_steps:
+                    record = self._flush_window()
+                    self._log(record)
+                    if record["loss"] is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.1f}")
+                if t.eval_every and self.step % t.eval_every == 0:
+                    self._log(self.evaluate())
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                    self.save_checkpoint()
+                    last_saved = self.step
+            bar.close()
+            if self.eval_data is not None and self.last_eval.get("step") != self.step:
                 self._log(self.evaluate())
-            if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+            if last_saved != self.step:
                 self.save_checkpoint()
-                last_saved = self.step
-        bar.close()
-        if self.eval_data is not None and not (t.eval_every and self.step % t.eval_every == 0):
-            self._log(self.evaluate())
-        if last_saved != self.step:
-            self.save_checkpoint()
-        for cb in self.callbacks:
-            cb.on_train_end(self)
-        self.metrics.close()
+            for cb in self.callbacks:
+                cb.on_train_end(self)
+        finally:  # whatever way training ends, no data-loader worker outlives it
+            bar.close()
+            for data in (self.train_data, self.eval_data):
+                if hasattr(data, "close"):
+                    data.close()
+            self._data_iter = None
+            self.metrics.close()
         if self.is_main and lg.plot and self.metrics.path.exists():
             plot_losses(self.metrics.path, self.output_dir / "loss.png")
         return self.history

@@ -1,8 +1,11 @@
 """A tiny training run for the multi-process tests: started by `deepspeed --num_gpus N` or as a plain process.
 
-    run_tiny.py OUT_JSON [--stop-at K] [--resume] [--same-global-batches] section.key=value ...
+    run_tiny.py OUT_JSON [--stop-at K] [--resume] [--same-global-batches] [--kill-after-step K --kill-rank R]
+                [--kill-in-save K] [--nan-at-steps 3,6,7,8] section.key=value ...
 
-Writes this run's logged records (rank 0) to OUT_JSON. `--same-global-batches` feeds every world size the same
+Writes this run's logged records (rank 0) to OUT_JSON. `--kill-after-step K --kill-rank R` SIGKILLs rank R (-1: every
+rank) right after optimizer step K; `--kill-in-save K` SIGKILLs every rank in the middle of the checkpoint of step K
+(DeepSpeed's shards written, trainer state and manifest not); `--nan-at-steps` makes rank 1's loss NaN in those step attempts. `--same-global-batches` feeds every world size the same
 global batches (each global batch is read by one loader and cut into world_size x grad_accum micro batches), so
 a 2-rank run and a 1-rank run can be compared step by step.
 """
@@ -11,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -31,6 +36,49 @@ class StopAt(Callback):
     def on_step_end(self, trainer, metrics):
         if trainer.step >= self.k:
             trainer.should_stop = True
+
+
+class KillAfterStep(Callback):
+    """`kill -9` of one rank (or all) right after step K: no exception handler, no atexit, no flush."""
+
+    name = "kill_after_step"
+
+    def __init__(self, k: int, rank: int):
+        self.k, self.rank = k, rank
+
+    def on_step_end(self, trainer, metrics):
+        if trainer.step == self.k and self.rank in (-1, trainer.rank):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class NanAt(Callback):
+    """Rank 1's loss becomes NaN in the given optimizer-step attempts, counted from 1 over the whole run (a rollback
+    goes back in steps, not in attempts). Rank 0's loss stays finite: the skip must still be global."""
+
+    name = "nan_at"
+
+    def __init__(self, attempts: set[int]):
+        self.attempts, self.done = attempts, 0
+
+    def on_loss(self, trainer, batch, out, loss):
+        if self.done + 1 in self.attempts and trainer.rank == min(1, trainer.world_size - 1):
+            return loss * float("nan")
+        return loss
+
+    def on_step_end(self, trainer, metrics):
+        self.done += 1
+
+
+def kill_in_save(trainer, k: int) -> None:
+    """Every rank SIGKILLs itself after DeepSpeed has written its shards of step K's checkpoint."""
+    save = trainer.engine.save
+
+    def save_then_die(directory, tag):
+        save(directory, tag)
+        if trainer.step == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer.engine.save = save_then_die
 
 
 class SameGlobalBatches:
@@ -60,6 +108,10 @@ def main() -> int:
     p.add_argument("--stop-at", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--same-global-batches", action="store_true")
+    p.add_argument("--kill-after-step", type=int, default=0)
+    p.add_argument("--kill-rank", type=int, default=-1)
+    p.add_argument("--kill-in-save", type=int, default=0)
+    p.add_argument("--nan-at-steps", default="")
     p.add_argument("--local_rank", type=int, default=None)
     args = p.parse_intermixed_args()
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs/tiny.yaml", args.overrides)
@@ -76,12 +128,19 @@ def main() -> int:
                              seed=cfg.train.seed, shards=cfg.data.train_shards)
         accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * world)
         data = SameGlobalBatches(loader, cfg.train.micro_batch_size, rank, world, accum)
-    trainer = build_trainer(cfg, resume=args.resume, train_data=data)
+    trainer = build_trainer(cfg, resume="required" if args.resume else None, train_data=data)
     if args.stop_at:
         trainer.callbacks.append(StopAt(args.stop_at))
+    if args.kill_after_step:
+        trainer.callbacks.append(KillAfterStep(args.kill_after_step, args.kill_rank))
+    if args.kill_in_save:
+        kill_in_save(trainer, args.kill_in_save)
+    if args.nan_at_steps:
+        trainer.callbacks.append(NanAt({int(x) for x in args.nan_at_steps.split(",")}))
     history = trainer.train()
-    if rank == 0:
-        Path(args.out).write_text(json.dumps({"world_size": world, "history": history}))
+    out = Path(args.out) if rank == 0 else Path(args.out).with_suffix(f".rank{rank}.json")
+    out.write_text(json.dumps({"world_size": world, "history": history, "nonfinite_steps": trainer.nonfinite_steps,
+                               "rollbacks": trainer.rollbacks, "lr_scale": trainer.lr_scale}))
     close()
     return 0
 
