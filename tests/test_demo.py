@@ -1,4 +1,5 @@
-"""The README's demo job, end to end: 2 ranks, ZeRO-3, embedded defaults. Loss falls, and the model uses the image."""
+"""The README's demo job, end to end: 2 ranks, ZeRO-3, embedded defaults, cut to its first 200 steps (the colours
+are read from the image by then: 0.35 nats against 4.5 with shuffled images). Loss falls, the model uses the image."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from test_training import ROOT, launch
 @pytest.mark.slow
 def test_demo_learns_to_use_the_image(tmp_path):
     out = tmp_path / "demo"
-    launch(ROOT / "launchers/train.py", ["--config", "configs/demo.yaml", f"output_dir={out}",
-                                         "logging.progress_bar=false"], nprocs=2, timeout=1800)
+    launch(ROOT / "launchers/train.py", ["--config", "configs/demo.yaml", f"output_dir={out}", "train.max_steps=200",
+                                         "logging.progress_bar=false"], nprocs=2, timeout=850)
     records = read_metrics(out / "metrics.jsonl")
     train = [r["loss"] for r in records if "loss" in r]
     val = [r["val_loss"] for r in records if "val_loss" in r]

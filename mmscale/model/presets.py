@@ -72,9 +72,10 @@ def demo() -> ModelConfig:
     # No pretrained towers exist for the synthetic shapes, so every component trains from random init.
     return ModelConfig(
         preset="demo",
-        # 4 px patches (16x16 tokens) with a 128-wide LM (plenty for ~10-token captions over a 64-word vocabulary):
-        # same step time as 8 px patches with a 256-wide LM, and the colour words are learned faster.
-        vision=_clip(hidden=128, layers=4, heads=4, intermediate=512, patch=4, image=64),
+        # 8 px patches (8x8 tokens) with a 128-wide LM (plenty for ~10-token captions over a 64-word vocabulary).
+        # The vision tower is ~95% of the compute: 4 px patches (16x16 tokens) cost 3.6x the step time and learn the
+        # colours no better in the demo's 400 steps (0.329 vs 0.338 nats, validation loss 0.564 vs 0.487).
+        vision=_clip(hidden=128, layers=4, heads=4, intermediate=512, patch=8, image=64),
         lm=_llama(hidden=128, layers=4, heads=4, kv_heads=4, intermediate=344, max_pos=512),
         resampler=ResamplerConfig(num_latents=16, depth=2, heads=4, dim_head=32, ff_mult=2),
         # Gates open at tanh(1) = 0.76: with no pretrained LM to protect, Flamingo's closed gates (0) only delay

@@ -226,8 +226,8 @@ def run_dir_problems(output_dir: str | Path, resume: bool, overwrite: bool) -> l
     if resume or overwrite or not out.is_dir():
         return []
     root = out / "checkpoints"
-    ckpts = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
-    found = ([f"{len(ckpts)} checkpoint entries (newest {ckpts[-1]})"] if ckpts else []) + \
+    ckpts = sorted(p.name for p in root.iterdir() if p.name.startswith("step_")) if root.is_dir() else []
+    found = ([f"{len(ckpts)} checkpoint(s), the last {ckpts[-1]}"] if ckpts else []) + \
         [name for name in ("metrics.jsonl", "tensorboard") if (out / name).exists()]
     if not found:
         return []
