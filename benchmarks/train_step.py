@@ -30,6 +30,14 @@ def _cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
+def _native_bf16() -> bool:
+    """AVX512-BF16 or AMX: without either, bf16 matmuls on a CPU run emulated (~36x slower than fp32)."""
+    try:
+        return any(f in open("/proc/cpuinfo").read() for f in ("avx512_bf16", "amx_bf16"))
+    except OSError:
+        return False
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="demo")
@@ -147,7 +155,7 @@ def main() -> None:
                       "steps_per_round": args.steps, "device": "cuda" if torch.cuda.is_available() else "cpu",
                       "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                       "deepspeed": deepspeed.__version__, "date": time.strftime("%Y-%m-%d"),
-                      "param_dtypes": sorted(dtypes), "cpu_model": _cpu_model()},
+                      "param_dtypes": sorted(dtypes), "cpu_model": _cpu_model(), "cpu_native_bf16": _native_bf16()},
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
