@@ -191,8 +191,8 @@ def build_lm(cfg: ModelConfig, vocab_size: int | None, meta: bool = False) -> Pr
     kwargs = dict(cfg.lm.config)
     if vocab_size is not None:
         kwargs["vocab_size"] = vocab_size
-    with device:
-        return LlamaForCausalLM(LlamaConfig(**kwargs))
+    with device:  # `_from_config`: the weights are initialised right under ZeRO-3 too (see vision.build_vision)
+        return LlamaForCausalLM._from_config(LlamaConfig(**kwargs))
 
 
 def build_model(cfg: ModelConfig, vocab_size: int | None = None, meta: bool = False) -> MultimodalModel:

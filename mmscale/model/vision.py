@@ -69,6 +69,8 @@ def build_vision_tower(cfg: VisionConfig, meta: bool = False) -> VisionTower:
             config = config_cls.from_pretrained(cfg.path, **overrides)
         else:
             config = config_cls(**{**overrides, **cfg.config})
+        # `_from_config`, not `model_cls(config)`: under ZeRO-3 sharding at birth, transformers then initialises the
+        # weights gathered (plain construction would run its init on empty partitions and keep torch's defaults).
         with torch.device("meta") if meta else contextlib.nullcontext():
-            model = model_cls(config)
+            model = model_cls._from_config(config)
     return VisionTower(model)
