@@ -258,3 +258,26 @@ def test_trainer_state_loads_with_weights_only(tmp_path):
     expected = (random.random(), float(np.random.rand()), float(torch.rand(())))
     set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
     assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
+
+
+@pytest.mark.slow
+def test_a_timed_out_launch_leaves_no_process_behind(tmp_path):
+    """The launcher and both ranks die with the test that started them (an orphaned job once trained on for 35
+    minutes after pytest-timeout failed its test)."""
+    import time
+
+    with pytest.raises(subprocess.TimeoutExpired):
+        launch(ROOT / "tests/dist/sleep_forever.py", [str(tmp_path)], nprocs=2, timeout=30)
+    pids = [int(p.read_text()) for p in tmp_path.glob("pid*")]
+    assert len(pids) == 2, "the ranks did not start within the timeout"
+
+    def alive(pid: int) -> bool:  # a zombie (killed, not yet reaped by init) is dead
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in pids), [pid for pid in pids if alive(pid)]
