@@ -70,18 +70,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not report["problems"] else 2
 
     from mmscale.training.build import build_trainer, close
+    from mmscale.training.engine import InitFromError
     from mmscale.training.trainer import NonFiniteError, ResumeError
 
     try:
         trainer = build_trainer(cfg, resume=args.resume, overwrite=args.overwrite)
         trainer.train()
-    except (ResumeError, NonFiniteError) as e:  # raised on every rank alike: a message, not a traceback
+    except (ResumeError, NonFiniteError, InitFromError) as e:  # raised on every rank alike: a message, not a traceback
         from mmscale.training.engine import barrier
 
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         barrier()  # every rank is here: none tears the process group down under another
-        return 2 if isinstance(e, ResumeError) else 3
+        return 3 if isinstance(e, NonFiniteError) else 2
     finally:
         close()
     return 0

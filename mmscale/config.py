@@ -123,6 +123,10 @@ class ModelConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
     xattn: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
+    init_from: str = ""
+    """Start from another run's weights: a run directory (its newest good checkpoint, any ZeRO stage and world
+    size), a checkpoint directory, or a folder with `model.safetensors`. Weights only: not the optimizer, the
+    schedule or the data position. Empty = the weights `vision`/`lm` give (random or `path`)."""
     train_vision: bool = False
     """Train the vision tower (False = frozen)."""
     train_lm: bool = False
@@ -170,6 +174,8 @@ class TrainConfig:
     rollback_lr_factor: float = 0.5
     eval_every: int = 0
     """Validate every N steps (0 = only at the end, if validation shards exist)."""
+    eval_at_start: bool = False
+    """Also validate before the first step (logged at step 0): the "before" of a fine-tuning run."""
     eval_batches: int = 20
     """Micro batches per validation run on each rank."""
     seed: int = 1234
@@ -457,6 +463,10 @@ def validate(cfg: JobConfig, world_size: int | None = None, check_paths: bool = 
     _positive(p, "data.tokenizer_vocab_size", d.tokenizer_vocab_size, 16)
     if check_paths:
         p += _data_problems(d)
+        if m.init_from:
+            from mmscale.training.weights import source_problems
+
+            p += source_problems(m.init_from)
 
     _choice(p, "model.vision.type", m.vision.type, ("clip", "siglip", "dinov2"))
     tower_size = m.vision.config.get("image_size")

@@ -281,3 +281,13 @@ def test_a_timed_out_launch_leaves_no_process_behind(tmp_path):
     while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(alive(pid) for pid in pids), [pid for pid in pids if alive(pid)]
+
+
+def test_engine_refuses_parameters_in_a_precision_nobody_asked_for():
+    """What build_engine checks after the build (DeepSpeed 0.19.8 once turned fp32 into bf16 without a word)."""
+    from mmscale.training.engine import check_param_dtypes
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to(torch.bfloat16))
+    check_param_dtypes(model[:1], torch.float32)
+    with pytest.raises(RuntimeError, match=r"asks for torch.float32.*2 in torch.bfloat16 \(e.g. 1.weight\)"):
+        check_param_dtypes(model, torch.float32)

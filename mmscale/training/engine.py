@@ -289,6 +289,51 @@ def check_param_dtypes(model: torch.nn.Module, expected: torch.dtype) -> None:
         )
 
 
+class InitFromError(RuntimeError):
+    """`model.init_from` cannot be used (unreadable, or a shape mismatch); raised on every rank alike."""
+
+
+def load_initial_weights(model: torch.nn.Module, source: str, rank: int, zero3: bool) -> dict[str, Any]:
+    """Copy the weights of `source` (see mmscale.training.weights) into the freshly built model, before DeepSpeed
+    wraps it. Rank 0 reads the source and checks it against the model's full shapes; every rank gets its verdict
+    before any collective, so a bad source stops all ranks with the same message. Returns the report."""
+    from mmscale.training import weights
+
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
+    state, verdict = None, None
+    if rank == 0:
+        try:
+            state, where = weights.read_weights(source)
+            report = weights.compare(shapes, state)
+            error = (f"model.init_from {where}: shapes differ from the model built here:\n  "
+                     + "\n  ".join(report["mismatched"][:20])) if report["mismatched"] else None
+            verdict = (error, report, str(where))
+        except Exception as e:  # noqa: BLE001  (any reader error is the source's problem, reported as such)
+            verdict = (f"model.init_from {source!r}: cannot read it ({type(e).__name__}: {e})", None, source)
+    error, report, where = broadcast_object(verdict)
+    if error:
+        raise InitFromError(error)
+    params = dict(model.named_parameters())
+    names = sorted(set(shapes) - set(report["missing"]))
+    with torch.no_grad():
+        for name in names:
+            p = params[name]
+            if zero3:  # partitioned at birth: gather, let rank 0 write, DeepSpeed re-partitions on exit
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if rank == 0:
+                        p.data.copy_(state[name])
+            else:
+                if rank == 0:
+                    p.copy_(state[name])
+                if dist.is_initialized() and dist.get_world_size() > 1:
+                    dist.broadcast(p.data, src=0)
+    if rank == 0:
+        log.info(weights.describe(report, where))
+    return report
+
+
 def build_engine(cfg: JobConfig, build_model: Callable[[], torch.nn.Module], world_size: int, rank: int,
                  on_model_built: Callable[[torch.nn.Module], None] | None = None) -> Engine:
     """Construct the model (sharded at birth under ZeRO-3), optimizer, schedule and DeepSpeed engine."""
@@ -305,6 +350,8 @@ def build_engine(cfg: JobConfig, build_model: Callable[[], torch.nn.Module], wor
         else contextlib.nullcontext()
     with init:
         model = build_model()
+    if cfg.model.init_from:  # the base weights first; callbacks then adapt the model (adapters, freezing)
+        load_initial_weights(model, cfg.model.init_from, rank, zero3=cfg.deepspeed.zero_stage == 3)
     if on_model_built is not None:
         on_model_built(model)
     optimizer = build_optimizer(model, cfg)

@@ -83,7 +83,7 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
         if key.startswith("output_dir") or old.get(key) == new.get(key):
             continue
         line = f"{key}: {old.get(key, '(unset)')!r} at the checkpoint, {new.get(key, '(unset)')!r} now"
-        if any(key == f or key.startswith(f + ".") for f in _FIXED_ON_RESUME):
+        if key != "model.init_from" and any(key == f or key.startswith(f + ".") for f in _FIXED_ON_RESUME):
             refused.append(f"{line}; resume with {key}={old.get(key)!r}, or start a new run in another output_dir")
         else:
             log.info("resume: %s", line)
@@ -387,6 +387,8 @@ class Trainer:
                    desc="train", unit="step", dynamic_ncols=True)
         last_saved = self.step
         try:
+            if t.eval_at_start and self.step == 0 and self.eval_data is not None:
+                self._log(self.evaluate())
             while self.step < t.max_steps and not self.should_stop:
                 step_metrics = self.train_step()
                 for cb in self.callbacks:

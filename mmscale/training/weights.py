@@ -1,0 +1,99 @@
+"""Start a run from another run's weights: `model.init_from`.
+
+A source is one of
+    a run directory        its newest checkpoint that passes its manifest (any ZeRO stage, any world size)
+    a checkpoint directory `runs/x/checkpoints/step_00000400`
+    a Hugging Face-style directory with `model.safetensors` (or shards listed in `model.safetensors.index.json`)
+Only weights are taken: not the optimizer, the schedule or the data position. Names that the model has and the
+source lacks (missing) or the reverse (unexpected) are reported; a shape mismatch is refused with the names.
+Nothing is unpickled beyond tensors (safetensors, or `torch.load(weights_only=True)`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mmscale.training import checkpoint
+
+if TYPE_CHECKING:  # torch is imported where tensors are read: config validation imports this module
+    import torch
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def source_problems(path: str, field: str = "model.init_from") -> list[str]:
+    """Cheap check for config validation: the path is one of the three kinds of source."""
+    p = Path(path)
+    if not p.exists():
+        return [f"{field}: {path!r} does not exist; give a run directory, a checkpoint directory or a folder with "
+                f"{SAFETENSORS}"]
+    if _kind(p) is None:
+        return [f"{field}: {path!r} holds no checkpoint (checkpoints/step_*), no DeepSpeed checkpoint "
+                f"(*model_states.pt) and no {SAFETENSORS}; give a run directory, a checkpoint directory or an "
+                f"exported model folder"]
+    return []
+
+
+def _kind(p: Path) -> str | None:
+    if (p / SAFETENSORS).is_file() or (p / SAFETENSORS_INDEX).is_file():
+        return "safetensors"
+    if p.is_dir() and any(p.glob("*model_states.pt")):
+        return "checkpoint"
+    if checkpoint.complete_checkpoints(p / "checkpoints"):
+        return "run"
+    return None
+
+
+def resolve_source(path: str) -> tuple[str, Path]:
+    """(kind, the directory to read): a run directory resolves to its newest checkpoint that passes its manifest."""
+    p = Path(path)
+    kind = _kind(p)
+    if kind == "run":
+        for ckpt in checkpoint.candidates(p / "checkpoints"):
+            if not checkpoint.verify(ckpt):
+                return "checkpoint", ckpt
+        raise ValueError(f"model.init_from: {path!r}: no checkpoint under {p / 'checkpoints'} passes its manifest")
+    if kind is None:
+        raise ValueError(source_problems(path)[0] if source_problems(path) else f"model.init_from: {path!r}")
+    return kind, p
+
+
+def read_weights(path: str) -> tuple[dict[str, torch.Tensor], Path]:
+    """The full state dict of a source, on the CPU, and the directory it came from."""
+    kind, where = resolve_source(path)
+    if kind == "checkpoint":
+        return checkpoint.consolidated_state_dict(where), where
+    from safetensors.torch import load_file
+
+    if (where / SAFETENSORS).is_file():
+        return load_file(where / SAFETENSORS), where
+    index = json.loads((where / SAFETENSORS_INDEX).read_text())
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        out.update(load_file(where / shard))
+    return out, where
+
+
+def compare(shapes: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Missing, unexpected and mismatched names of `state` against the model's full parameter shapes."""
+    missing = sorted(set(shapes) - set(state))
+    unexpected = sorted(set(state) - set(shapes))
+    mismatched = sorted(f"{n}: model {tuple(shapes[n])}, source {tuple(state[n].shape)}"
+                        for n in set(shapes) & set(state) if tuple(shapes[n]) != tuple(state[n].shape))
+    return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched,
+            "loaded": len(set(shapes) & set(state)) - len(mismatched)}
+
+
+def describe(report: dict[str, Any], source: Path) -> str:
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+
+    text = f"model.init_from {source}: {report['loaded']} tensors loaded"
+    if report["missing"]:
+        text += f"; {len(report['missing'])} missing in the source (kept as built): {few(report['missing'])}"
+    if report["unexpected"]:
+        text += f"; {len(report['unexpected'])} unexpected (ignored): {few(report['unexpected'])}"
+    return text

@@ -1,0 +1,71 @@
+"""`model.init_from`: a run starts from another run's weights (any ZeRO stage and world size), weights only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmscale.training import weights
+from test_training import ROOT, launch, tiny_data  # noqa: F401  (tiny_data is a fixture)
+
+
+@pytest.fixture(scope="module")
+def source_run(tiny_data, tmp_path_factory):  # noqa: F811
+    """A 2-rank ZeRO-3 run of 3 steps that validates at its end on 64 held-out samples."""
+    from mmscale.data import make_shapes_dataset
+
+    tmp = tmp_path_factory.mktemp("init_from")
+    make_shapes_dataset(tmp / "val", 64, samples_per_shard=8, image_size=32, seed=7, prefix="val", first_index=10_000)
+    data = [*tiny_data, f"data.val_shards={tmp / 'val'}", "train.eval_batches=16", "data.num_workers=0"]
+    launch(ROOT / "launchers/train.py", ["--config", "configs/tiny.yaml", f"output_dir={tmp / 'src'}", *data,
+                                         "train.max_steps=3", "deepspeed.stage3_param_persistence_threshold=0"],
+           nprocs=2)
+    return tmp, data
+
+
+def _val_losses(run: Path) -> dict[int, float]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["val_loss"] for r in map(json.loads, lines) if "val_loss" in r}
+
+
+@pytest.mark.slow
+def test_init_from_a_two_rank_zero3_run_reproduces_its_evaluation(source_run):
+    """One process (ZeRO-0) started from the 2-rank ZeRO-3 run evaluates, before its first step, to the loss the
+    source had at its end; only weights came over (the step count starts at 0, the optimizer is fresh)."""
+    tmp, data = source_run
+    src = _val_losses(tmp / "src")[3]
+    r = launch(ROOT / "launchers/train.py", ["--config", "configs/tiny.yaml", f"output_dir={tmp / 'dst'}", *data,
+                                             f"model.init_from={tmp / 'src'}", "train.eval_at_start=true",
+                                             "train.max_steps=1", "deepspeed.zero_stage=0"], nprocs=1)
+    assert "model.init_from" in r.stderr and "tensors loaded" in r.stderr
+    dst = _val_losses(tmp / "dst")
+    assert dst[0] == pytest.approx(src, rel=1e-5), (dst, src)
+    assert sorted(dst) == [0, 1]
+
+
+@pytest.mark.slow
+def test_init_from_refuses_a_shape_mismatch_with_the_names(source_run):
+    tmp, data = source_run
+    r = launch(ROOT / "launchers/train.py", ["--config", "configs/tiny.yaml", f"output_dir={tmp / 'bad'}", *data,
+                                             f"model.init_from={tmp / 'src'}", "model.lm.config.intermediate_size=96",
+                                             "train.max_steps=1"], nprocs=1, check=False)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "shapes differ" in r.stderr and "mlp.up_proj.weight: model (96, 64), source (128, 64)" in r.stderr
+
+
+def test_sources_are_checked_and_compared(tmp_path):
+    from safetensors.torch import save_file
+
+    assert "does not exist" in weights.source_problems(str(tmp_path / "nope"))[0]
+    assert "holds no checkpoint" in weights.source_problems(str(tmp_path))[0]
+    save_file({"a.weight": torch.ones(2, 3), "b.bias": torch.zeros(4)}, tmp_path / "model.safetensors")
+    assert weights.source_problems(str(tmp_path)) == []
+    state, where = weights.read_weights(str(tmp_path))
+    assert where == tmp_path and torch.equal(state["a.weight"], torch.ones(2, 3))
+    report = weights.compare({"a.weight": (2, 3), "b.bias": (5,), "c.weight": (1,)}, state)
+    assert report["missing"] == ["c.weight"] and report["unexpected"] == [] and report["loaded"] == 1
+    assert report["mismatched"] == ["b.bias: model (5,), source (4,)"]
+    assert "1 missing in the source" in weights.describe(report, tmp_path)
