@@ -39,3 +39,4 @@ def build_callbacks(specs: list[Any]) -> list[Callback]:
 
 
 from mmscale.callbacks import early_stopping  # noqa: E402,F401  (registers itself)
+from mmscale.callbacks import peft_methods  # noqa: E402,F401  (registers lora, bitfit)

@@ -1,4 +1,5 @@
-"""`model.init_from`: a run starts from another run's weights (any ZeRO stage and world size), weights only."""
+"""Fine-tuning what was pretrained: `model.init_from` (another run's weights, any ZeRO stage and world size, weights
+only), then parameter-efficient methods as callbacks (`lora`, `bitfit`) on 2 ranks under ZeRO-3."""
 
 from __future__ import annotations
 
@@ -69,3 +70,44 @@ def test_sources_are_checked_and_compared(tmp_path):
     assert report["missing"] == ["c.weight"] and report["unexpected"] == [] and report["loaded"] == 1
     assert report["mismatched"] == ["b.bias: model (5,), source (4,)"]
     assert "1 missing in the source" in weights.describe(report, tmp_path)
+
+
+def _frozen_weights_equal(source: dict, tuned: dict, may_change) -> list[str]:
+    """Names whose weights differ between source and fine-tuned run, other than those `may_change` allows.
+    peft renames an adapted layer's own weight `x.weight` -> `x.base_layer.weight`."""
+    tuned = {k.replace(".base_layer.", "."): v for k, v in tuned.items() if "lora_" not in k}
+    assert set(tuned) == set(source), sorted(set(tuned) ^ set(source))[:5]
+    return [k for k in source if not may_change(k) and not torch.equal(source[k], tuned[k])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_peft_method_under_zero3_trains_only_what_it_says(source_run, method):
+    """2 ranks, ZeRO-3, persistence threshold 0 (no small weight stays resident to hide a partitioning bug), from
+    the source run's weights: the loss falls, every frozen weight is bit-identical to the source's afterwards, and
+    what the method trains did move."""
+    from mmscale.training.checkpoint import consolidated_state_dict, latest_checkpoint
+
+    tmp, data = source_run
+    out = tmp / f"ft-{method}"
+    r = launch(ROOT / "launchers/train.py", ["--config", "configs/tiny.yaml", f"output_dir={out}", *data,
+                                             f"model.init_from={tmp / 'src'}", f"callbacks=[{{name: {method}}}]",
+                                             "train.max_steps=6", "train.lr=1e-2", "train.warmup_steps=1",
+                                             "deepspeed.stage3_param_persistence_threshold=0"], nprocs=2)
+    assert f"{method}: " in r.stderr and "parameters train" in r.stderr
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [x["loss"] for x in lines if "loss" in x]
+    assert train[-1] < train[0], train
+    source = consolidated_state_dict(latest_checkpoint(tmp / "src/checkpoints"))
+    tuned = consolidated_state_dict(latest_checkpoint(out / "checkpoints"))
+    new_blocks = ("resampler.", ".xattn.")  # trained in full precision whatever the method
+
+    def trains(name: str) -> bool:
+        if name.startswith(new_blocks[0]) or new_blocks[1] in name:
+            return True
+        return method == "bitfit" and name.startswith("lm.") and "norm" in name
+
+    assert _frozen_weights_equal(source, tuned, trains) == []
+    moved = [k for k in tuned if ("lora_B" in k if method == "lora" else trains(k) and k.startswith("lm."))
+             and not torch.equal(tuned[k], source.get(k, torch.zeros_like(tuned[k])))]
+    assert moved, "the method's own parameters did not train"

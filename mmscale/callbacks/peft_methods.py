@@ -1,0 +1,107 @@
+"""Parameter-efficient fine-tuning as callbacks: `lora` (through peft) and `bitfit`.
+
+Both act in `on_model_built`, after the model (and `model.init_from`'s weights) are in place and before DeepSpeed
+wraps it. The cross-attention and the resampler keep what the freeze policy (`model.train_*`) says: they are new
+in a Flamingo-style model and train in full precision; the methods only change how the LM (and optionally the
+vision tower) is adapted. Each logs trainable and total parameters at start.
+
+Under ZeRO-3 the model is partitioned at birth: peft's LoRA layers are created afterwards as ordinary parameters,
+and DeepSpeed partitions them when it wraps the model (its ZeRO-3 offload converts parameters zero.Init did not
+see). LoRA reads the base layer's `in_features`/`out_features`, never its (empty) weight.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from mmscale.callbacks import register_callback
+from mmscale.training.callbacks import Callback
+
+log = logging.getLogger("mmscale.callbacks")
+
+_COMPONENTS = ("lm", "vision")
+
+
+def _check_components(components: Any) -> list[str]:
+    components = [components] if isinstance(components, str) else list(components)
+    bad = [c for c in components if c not in _COMPONENTS]
+    if not components or bad:
+        raise ValueError(f"components must be a non-empty list of {', '.join(_COMPONENTS)}; got {components!r}")
+    return components
+
+
+def _report(name: str, model: torch.nn.Module) -> None:
+    counts = model.param_counts()
+    log.info("%s: %s of %s parameters train (%.3f%%); by component %s", name, f"{counts['trainable']:,}",
+             f"{counts['total']:,}", 100 * counts["trainable"] / max(counts["total"], 1), counts["by_component"])
+
+
+def _is_bias_or_norm(name: str) -> bool:
+    leaf = name.rsplit(".", 2)
+    owner = leaf[-2].lower() if len(leaf) > 1 else ""
+    return name.endswith(".bias") or "norm" in owner or owner.startswith("ln") or owner.endswith("_ln")
+
+
+@register_callback("bitfit")
+class BitFit(Callback):
+    """Only biases and normalisation weights of `components` train (Ben Zaken et al., 2022); for a Llama, which has
+    no biases, that is its RMSNorm scales."""
+
+    def __init__(self, components: list[str] | str = ("lm",)):
+        self.components = _check_components(components)
+
+    def on_model_built(self, model: torch.nn.Module) -> None:
+        groups = model.component_params()
+        for comp in self.components:
+            for name, p in groups[comp]:
+                p.requires_grad_(_is_bias_or_norm(name))
+        _report("bitfit", model)
+
+
+@register_callback("lora")
+class LoRA(Callback):
+    """Low-rank adapters (Hu et al., 2021) on the linear layers named in `target_modules` of `components`, through
+    peft; the adapted components' own weights are frozen."""
+
+    def __init__(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 target_modules: list[str] | str = ("q_proj", "k_proj", "v_proj", "o_proj"),
+                 components: list[str] | str = ("lm",)):
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be an integer >= 1, got {r!r}")
+        if not isinstance(alpha, (int, float)) or alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {alpha!r}")
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
+        self.r, self.alpha, self.dropout, self.targets = r, float(alpha), float(dropout), targets
+        self.components = _check_components(components)
+
+    def on_model_built(self, model: torch.nn.Module) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        # peft marks everything but its adapters frozen in the module it adapts, and the cross-attention blocks
+        # live inside the LM's layer list: remember the freeze policy and give it back to whatever is not adapted.
+        before = {name: p.requires_grad for name, p in model.named_parameters()}
+        config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                            target_modules=self.targets, bias="none")
+        for comp in self.components:
+            part = model.lm if comp == "lm" else model.vision
+            found = [n for n, _ in part.named_modules() if n.rsplit(".", 1)[-1] in self.targets]
+            if not found:
+                raise ValueError(f"lora: no module of the {comp} is named any of {self.targets}")
+            inject_adapter_in_model(config, part)
+        adapted = set(self.components)
+        for comp, params in model.component_params().items():
+            for name, p in params:
+                if "lora_" in name:
+                    p.requires_grad_(True)
+                elif comp in adapted:
+                    p.requires_grad_(False)
+                else:
+                    p.requires_grad_(before[name])
+        _report("lora", model)
