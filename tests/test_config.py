@@ -245,3 +245,18 @@ def test_fresh_run_into_a_used_output_dir_is_refused(tmp_path):
     (out / "data").mkdir()
     assert sorted(clear_run(out)) == ["checkpoints", "metrics.jsonl"]
     assert run_dir_problems(out, resume=False, overwrite=False) == [] and (out / "data").is_dir()
+
+
+def test_dry_run_applies_the_fine_tuning_method(tmp_path):
+    """--dry-run sizes what would train with the configured method: LoRA on a trained LM cuts the trainable
+    parameters, and with them the gradient and optimizer memory."""
+    from mmscale.training.build import dry_run_report
+
+    base = [f"output_dir={tmp_path}", "model.train_lm=true"]
+    _, full = dry_run_report(load_config(ROOT / "configs/demo.yaml", base), world_size=2)
+    _, lora = dry_run_report(load_config(ROOT / "configs/demo.yaml", [*base, "callbacks=[{name: lora, args: {r: 4}}]"]),
+                             world_size=2)
+    lm = full["params"]["by_component"]["lm"]
+    assert lora["params"]["total"] > full["params"]["total"]  # the adapters are new parameters
+    assert full["params"]["trainable"] - lora["params"]["trainable"] > 0.9 * lm  # the LM's own weights froze
+    assert lora["memory_per_rank"]["device_optimizer_gib"] < full["memory_per_rank"]["device_optimizer_gib"]

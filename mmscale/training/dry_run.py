@@ -56,6 +56,11 @@ def dry_run(cfg: JobConfig, world_size: int, vocab_size: int | None) -> dict[str
 
     problems = validate(cfg, world_size=world_size, check_paths=False)  # sizing needs no data
     model = build_model(cfg.model, vocab_size=vocab_size, meta=True)
+    if not problems:  # the fine-tuning methods change what trains, and so the gradient and optimizer memory
+        from mmscale.callbacks import build_callbacks
+
+        for cb in build_callbacks(cfg.callbacks):
+            cb.on_model_built(model)
     counts = model.param_counts()
     lm_cfg = model.lm.config
     seq_len = 1 + cfg.data.max_text_len
