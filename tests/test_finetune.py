@@ -75,13 +75,13 @@ def test_sources_are_checked_and_compared(tmp_path):
 def _frozen_weights_equal(source: dict, tuned: dict, may_change) -> list[str]:
     """Names whose weights differ between source and fine-tuned run, other than those `may_change` allows.
     peft renames an adapted layer's own weight `x.weight` -> `x.base_layer.weight`."""
-    tuned = {k.replace(".base_layer.", "."): v for k, v in tuned.items() if "lora_" not in k}
+    tuned = {k.replace(".base_layer.", "."): v for k, v in tuned.items() if "lora_" not in k and ".adapter." not in k}
     assert set(tuned) == set(source), sorted(set(tuned) ^ set(source))[:5]
     return [k for k in source if not may_change(k) and not torch.equal(source[k], tuned[k])]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "bitfit"])
+@pytest.mark.parametrize("method", ["lora", "adapters", "bitfit"])
 def test_peft_method_under_zero3_trains_only_what_it_says(source_run, method):
     """2 ranks, ZeRO-3, persistence threshold 0 (no small weight stays resident to hide a partitioning bug), from
     the source run's weights: the loss falls, every frozen weight is bit-identical to the source's afterwards, and
@@ -108,6 +108,35 @@ def test_peft_method_under_zero3_trains_only_what_it_says(source_run, method):
         return method == "bitfit" and name.startswith("lm.") and "norm" in name
 
     assert _frozen_weights_equal(source, tuned, trains) == []
-    moved = [k for k in tuned if ("lora_B" in k if method == "lora" else trains(k) and k.startswith("lm."))
+    zero_init = {"lora": "lora_B", "adapters": ".adapter.up."}  # new parameters that start at zero
+    moved = [k for k in tuned if (zero_init[method] in k if method in zero_init else trains(k) and k.startswith("lm."))
              and not torch.equal(tuned[k], source.get(k, torch.zeros_like(tuned[k])))]
     assert moved, "the method's own parameters did not train"
+    # what was saved reloads in one process without DeepSpeed and evaluates to the engine's loss
+    engine_val = _val_losses(out)[6]
+    assert _evaluate_without_deepspeed(tuned, data, [f"callbacks=[{{name: {method}}}]"]) == \
+        pytest.approx(engine_val, rel=1e-3)
+
+
+@torch.no_grad()
+def _evaluate_without_deepspeed(state: dict, data: list[str], overrides: list[str]) -> float:
+    """Token-weighted validation loss of `state` in this process: the model built from the config, the callbacks'
+    changes applied, the weights loaded strictly, every validation sample once."""
+    from mmscale.callbacks import build_callbacks
+    from mmscale.config import load_config
+    from mmscale.data import EvalLoader, load_tokenizer
+    from mmscale.model import build_model
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", [*data, *overrides])
+    tok = load_tokenizer(cfg.data.tokenizer)
+    model = build_model(cfg.model, vocab_size=tok.vocab_size)
+    for cb in build_callbacks(cfg.callbacks):
+        cb.on_model_built(model)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    loss, tokens = 0.0, 0
+    for batch in EvalLoader(cfg.data, tok, 4, 0, 1, shards=cfg.data.val_shards, max_batches=16):
+        out = model(**{k: batch[k] for k in ("pixel_values", "image_mask", "input_ids", "attention_mask",
+                                              "media_index", "labels")})
+        loss, tokens = loss + float(out.loss_sum), tokens + int(out.num_tokens)
+    return loss / tokens

@@ -1,4 +1,4 @@
-"""Parameter-efficient fine-tuning as callbacks: `lora` (through peft) and `bitfit`.
+"""Parameter-efficient fine-tuning as callbacks: `lora` (through peft), `adapters` and `bitfit`.
 
 Both act in `on_model_built`, after the model (and `model.init_from`'s weights) are in place and before DeepSpeed
 wraps it. The cross-attention and the resampler keep what the freeze policy (`model.train_*`) says: they are new
@@ -16,6 +16,8 @@ import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from mmscale.callbacks import register_callback
 from mmscale.training.callbacks import Callback
@@ -105,3 +107,51 @@ class LoRA(Callback):
                 else:
                     p.requires_grad_(before[name])
         _report("lora", model)
+
+
+class BottleneckAdapter(nn.Module):
+    """h + up(gelu(down(h))) (Houlsby et al., 2019), `up` zero-initialised so the adapted model starts as it was."""
+
+    def __init__(self, dim: int, bottleneck: int):
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck)
+        self.up = nn.Linear(bottleneck, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(F.gelu(self.down(h)))
+
+
+def _adapt_output(module: nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook: the module's output (or the first item of a tuple output, as attention returns) through its
+    adapter. The adapter is called as a module, so ZeRO-3 gathers its parameters like any other's."""
+    if isinstance(output, tuple):
+        return (module.adapter(output[0]), *output[1:])
+    return module.adapter(output)
+
+
+@register_callback("adapters")
+class Adapters(Callback):
+    """A bottleneck adapter after the attention and after the MLP of every LM decoder layer; the LM's own weights
+    are frozen, the adapters (and what the freeze policy trains: cross-attention, resampler) train."""
+
+    def __init__(self, bottleneck: int = 16, after: list[str] | str = ("self_attn", "mlp")):
+        if not isinstance(bottleneck, int) or bottleneck < 1:
+            raise ValueError(f"bottleneck must be an integer >= 1, got {bottleneck!r}")
+        after = [after] if isinstance(after, str) else list(after)
+        if not after or any(a not in ("self_attn", "mlp") for a in after):
+            raise ValueError(f"after must list 'self_attn' and/or 'mlp', got {after!r}")
+        self.bottleneck, self.after = bottleneck, after
+
+    def on_model_built(self, model: torch.nn.Module) -> None:
+        dim = model.lm.config.hidden_size
+        targets = [m for n, m in model.lm.named_modules() if n.rsplit(".", 1)[-1] in self.after]
+        if not targets:
+            raise ValueError(f"adapters: the LM has no module named {self.after}")
+        for name, p in model.component_params()["lm"]:
+            p.requires_grad_(False)
+        for module in targets:
+            module.adapter = BottleneckAdapter(dim, self.bottleneck)
+            module.register_forward_hook(_adapt_output)
+        _report("adapters", model)
