@@ -260,3 +260,11 @@ def test_dry_run_applies_the_fine_tuning_method(tmp_path):
     assert lora["params"]["total"] > full["params"]["total"]  # the adapters are new parameters
     assert full["params"]["trainable"] - lora["params"]["trainable"] > 0.9 * lm  # the LM's own weights froze
     assert lora["memory_per_rank"]["device_optimizer_gib"] < full["memory_per_rank"]["device_optimizer_gib"]
+
+
+def test_qlora_needs_bf16_and_a_base_lm_on_disk():
+    problems = _problems({"data": {"synthetic_train_samples": 8}, "callbacks": [{"name": "qlora",
+                                                                                  "args": {"quant_type": "nf3"}}]})
+    text = "\n".join(problems)
+    assert "quant_type must be 'nf4' or 'fp4'" in text
+    assert "train.precision=bf16" in text and "model.lm.path" in text

@@ -1,5 +1,5 @@
 """Fine-tuning what was pretrained: `model.init_from` (another run's weights, any ZeRO stage and world size, weights
-only), then parameter-efficient methods as callbacks (`lora`, `bitfit`) on 2 ranks under ZeRO-3."""
+only), then parameter-efficient methods as callbacks (`lora`, `adapters`, `bitfit`, `qlora`) on 2 ranks under ZeRO-3."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mmscale.training import weights
-from test_training import ROOT, launch, tiny_data  # noqa: F401  (tiny_data is a fixture)
+from test_training import ROOT, RUN_TINY, launch, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +140,72 @@ def _evaluate_without_deepspeed(state: dict, data: list[str], overrides: list[st
                                               "media_index", "labels")})
         loss, tokens = loss + float(out.loss_sum), tokens + int(out.num_tokens)
     return loss / tokens
+
+
+@pytest.fixture(scope="module")
+def base_lm(tmp_path_factory):
+    """The tiny preset's LM saved with save_pretrained: the base a QLoRA run loads (and quantizes) by model.lm.path."""
+    from mmscale.config import load_config
+    from mmscale.model.multimodal import build_lm
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("base_lm")
+    build_lm(load_config(ROOT / "configs/tiny.yaml", check_paths=False).model, vocab_size=64).save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_qlora_under_zero3(source_run, base_lm, tmp_path):
+    """2 ranks, ZeRO-3, persistence threshold 0, the LM in 4-bit NF4 (bf16 storage, partitioned when DeepSpeed wraps
+    the model): the same evaluation three times in a row gives the same loss (the repacking trap), the loss falls,
+    the adapters train, and the base from model.lm.path plus what the run saved, loaded in one process without
+    DeepSpeed, evaluates to the engine's loss."""
+    import bitsandbytes as bnb
+
+    from mmscale.callbacks import build_callbacks
+    from mmscale.config import load_config
+    from mmscale.data import EvalLoader, load_tokenizer
+    from mmscale.model import BuildOptions, build_model
+    from mmscale.training.checkpoint import consolidated_state_dict, latest_checkpoint
+
+    _, data = source_run
+    overrides = [*data, f"model.lm.path={base_lm}", "train.precision=bf16", "callbacks=[{name: qlora}]",
+                 "deepspeed.stage3_param_persistence_threshold=0"]
+    out = tmp_path / "run"
+    launch(RUN_TINY, [str(tmp_path / "q.json"), f"output_dir={out}", "--eval-thrice", *overrides,
+                      "train.max_steps=6", "train.lr=1e-2", "train.warmup_steps=1", "train.checkpoint_every=0"],
+           nprocs=2)
+    result = json.loads((tmp_path / "q.json").read_text())
+    assert len(set(result["evals"])) == 1, result["evals"]
+    train = [h["loss"] for h in result["history"] if "loss" in h]
+    assert train[-1] < train[0], train
+    engine_val = [h["val_loss"] for h in result["history"] if "val_loss" in h][-1]
+
+    saved = consolidated_state_dict(latest_checkpoint(out / "checkpoints"))
+    assert any("lora_B" in k and saved[k].abs().sum() > 0 for k in saved), "the adapters did not train"
+    cfg = load_config(ROOT / "configs/tiny.yaml", overrides)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    options = BuildOptions()
+    callbacks = build_callbacks(cfg.callbacks)
+    for cb in callbacks:
+        cb.on_build(options)
+    model = build_model(cfg.model, vocab_size=tok.vocab_size, options=options)
+    for cb in callbacks:
+        cb.on_model_built(model)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = model.load_state_dict({k: v for k, v in saved.items() if k in trained}, strict=False)
+    assert not unexpected and trained.isdisjoint(missing)
+    for p in model.parameters():  # bf16 like the engine's (the checkpoint holds fp32 masters), 4-bit storage as is
+        if p.is_floating_point() and not isinstance(p, bnb.nn.Params4bit):
+            p.data = p.data.to(torch.bfloat16)
+    model.eval()
+    loss, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in EvalLoader(cfg.data, tok, 4, 0, 1, shards=cfg.data.val_shards, max_batches=16):
+            inputs = {k: batch[k] for k in ("pixel_values", "image_mask", "input_ids", "attention_mask",
+                                            "media_index", "labels")}
+            inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+            out_ = model(**inputs)
+            loss, tokens = loss + float(out_.loss_sum), tokens + int(out_.num_tokens)
+    assert loss / tokens == pytest.approx(engine_val, rel=1e-3), (loss / tokens, engine_val)

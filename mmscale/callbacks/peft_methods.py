@@ -1,4 +1,5 @@
-"""Parameter-efficient fine-tuning as callbacks: `lora` (through peft), `adapters` and `bitfit`.
+"""Parameter-efficient fine-tuning as callbacks: `lora` and `qlora` (through peft and bitsandbytes), `adapters`
+and `bitfit`.
 
 Both act in `on_model_built`, after the model (and `model.init_from`'s weights) are in place and before DeepSpeed
 wraps it. The cross-attention and the resampler keep what the freeze policy (`model.train_*`) says: they are new
@@ -155,3 +156,38 @@ class Adapters(Callback):
             module.adapter = BottleneckAdapter(dim, self.bottleneck)
             module.register_forward_hook(_adapt_output)
         _report("adapters", model)
+
+
+@register_callback("qlora")
+class QLoRA(LoRA):
+    """LoRA over an LM whose linear layers are quantized to 4 bits as it loads (Dettmers et al., 2023): NF4 (or FP4),
+    optional double quantization, bf16 compute, and bf16 storage so that ZeRO-3 can partition the packed weights.
+    The LM comes from `model.lm.path`; cross-attention and resampler stay trainable in full precision."""
+
+    def __init__(self, quant_type: str = "nf4", double_quant: bool = False, **lora_args: Any):
+        if quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+        if not isinstance(double_quant, bool):
+            raise ValueError(f"double_quant must be true or false, got {double_quant!r}")
+        super().__init__(**{"components": ("lm",), **lora_args})
+        if self.components != ["lm"]:
+            raise ValueError(f"qlora quantizes the LM only; components must be ['lm'], got {self.components}")
+        self.quant_type, self.double_quant = quant_type, double_quant
+
+    def on_build(self, options: Any) -> None:
+        options.lm_quantization = {
+            "load_in_4bit": True, "bnb_4bit_quant_type": self.quant_type,
+            "bnb_4bit_use_double_quant": self.double_quant, "bnb_4bit_compute_dtype": torch.bfloat16,
+            "bnb_4bit_quant_storage": torch.bfloat16,
+        }
+
+    def on_model_built(self, model: torch.nn.Module) -> None:
+        import bitsandbytes as bnb
+
+        for module in model.lm.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                # Trap (shared/notes/qlora-zero3-cpu.md): on CPUs with AVX512-BF16, a Linear4bit in eval mode with
+                # no grad repacks its weight in place into a CPU-only layout, which ZeRO-3 loses when it releases
+                # and re-gathers the parameter; evaluation after the first batch then goes wrong silently.
+                module.support_avx512bf16_for_cpu = False
+        super().on_model_built(model)

@@ -7,6 +7,7 @@ Names are imported lazily so that `mmscale.model.presets` (read by config.py) do
 import importlib
 
 _EXPORTS = {
+    "BuildOptions": "mmscale.model.multimodal",
     "MultimodalModel": "mmscale.model.multimodal",
     "MultimodalOutput": "mmscale.model.multimodal",
     "apply_freeze_policy": "mmscale.model.multimodal",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -171,12 +172,39 @@ def apply_freeze_policy(model: MultimodalModel, cfg: ModelConfig) -> None:
             p.requires_grad_(flags[comp])
 
 
-def build_lm(cfg: ModelConfig, vocab_size: int | None, meta: bool = False) -> PreTrainedModel:
+@dataclass
+class BuildOptions:
+    """What a fine-tuning method needs decided while the model is built, not after (a callback's `on_build` fills
+    it; this module reads it and imports no callback)."""
+
+    lm_quantization: dict[str, Any] | None = None
+    """transformers.BitsAndBytesConfig arguments: the LM is loaded from `model.lm.path` with its linear layers
+    quantized as they load."""
+
+    @property
+    def sharded_at_birth(self) -> bool:
+        """Whether the model may be built partitioned (ZeRO-3's zero.Init). A quantized LM may not: transformers
+        quantizes while it loads full tensors, so the model is built whole on each rank (the LM in 4 bits) and
+        partitioned when DeepSpeed wraps it."""
+        return self.lm_quantization is None
+
+
+def build_lm(cfg: ModelConfig, vocab_size: int | None, meta: bool = False,
+             quantization: dict[str, Any] | None = None) -> PreTrainedModel:
     """LlamaForCausalLM from cfg.lm.config (random weights) or any causal LM from the local cfg.lm.path.
 
     `vocab_size` (the tokenizer's) overrides the config's; a loaded LM with fewer embeddings is resized up.
+    `quantization`: BitsAndBytesConfig arguments; the LM then loads from cfg.lm.path quantized.
     """
     device = torch.device("meta") if meta else contextlib.nullcontext()
+    if quantization is not None and not meta:
+        if not cfg.lm.path:
+            raise ValueError("a quantized LM (qlora) is loaded from weights: set model.lm.path to a save_pretrained "
+                             "folder of the base LM")
+        from transformers import BitsAndBytesConfig
+
+        return AutoModelForCausalLM.from_pretrained(cfg.lm.path, quantization_config=BitsAndBytesConfig(**quantization),
+                                                    dtype=quantization["bnb_4bit_compute_dtype"])
     if cfg.lm.path:
         if meta:
             config = AutoConfig.from_pretrained(cfg.lm.path)
@@ -195,13 +223,14 @@ def build_lm(cfg: ModelConfig, vocab_size: int | None, meta: bool = False) -> Pr
         return LlamaForCausalLM._from_config(LlamaConfig(**kwargs))
 
 
-def build_model(cfg: ModelConfig, vocab_size: int | None = None, meta: bool = False) -> MultimodalModel:
+def build_model(cfg: ModelConfig, vocab_size: int | None = None, meta: bool = False,
+                options: BuildOptions | None = None) -> MultimodalModel:
     """Build the multimodal model described by `cfg` (a resolved config: presets are applied by config.py).
 
     meta=True builds every parameter on the meta device from configs only (nothing is loaded): for sizing.
     """
     vision = build_vision_tower(cfg.vision, meta=meta)
-    lm = build_lm(cfg, vocab_size, meta=meta)
+    lm = build_lm(cfg, vocab_size, meta=meta, quantization=(options or BuildOptions()).lm_quantization)
     r, x = cfg.resampler, cfg.xattn
     with torch.device("meta") if meta else contextlib.nullcontext():
         resampler = PerceiverResampler(vision.hidden_size, r.depth, r.num_latents, r.heads, r.dim_head, r.ff_mult)

@@ -69,7 +69,7 @@ def build_trainer(cfg: JobConfig, resume: str | None = None, overwrite: bool = F
     (tests, benchmarks)."""
     from mmscale.callbacks import build_callbacks
     from mmscale.data import EvalLoader, TrainLoader, load_tokenizer
-    from mmscale.model import build_model
+    from mmscale.model import BuildOptions, build_model
 
     rank, world_size = init_distributed()
     seed_everything(cfg.train.seed)
@@ -91,8 +91,11 @@ def build_trainer(cfg: JobConfig, resume: str | None = None, overwrite: bool = F
         for cb in callbacks:
             cb.on_model_built(model)
 
-    engine = build_engine(cfg, lambda: build_model(cfg.model, vocab_size=tokenizer.vocab_size), world_size, rank,
-                          on_model_built=on_model_built)
+    options = BuildOptions()
+    for cb in callbacks:
+        cb.on_build(options)
+    engine = build_engine(cfg, lambda: build_model(cfg.model, vocab_size=tokenizer.vocab_size, options=options),
+                          world_size, rank, on_model_built=on_model_built, sharded_build=options.sharded_at_birth)
     if rank == 0:
         counts = engine.module.param_counts()
         log.info("model: %s parameters, %s trainable; world size %d, gradient accumulation %d",

@@ -5,6 +5,7 @@ never imports a callback; callbacks live in `mmscale.callbacks` and depend on th
 
 Event order in one run::
 
+    on_build(options)                # before the model is built: requests to the builder (quantize the LM)
     on_model_built(model)            # before DeepSpeed wraps it: swap layers, add adapters, freeze
     on_train_start(trainer)          # after resume: the trainer's step, engine and data are ready
     for each optimizer step:
@@ -34,6 +35,9 @@ class Callback:
     """Base class: every event is a no-op, override the ones you need."""
 
     name: str = "callback"
+
+    def on_build(self, options: Any) -> None:
+        """`options` is a mmscale.model.BuildOptions: set what must happen while the model is built."""
 
     def on_model_built(self, model: torch.nn.Module) -> None:
         pass

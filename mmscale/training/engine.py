@@ -335,7 +335,7 @@ def load_initial_weights(model: torch.nn.Module, source: str, rank: int, zero3: 
 
 
 def build_engine(cfg: JobConfig, build_model: Callable[[], torch.nn.Module], world_size: int, rank: int,
-                 on_model_built: Callable[[torch.nn.Module], None] | None = None) -> Engine:
+                 on_model_built: Callable[[torch.nn.Module], None] | None = None, sharded_build: bool = True) -> Engine:
     """Construct the model (sharded at birth under ZeRO-3), optimizer, schedule and DeepSpeed engine."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
@@ -346,14 +346,22 @@ def build_engine(cfg: JobConfig, build_model: Callable[[], torch.nn.Module], wor
     # No `dtype=` here: DeepSpeed 0.19.8's Init._set_dtype parses `dtype or fp16 if fp16_ok else bf16 if ...` as a
     # conditional around `dtype or fp16`, so on its CPU accelerator an explicit float32 comes out bf16. Without the
     # argument it follows the config's bf16 section. The dtype is checked after the build either way.
-    init = deepspeed.zero.Init(config_dict_or_path=ds_config) if cfg.deepspeed.zero_stage == 3 \
+    # `sharded_build=False` (a quantized LM, which transformers quantizes from full tensors): built whole on each
+    # rank, partitioned by deepspeed.initialize below.
+    init = deepspeed.zero.Init(config_dict_or_path=ds_config) if cfg.deepspeed.zero_stage == 3 and sharded_build \
         else contextlib.nullcontext()
     with init:
         model = build_model()
     if cfg.model.init_from:  # the base weights first; callbacks then adapt the model (adapters, freezing)
-        load_initial_weights(model, cfg.model.init_from, rank, zero3=cfg.deepspeed.zero_stage == 3)
+        load_initial_weights(model, cfg.model.init_from, rank, zero3=cfg.deepspeed.zero_stage == 3 and sharded_build)
     if on_model_built is not None:
         on_model_built(model)
+    if not sharded_build:  # zero.Init gave no dtype: every ordinary float parameter (not 4-bit storage) gets the
+        # precision's, as ZeRO-3 flattens a parameter group into one buffer of one dtype
+        dtype = param_dtype(cfg)
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype and type(p).__name__ != "Params4bit":
+                p.data = p.data.to(dtype)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     ds_engine, _, _, _ = deepspeed.initialize(

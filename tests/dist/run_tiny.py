@@ -112,6 +112,7 @@ def main() -> int:
     p.add_argument("--kill-rank", type=int, default=-1)
     p.add_argument("--kill-in-save", type=int, default=0)
     p.add_argument("--nan-at-steps", default="")
+    p.add_argument("--eval-thrice", action="store_true", help="evaluate 3 times before training, record the losses")
     p.add_argument("--local_rank", type=int, default=None)
     args = p.parse_intermixed_args()
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs/tiny.yaml", args.overrides)
@@ -137,10 +138,11 @@ def main() -> int:
         kill_in_save(trainer, args.kill_in_save)
     if args.nan_at_steps:
         trainer.callbacks.append(NanAt({int(x) for x in args.nan_at_steps.split(",")}))
+    evals = [trainer.evaluate()["val_loss"] for _ in range(3)] if args.eval_thrice else []
     history = trainer.train()
     out = Path(args.out) if rank == 0 else Path(args.out).with_suffix(f".rank{rank}.json")
     out.write_text(json.dumps({"world_size": world, "history": history, "nonfinite_steps": trainer.nonfinite_steps,
-                               "rollbacks": trainer.rollbacks, "lr_scale": trainer.lr_scale}))
+                               "rollbacks": trainer.rollbacks, "lr_scale": trainer.lr_scale, "evals": evals}))
     close()
     return 0
 
