@@ -541,13 +541,7 @@ def validate(cfg: JobConfig, world_size: int | None = None, check_paths: bool = 
         if cb.name not in CALLBACKS:
             p.append(f"callbacks[{i}].name: unknown callback {cb.name!r}. Registered: {', '.join(sorted(CALLBACKS))}")
         else:  # constructing a callback checks its arguments and does no work (see the Callback protocol)
-            p += callback_problems(i, cb.name, cb.args)
-        if cb.name == "qlora" and t.precision != "bf16":
-            p.append(f"callbacks[{i}] (qlora): the 4-bit weights compute and are stored in bf16; set "
-                     f"train.precision=bf16 (got {t.precision!r})")
-        if cb.name == "qlora" and not m.lm.path:
-            p.append(f"callbacks[{i}] (qlora): the LM is quantized as it loads; set model.lm.path to a "
-                     "save_pretrained folder of the base LM")
+            p += callback_problems(i, cb.name, cb.args, cfg)
     _positive(p, "logging.log_every", cfg.logging.log_every)
     return p
 

@@ -263,8 +263,9 @@ def test_dry_run_applies_the_fine_tuning_method(tmp_path):
 
 
 def test_qlora_needs_bf16_and_a_base_lm_on_disk():
-    problems = _problems({"data": {"synthetic_train_samples": 8}, "callbacks": [{"name": "qlora",
-                                                                                  "args": {"quant_type": "nf3"}}]})
-    text = "\n".join(problems)
-    assert "quant_type must be 'nf4' or 'fp4'" in text
-    assert "train.precision=bf16" in text and "model.lm.path" in text
+    (p,) = _problems({"data": {"synthetic_train_samples": 8}, "train": {"precision": "bf16"}, "model": {"lm": {"path": "."}},
+                      "callbacks": [{"name": "qlora", "args": {"quant_type": "nf3"}}]})
+    assert "callbacks[0].args (qlora)" in p and "quant_type must be 'nf4' or 'fp4'" in p
+    problems = _problems({"data": {"synthetic_train_samples": 8}, "callbacks": [{"name": "qlora"}]})
+    assert len(problems) == 2 and all(p.startswith("callbacks[0] (qlora): ") for p in problems), problems
+    assert "train.precision=bf16" in problems[0] and "model.lm.path" in problems[1]

@@ -23,14 +23,15 @@ def register_callback(name: str) -> Callable[[type[Callback]], type[Callback]]:
     return wrap
 
 
-def callback_problems(index: int, name: str, args: dict[str, Any]) -> list[str]:
-    """Problems with `callbacks[index]`'s arguments, found by constructing it (config validation calls this before
-    any process group starts; a callback's constructor only checks and stores its arguments)."""
+def callback_problems(index: int, name: str, args: dict[str, Any], cfg: Any) -> list[str]:
+    """Problems with `callbacks[index]`: its arguments (found by constructing it; a callback's constructor only
+    checks and stores them) and what it needs of the rest of the config (`Callback.config_problems`). Config
+    validation calls this before any process group starts."""
     try:
-        CALLBACKS[name](**args)
+        cb = CALLBACKS[name](**args)
     except (TypeError, ValueError) as e:
         return [f"callbacks[{index}].args ({name}): {args}: {e}"]
-    return []
+    return [f"callbacks[{index}] ({name}): {p}" for p in cb.config_problems(cfg)]
 
 
 def build_callbacks(specs: list[Any]) -> list[Callback]:

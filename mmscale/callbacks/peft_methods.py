@@ -174,6 +174,16 @@ class QLoRA(LoRA):
             raise ValueError(f"qlora quantizes the LM only; components must be ['lm'], got {self.components}")
         self.quant_type, self.double_quant = quant_type, double_quant
 
+    def config_problems(self, cfg: Any) -> list[str]:
+        problems = []
+        if cfg.train.precision != "bf16":
+            problems.append(f"the 4-bit weights compute and are stored in bf16; set train.precision=bf16 (got "
+                            f"{cfg.train.precision!r})")
+        if not cfg.model.lm.path:
+            problems.append("the LM is quantized as it loads; set model.lm.path to a save_pretrained folder of the "
+                            "base LM")
+        return problems
+
     def on_build(self, options: Any) -> None:
         options.lm_quantization = {
             "load_in_4bit": True, "bnb_4bit_quant_type": self.quant_type,

@@ -17,7 +17,8 @@ Event order in one run::
     state_dict() / load_state_dict() # saved in every checkpoint, restored on --resume
 
 A callback's constructor only checks and stores its arguments (raising ValueError or TypeError with the value and
-the fix): config validation constructs every configured callback once, before any process group starts.
+the fix): config validation constructs every configured callback once, before any process group starts, and asks
+it `config_problems(cfg)` for what it needs of the rest of the config.
 `state_dict()` returns plain Python values and tensors only, so that checkpoints load with `weights_only=True`.
 """
 
@@ -35,6 +36,11 @@ class Callback:
     """Base class: every event is a no-op, override the ones you need."""
 
     name: str = "callback"
+
+    def config_problems(self, cfg: Any) -> list[str]:
+        """What this callback needs of the rest of the job config (a JobConfig), checked with it: one message per
+        problem, naming the field and the fix."""
+        return []
 
     def on_build(self, options: Any) -> None:
         """`options` is a mmscale.model.BuildOptions: set what must happen while the model is built."""
