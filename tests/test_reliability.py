@@ -118,12 +118,18 @@ def test_resume_refuses_a_changed_seed_and_a_missing_checkpoint(tiny_data, refer
 
 
 @pytest.mark.slow
-def test_nonfinite_steps_are_skipped_counted_and_rolled_back(tiny_data, tmp_path):  # noqa: F811
-    """Rank 1's loss is NaN in attempts 3 and 6-8: attempt 3 is skipped on both ranks (weights untouched), and the
-    three in a row roll back to the step-6 checkpoint at half the learning rate; the run then finishes finitely."""
+@pytest.mark.parametrize("stage", [3, 0])
+def test_nonfinite_steps_are_skipped_counted_and_rolled_back(tiny_data, tmp_path, stage):  # noqa: F811
+    """Rank 1's loss is NaN in attempts 3 and 6-8: attempt 3 is skipped on both ranks, and the three in a row roll
+    back to the step-6 checkpoint at half the learning rate; the run then finishes finitely. ZeRO-3 skips through
+    DeepSpeed's own check of the gradient norm, stage 0 (fp32) through mmscale's optimizer."""
+    from mmscale.config import load_config
+    from mmscale.training.engine import lr_lambda
+
     run = tmp_path / "run"
-    r = launch(RUN_TINY, [str(tmp_path / "nan.json"), f"output_dir={run}", "--nan-at-steps", "3,6,7,8", *tiny_data,
-                          *COMMON, "train.max_steps=10"], nprocs=2)
+    overrides = [*tiny_data, *COMMON, "train.max_steps=10", f"deepspeed.zero_stage={stage}"]
+    r = launch(RUN_TINY, [str(tmp_path / "nan.json"), f"output_dir={run}", "--nan-at-steps", "3,6,7,8", *overrides],
+               nprocs=2)
     assert "rolled back to step_00000006" in r.stderr + r.stdout
     views = [json.loads((tmp_path / name).read_text()) for name in ("nan.json", "nan.rank1.json")]
     for v in views:  # every rank counted the same
@@ -131,11 +137,16 @@ def test_nonfinite_steps_are_skipped_counted_and_rolled_back(tiny_data, tmp_path
     train = [h for h in views[0]["history"] if "samples_per_s" in h]  # training records (log_every=1)
     assert train[-1]["step"] == 10
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in train if "loss" in h)
-    # the skipped step logs no loss (nothing was applied), and is counted from then on
+    # the skipped step logs no loss, is counted from then on, and did not advance the schedule (no optimizer step)
     third = train[2]
     assert third["step"] == 3 and "loss" not in third and third["nonfinite_steps"] == 1
     assert train[1]["nonfinite_steps"] == 0 and "loss" in train[3]
-    # after the rollback the learning rate is half what the schedule gives at the same point
-    before = [h for h in train if h["rollbacks"] == 0]
-    after = [h for h in train if h["rollbacks"] == 1]
-    assert after and after[0]["lr"] < before[-1]["lr"]
+    assert third["lr"] == train[1]["lr"]
+    # the engine's learning rate, against the schedule: steps 1, 2, 4, 5 applied (4 schedule steps) before the
+    # checkpoint at 6; after the rollback, step 7 is the 5th applied step, at half the rate
+    cfg = load_config(ROOT / "configs/tiny.yaml", overrides)
+    f = lr_lambda(cfg)
+    step5 = next(h for h in train if h["step"] == 5 and h["rollbacks"] == 0)
+    step7 = next(h for h in train if h["step"] == 7 and h["rollbacks"] == 1)
+    assert step5["lr"] == pytest.approx(cfg.train.lr * f(4), rel=1e-9)
+    assert step7["lr"] == pytest.approx(0.5 * cfg.train.lr * f(5), rel=1e-9)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from mmscale.config import JobConfig
 from mmscale.training import checkpoint
 from mmscale.training.callbacks import Callback
-from mmscale.training.engine import Engine, all_gather_object, all_reduce_sum, barrier, broadcast_object
+from mmscale.training.engine import Engine, all_gather_object, all_reduce_sum, barrier, broadcast_object, param_dtype
 from mmscale.training.metrics import MetricsWriter, plot_losses
 
 log = logging.getLogger("mmscale.trainer")
@@ -124,7 +124,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []  # this process's logged records (tests and benchmarks read it)
         self._data_iter = None
         self._window = {"loss_sum": 0.0, "tokens": 0.0, "time": 0.0, "steps": 0}
-        self._dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self._dtype = param_dtype(cfg)  # inputs in the parameters' dtype
 
     # ------------------------------------------------------------------------------------------- steps
 
@@ -248,7 +248,6 @@ class Trainer:
             "data_skipped": self.data_skipped,
             "nonfinite_steps": self.nonfinite_steps,
             "lr_scale": self.lr_scale,
-            "world_size": self.world_size,
             "data": self.train_data.state_dict(),
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
             "rng": rng_state(),

@@ -57,7 +57,7 @@ def resolve_source(path: str) -> tuple[str, Path]:
                 return "checkpoint", ckpt
         raise ValueError(f"model.init_from: {path!r}: no checkpoint under {p / 'checkpoints'} passes its manifest")
     if kind is None:
-        raise ValueError(source_problems(path)[0] if source_problems(path) else f"model.init_from: {path!r}")
+        raise ValueError(source_problems(path)[0])
     return kind, p
 
 
