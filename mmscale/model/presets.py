@@ -73,8 +73,8 @@ def demo() -> ModelConfig:
     return ModelConfig(
         preset="demo",
         # 8 px patches (8x8 tokens) with a 128-wide LM (plenty for ~10-token captions over a 64-word vocabulary).
-        # The vision tower is ~95% of the compute: 4 px patches (16x16 tokens) cost 3.6x the step time and learn the
-        # colours no better in the demo's 400 steps (0.329 vs 0.338 nats, validation loss 0.564 vs 0.487).
+        # With 4 px patches (16x16 tokens) the tower is 90% of the step and the step costs 3.6x as much
+        # (benchmarks/demo_patch_size.py), for colours learned no better in the demo's 400 steps.
         vision=_clip(hidden=128, layers=4, heads=4, intermediate=512, patch=8, image=64),
         lm=_llama(hidden=128, layers=4, heads=4, kv_heads=4, intermediate=344, max_pos=512),
         resampler=ResamplerConfig(num_latents=16, depth=2, heads=4, dim_head=32, ff_mult=2),
