@@ -1,5 +1,6 @@
 """The README's demo job, end to end: 2 ranks, ZeRO-3, embedded defaults, cut to its first 200 steps (the colours
-are read from the image by then: 0.35 nats against 4.5 with shuffled images). Loss falls, the model uses the image."""
+are read from the image by then: 0.645 nats against 3.692 with shuffled images; colours and shapes 1.020 against
+2.544). Loss falls, the model uses the image."""
 
 from __future__ import annotations
 
