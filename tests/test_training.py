@@ -32,12 +32,13 @@ def launch(script: Path, args: list[str], nprocs: int, timeout: int = 600, check
 
     The job runs in its own process group, and that whole group is SIGKILLed however this call ends (timeout,
     failure, Ctrl-C): no launcher or rank outlives the test that started it."""
+    port = _port()
     if nprocs == 1:
         cmd = [sys.executable, str(script), *args]
     else:
-        cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(nprocs), "--master_port", str(_port()),
+        cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(nprocs), "--master_port", str(port),
                str(script), *args]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **({"MASTER_PORT": str(port)} if nprocs == 1 else {}), **(env or {})}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
@@ -48,9 +49,16 @@ def launch(script: Path, args: list[str], nprocs: int, timeout: int = 600, check
         except ProcessLookupError:
             pass
         proc.wait()
+        # DeepSpeed's CPU comm op leaves 66 MB per rank in /dev/shm unless mmscale unlinks it (engine.py): a run
+        # that left one fails, and whatever is left is removed so that it cannot fill this machine's memory
+        left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+        for f in left:
+            f.unlink(missing_ok=True)
     r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    if check and left:
+        raise AssertionError(f"the job left {[f.name for f in left]} in /dev/shm")
     return r
 
 
