@@ -1,5 +1,5 @@
 """Fine-tuning what was pretrained: `model.init_from` (another run's weights, any ZeRO stage and world size, weights
-only), then parameter-efficient methods as callbacks (`lora`, `adapters`, `bitfit`, `qlora`) on 2 ranks under ZeRO-3."""
+only), then parameter-efficient methods as callbacks (`lora`, `adapters`, `prompt_tuning`, `bitfit`, `qlora`) on 2 ranks under ZeRO-3."""
 
 from __future__ import annotations
 
@@ -72,69 +72,62 @@ def test_sources_are_checked_and_compared(tmp_path):
     assert "1 missing in the source" in weights.describe(report, tmp_path)
 
 
-def _frozen_weights_equal(source: dict, tuned: dict, may_change) -> list[str]:
-    """Names whose weights differ between source and fine-tuned run, other than those `may_change` allows.
-    peft renames an adapted layer's own weight `x.weight` -> `x.base_layer.weight`."""
-    tuned = {k.replace(".base_layer.", "."): v for k, v in tuned.items() if "lora_" not in k and ".adapter." not in k}
-    assert set(tuned) == set(source), sorted(set(tuned) ^ set(source))[:5]
-    return [k for k in source if not may_change(k) and not torch.equal(source[k], tuned[k])]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "adapters", "bitfit"])
+@pytest.mark.parametrize("method", ["lora", "adapters", "prompt_tuning", "bitfit"])
 def test_peft_method_under_zero3_trains_only_what_it_says(source_run, method):
     """2 ranks, ZeRO-3, persistence threshold 0 (no small weight stays resident to hide a partitioning bug), from
-    the source run's weights: the loss falls, every frozen weight is bit-identical to the source's afterwards, and
-    what the method trains did move."""
+    the source run's weights: the loss falls; the checkpoint holds exactly what trains; rebuilt in one process
+    without DeepSpeed from the source, its frozen weights match the fingerprint taken at the save (bit-identical to
+    the source's after training) and it evaluates to the engine's loss; what the method trains did move."""
+    from mmscale.config import load_config
+    from mmscale.data import load_tokenizer
+    from mmscale.training.build import build_from_checkpoint
     from mmscale.training.checkpoint import consolidated_state_dict, latest_checkpoint
 
     tmp, data = source_run
     out = tmp / f"ft-{method}"
+    method_args = [f"model.init_from={tmp / 'src'}", f"callbacks=[{{name: {method}}}]"]
     r = launch(ROOT / "launchers/train.py", ["--config", "configs/tiny.yaml", f"output_dir={out}", *data,
-                                             f"model.init_from={tmp / 'src'}", f"callbacks=[{{name: {method}}}]",
-                                             "train.max_steps=6", "train.lr=1e-2", "train.warmup_steps=1",
-                                             "deepspeed.stage3_param_persistence_threshold=0"], nprocs=2)
+                                             *method_args, "train.max_steps=6", "train.lr=1e-2",
+                                             "train.warmup_steps=1", "deepspeed.stage3_param_persistence_threshold=0"],
+               nprocs=2)
     assert f"{method}: " in r.stderr and "parameters train" in r.stderr
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train = [x["loss"] for x in lines if "loss" in x]
     assert train[-1] < train[0], train
+
+    ckpt = latest_checkpoint(out / "checkpoints")
+    cfg = load_config(ROOT / "configs/tiny.yaml", [*data, *method_args])
+    vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
+    model = build_from_checkpoint(cfg, ckpt, vocab)  # raises unless the frozen weights match the saved fingerprint
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {n for n, _ in model.named_buffers()}
+    saved = consolidated_state_dict(ckpt)
+    assert set(saved) - buffers == trainable, sorted(set(saved) ^ trainable)[:5]  # only what trains
+    own = {"lora": "lora_", "adapters": ".adapter.", "prompt_tuning": "prompt.", "bitfit": "norm"}[method]
+    assert any(own in n and n.startswith(("lm.", "prompt.")) for n in trainable)
+    assert all(n.startswith(("resampler.", "prompt.")) or ".xattn." in n or own in n for n in trainable), trainable
     source = consolidated_state_dict(latest_checkpoint(tmp / "src/checkpoints"))
-    tuned = consolidated_state_dict(latest_checkpoint(out / "checkpoints"))
-    new_blocks = ("resampler.", ".xattn.")  # trained in full precision whatever the method
-
-    def trains(name: str) -> bool:
-        if name.startswith(new_blocks[0]) or new_blocks[1] in name:
-            return True
-        return method == "bitfit" and name.startswith("lm.") and "norm" in name
-
-    assert _frozen_weights_equal(source, tuned, trains) == []
-    zero_init = {"lora": "lora_B", "adapters": ".adapter.up."}  # new parameters that start at zero
-    moved = [k for k in tuned if (zero_init[method] in k if method in zero_init else trains(k) and k.startswith("lm."))
-             and not torch.equal(tuned[k], source.get(k, torch.zeros_like(tuned[k])))]
+    initial = build_from_checkpoint(cfg, None, vocab).state_dict()  # as built: init_from + the method's new weights
+    moved = [n for n in trainable if own in n and not torch.equal(saved[n], initial[n].float())]
     assert moved, "the method's own parameters did not train"
-    # what was saved reloads in one process without DeepSpeed and evaluates to the engine's loss
-    engine_val = _val_losses(out)[6]
-    assert _evaluate_without_deepspeed(tuned, data, [f"callbacks=[{{name: {method}}}]"]) == \
-        pytest.approx(engine_val, rel=1e-3)
+    if method == "bitfit":
+        assert all(torch.equal(initial[n], source[n]) for n in trainable if n in source)
+    assert _evaluate(model, cfg) == pytest.approx(_val_losses(out)[6], rel=1e-3)
+    # another base under the same trained weights is refused: the fingerprint tells
+    with pytest.raises(RuntimeError, match="not the ones it was trained on"):
+        build_from_checkpoint(load_config(ROOT / "configs/tiny.yaml", [*data, f"callbacks=[{{name: {method}}}]"]),
+                              ckpt, vocab)
 
 
 @torch.no_grad()
-def _evaluate_without_deepspeed(state: dict, data: list[str], overrides: list[str]) -> float:
-    """Token-weighted validation loss of `state` in this process: the model built from the config, the callbacks'
-    changes applied, the weights loaded strictly, every validation sample once."""
-    from mmscale.callbacks import build_callbacks
-    from mmscale.config import load_config
+def _evaluate(model: torch.nn.Module, cfg) -> float:
+    """Token-weighted validation loss of `model` in this process, every validation sample once."""
     from mmscale.data import EvalLoader, load_tokenizer
-    from mmscale.model import build_model
 
-    cfg = load_config(ROOT / "configs/tiny.yaml", [*data, *overrides])
-    tok = load_tokenizer(cfg.data.tokenizer)
-    model = build_model(cfg.model, vocab_size=tok.vocab_size)
-    for cb in build_callbacks(cfg.callbacks):
-        cb.on_model_built(model)
-    model.load_state_dict(state, strict=True)
     model.eval()
     loss, tokens = 0.0, 0
+    tok = load_tokenizer(cfg.data.tokenizer)
     for batch in EvalLoader(cfg.data, tok, 4, 0, 1, shards=cfg.data.val_shards, max_batches=16):
         out = model(**{k: batch[k] for k in ("pixel_values", "image_mask", "input_ids", "attention_mask",
                                               "media_index", "labels")})
@@ -162,10 +155,9 @@ def test_qlora_under_zero3(source_run, base_lm, tmp_path):
     DeepSpeed, evaluates to the engine's loss."""
     import bitsandbytes as bnb
 
-    from mmscale.callbacks import build_callbacks
     from mmscale.config import load_config
     from mmscale.data import EvalLoader, load_tokenizer
-    from mmscale.model import BuildOptions, build_model
+    from mmscale.training.build import build_from_checkpoint
     from mmscale.training.checkpoint import consolidated_state_dict, latest_checkpoint
 
     _, data = source_run
@@ -187,21 +179,17 @@ def test_qlora_under_zero3(source_run, base_lm, tmp_path):
     assert zero2 == pytest.approx(train, rel=1e-2), (zero2, train)  # bf16 compute, other reduction order
     engine_val = [h["val_loss"] for h in result["history"] if "val_loss" in h][-1]
 
-    saved = consolidated_state_dict(latest_checkpoint(out / "checkpoints"))
+    ckpt = latest_checkpoint(out / "checkpoints")
+    saved = consolidated_state_dict(ckpt)
     assert any("lora_B" in k and saved[k].abs().sum() > 0 for k in saved), "the adapters did not train"
     cfg = load_config(ROOT / "configs/tiny.yaml", overrides)
     tok = load_tokenizer(cfg.data.tokenizer)
-    options = BuildOptions()
-    callbacks = build_callbacks(cfg.callbacks)
-    for cb in callbacks:
-        cb.on_build(options)
-    model = build_model(cfg.model, vocab_size=tok.vocab_size, options=options)
-    for cb in callbacks:
-        cb.on_model_built(model)
+    # the base quantized again from model.lm.path, then the trained weights; the 4-bit base is checked against the
+    # fingerprint taken at the save (the frozen weights did not move)
+    model = build_from_checkpoint(cfg, ckpt, tok.vocab_size)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = model.load_state_dict({k: v for k, v in saved.items() if k in trained}, strict=False)
-    assert not unexpected and trained.isdisjoint(missing)
+    assert set(saved) - {n for n, _ in model.named_buffers()} == trained  # the checkpoint holds only what trains
     for p in model.parameters():  # bf16 like the engine's (the checkpoint holds fp32 masters), 4-bit storage as is
         if p.is_floating_point() and not isinstance(p, bnb.nn.Params4bit):
             p.data = p.data.to(torch.bfloat16)
@@ -215,3 +203,53 @@ def test_qlora_under_zero3(source_run, base_lm, tmp_path):
             out_ = model(**inputs)
             loss, tokens = loss + float(out_.loss_sum), tokens + int(out_.num_tokens)
     assert loss / tokens == pytest.approx(engine_val, rel=1e-3), (loss / tokens, engine_val)
+
+
+@pytest.mark.slow
+def test_lora_zero2_matches_zero3(source_run, tmp_path):
+    """The same LoRA job from the same weights under ZeRO-2 and ZeRO-3 (fp32): the same losses. The adapters draw
+    their initial weights from a generator of their own, so ZeRO-3's partitioned build cannot change them."""
+    tmp, data = source_run
+    losses = {}
+    for stage in (2, 3):
+        launch(RUN_TINY, [str(tmp_path / f"z{stage}.json"), f"output_dir={tmp_path / f'z{stage}'}", *data,
+                          f"model.init_from={tmp / 'src'}", "callbacks=[{name: lora}]", f"deepspeed.zero_stage={stage}",
+                          "deepspeed.stage3_param_persistence_threshold=0", "train.max_steps=4", "train.lr=1e-2",
+                          "train.warmup_steps=1", "train.checkpoint_every=0"], nprocs=2)
+        history = json.loads((tmp_path / f"z{stage}.json").read_text())["history"]
+        losses[stage] = [h["loss"] for h in history if "loss" in h]
+    assert len(losses[3]) == 4 and losses[3][-1] < losses[3][0], losses
+    assert losses[2] == pytest.approx(losses[3], rel=1e-5), losses
+
+
+@pytest.mark.slow
+def test_qlora_fine_tunes_a_pretrained_run(source_run, tmp_path):
+    """QLoRA with `model.init_from` a 2-rank ZeRO-3 run and no model.lm.path: the run's LM is written out as a
+    Hugging Face model (its weights exactly the source's), quantized as it loads, fine-tuned on 2 ranks under ZeRO-3,
+    and what was saved reloads in one process (4-bit base rebuilt from the export, checked by its fingerprint)."""
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+
+    from mmscale.config import load_config
+    from mmscale.data import load_tokenizer
+    from mmscale.training.build import BASE_LM_DIR, build_from_checkpoint
+    from mmscale.training.checkpoint import consolidated_state_dict, latest_checkpoint
+
+    tmp, data = source_run
+    out = tmp_path / "run"
+    args = [*data, f"model.init_from={tmp / 'src'}", "train.precision=bf16", "callbacks=[{name: qlora}]",
+            "deepspeed.stage3_param_persistence_threshold=0", "train.max_steps=4", "train.lr=1e-2",
+            "train.warmup_steps=1"]
+    r = launch(ROOT / "launchers/train.py", ["--config", "configs/tiny.yaml", f"output_dir={out}", *args], nprocs=2)
+    assert "qlora: " in r.stderr
+    exported = load_file(out / BASE_LM_DIR / "model.safetensors")
+    source = consolidated_state_dict(latest_checkpoint(tmp / "src/checkpoints"))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(exported[q], source["lm.model.layers.0.decoder_layer.self_attn.q_proj.weight"])
+    train = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(train) == 4 and train[-1] < train[0], train
+    cfg = load_config(out / "config.yaml")  # the resolved config names the exported base
+    assert cfg.model.lm.path == str(out / BASE_LM_DIR)
+    model = build_from_checkpoint(cfg, latest_checkpoint(out / "checkpoints"),
+                                  load_tokenizer(cfg.data.tokenizer).vocab_size)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())

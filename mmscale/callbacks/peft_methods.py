@@ -1,5 +1,8 @@
-"""Parameter-efficient fine-tuning as callbacks: `lora` and `qlora` (through peft and bitsandbytes), `adapters`
-and `bitfit`.
+"""Parameter-efficient fine-tuning as callbacks: `lora` and `qlora` (through peft and bitsandbytes), `adapters`,
+`prompt_tuning` and `bitfit`.
+
+Checkpoints of a run that uses one hold only what trains; the frozen weights come back from `model.init_from` /
+`model.lm.path` when it resumes or is reloaded (BuildOptions.checkpoint_frozen, checked by a fingerprint).
 
 Both act in `on_model_built`, after the model (and `model.init_from`'s weights) are in place and before DeepSpeed
 wraps it. The cross-attention and the resampler keep what the freeze policy (`model.train_*`) says: they are new
@@ -13,8 +16,9 @@ see). LoRA reads the base layer's `in_features`/`out_features`, never its (empty
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +52,25 @@ def _is_bias_or_norm(name: str) -> bool:
     return name.endswith(".bias") or "norm" in owner or owner.startswith("ln") or owner.endswith("_ln")
 
 
+class _PEFT(Callback):
+    """What every method shares: checkpoints hold only what trains (BuildOptions.checkpoint_frozen), and new
+    weights are drawn from their own seeded generator (`_new_weights`)."""
+
+    def on_build(self, options: Any) -> None:
+        options.checkpoint_frozen = False
+
+
+@contextlib.contextmanager
+def _new_weights(seed: int = 0) -> Iterator[None]:
+    """The method's new weights from a generator of their own: the same on every rank and at every ZeRO stage,
+    whatever building the model drew from the global one before (ZeRO-3's partitioned build draws differently)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 @register_callback("bitfit")
-class BitFit(Callback):
+class BitFit(_PEFT):
     """Only biases and normalisation weights of `components` train (Ben Zaken et al., 2022); for a Llama, which has
     no biases, that is its RMSNorm scales."""
 
@@ -65,7 +86,7 @@ class BitFit(Callback):
 
 
 @register_callback("lora")
-class LoRA(Callback):
+class LoRA(_PEFT):
     """Low-rank adapters (Hu et al., 2021) on the linear layers named in `target_modules` of `components`, through
     peft; the adapted components' own weights are frozen."""
 
@@ -97,7 +118,8 @@ class LoRA(Callback):
             found = [n for n, _ in part.named_modules() if n.rsplit(".", 1)[-1] in self.targets]
             if not found:
                 raise ValueError(f"lora: no module of the {comp} is named any of {self.targets}")
-            inject_adapter_in_model(config, part)
+            with _new_weights():
+                inject_adapter_in_model(config, part)
         adapted = set(self.components)
         for comp, params in model.component_params().items():
             for name, p in params:
@@ -107,7 +129,7 @@ class LoRA(Callback):
                     p.requires_grad_(False)
                 else:
                     p.requires_grad_(before[name])
-        _report("lora", model)
+        _report(self.name, model)  # "qlora" for the subclass
 
 
 class BottleneckAdapter(nn.Module):
@@ -133,7 +155,7 @@ def _adapt_output(module: nn.Module, args: Any, output: Any) -> Any:
 
 
 @register_callback("adapters")
-class Adapters(Callback):
+class Adapters(_PEFT):
     """A bottleneck adapter after the attention and after the MLP of every LM decoder layer; the LM's own weights
     are frozen, the adapters (and what the freeze policy trains: cross-attention, resampler) train."""
 
@@ -152,9 +174,10 @@ class Adapters(Callback):
             raise ValueError(f"adapters: the LM has no module named {self.after}")
         for name, p in model.component_params()["lm"]:
             p.requires_grad_(False)
-        for module in targets:
-            module.adapter = BottleneckAdapter(dim, self.bottleneck)
-            module.register_forward_hook(_adapt_output)
+        with _new_weights():
+            for module in targets:
+                module.adapter = BottleneckAdapter(dim, self.bottleneck)
+                module.register_forward_hook(_adapt_output)
         _report("adapters", model)
 
 
@@ -179,12 +202,13 @@ class QLoRA(LoRA):
         if cfg.train.precision != "bf16":
             problems.append(f"the 4-bit weights compute and are stored in bf16; set train.precision=bf16 (got "
                             f"{cfg.train.precision!r})")
-        if not cfg.model.lm.path:
+        if not cfg.model.lm.path and not cfg.model.init_from:
             problems.append("the LM is quantized as it loads; set model.lm.path to a save_pretrained folder of the "
-                            "base LM")
+                            "base LM, or model.init_from to the run to fine-tune (its LM is written out and loaded)")
         return problems
 
     def on_build(self, options: Any) -> None:
+        super().on_build(options)
         options.lm_quantization = {
             "load_in_4bit": True, "bnb_4bit_quant_type": self.quant_type,
             "bnb_4bit_use_double_quant": self.double_quant, "bnb_4bit_compute_dtype": torch.bfloat16,
@@ -201,3 +225,35 @@ class QLoRA(LoRA):
                 # and re-gathers the parameter; evaluation after the first batch then goes wrong silently.
                 module.support_avx512bf16_for_cpu = False
         super().on_model_built(model)
+
+
+class SoftPrompt(nn.Module):
+    """`num_tokens` learned input embeddings, the same for every sample (Lester et al., 2021)."""
+
+    def __init__(self, num_tokens: int, dim: int, std: float):
+        super().__init__()
+        self.embeddings = nn.Parameter(torch.randn(num_tokens, dim) * std)
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.embeddings.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+@register_callback("prompt_tuning")
+class PromptTuning(_PEFT):
+    """`num_tokens` soft tokens before the text (MultimodalModel.prompt); the LM's own weights are frozen, the soft
+    tokens (and what the freeze policy trains: cross-attention, resampler) train."""
+
+    def __init__(self, num_tokens: int = 8):
+        if not isinstance(num_tokens, int) or num_tokens < 1:
+            raise ValueError(f"num_tokens must be an integer >= 1, got {num_tokens!r}")
+        self.num_tokens = num_tokens
+
+    def on_model_built(self, model: torch.nn.Module) -> None:
+        for _, p in model.component_params()["lm"]:
+            p.requires_grad_(False)
+        config = model.lm.config
+        # the scale of the LM's own embeddings at initialisation (read from the config: under ZeRO-3 the weights
+        # are partitioned here)
+        with _new_weights():
+            model.prompt = SoftPrompt(self.num_tokens, config.hidden_size, getattr(config, "initializer_range", 0.02))
+        _report("prompt_tuning", model)

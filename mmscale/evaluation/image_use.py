@@ -31,8 +31,8 @@ def load_run(run_dir: str | Path, checkpoint_dir: str | Path | None = None):
     import yaml
 
     from mmscale.data import load_tokenizer
-    from mmscale.model import build_model
-    from mmscale.training.checkpoint import consolidated_state_dict, latest_checkpoint
+    from mmscale.training.build import build_from_checkpoint
+    from mmscale.training.checkpoint import latest_checkpoint
 
     run_dir = Path(run_dir)
     cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), check_paths=False)  # the model only
@@ -40,10 +40,8 @@ def load_run(run_dir: str | Path, checkpoint_dir: str | Path | None = None):
     ckpt = Path(checkpoint_dir) if checkpoint_dir else latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints holds no complete checkpoint")
-    model = build_model(cfg.model, vocab_size=tokenizer.vocab_size)
-    missing, unexpected = model.load_state_dict(consolidated_state_dict(ckpt), strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    # built as training built it (fine-tuning methods, init_from), then the checkpoint's weights
+    model = build_from_checkpoint(cfg, ckpt, tokenizer.vocab_size)
     return cfg, model.eval(), tokenizer
 
 

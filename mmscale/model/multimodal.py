@@ -64,6 +64,9 @@ class MultimodalModel(nn.Module):
         self.resampler = resampler
         self.lm = lm
         self.media_mode = media_mode
+        self.prompt: nn.Module | None = None
+        """Optional (prompt tuning): a module mapping the batch size to (B, k, D) embeddings put before the text's.
+        The k positions see no image and are dropped from the logits: outputs line up with `input_ids`."""
 
     # --------------------------------------------------------------------------------------------- forward
 
@@ -112,7 +115,10 @@ class MultimodalModel(nn.Module):
         key_range = build_media_key_range(media_index, n, self.media_mode)  # (B, L, 2); kernel also applies kv_lens
         for layer in self.xattn_layers():
             layer.condition(media, key_range, kv_lens)
-        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        if self.prompt is None:
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        else:
+            logits = self._forward_with_prompt(input_ids, attention_mask, media_index, media, kv_lens, n)
         if labels is None:
             return MultimodalOutput(logits=logits)
         # predict labels[:, t+1] from position t; fp32 whatever the logits' dtype
@@ -130,6 +136,21 @@ class MultimodalModel(nn.Module):
             token_loss=token_loss if return_token_loss else None,
         )
 
+    def _forward_with_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media_index: torch.Tensor,
+                             media: torch.Tensor, kv_lens: torch.Tensor, n: int) -> torch.Tensor:
+        B = input_ids.shape[0]
+        prefix = self.prompt(B)  # called as a module: ZeRO-3 gathers its parameters like any other's
+        k = prefix.shape[1]
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        embeds = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
+        attention_mask = torch.cat([attention_mask.new_ones(B, k), attention_mask], dim=1)
+        media_index = torch.cat([media_index.new_full((B, k), -1), media_index], dim=1)  # before any image
+        key_range = build_media_key_range(media_index, n, self.media_mode)
+        for layer in self.xattn_layers():
+            layer.condition(media, key_range, kv_lens)
+        logits = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+        return logits[:, k:]
+
     # --------------------------------------------------------------------------------------------- accounting
 
     def component_params(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -138,20 +159,24 @@ class MultimodalModel(nn.Module):
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {c: [] for c in COMPONENTS}
         for name, p in self.named_parameters():
             top = name.split(".", 1)[0]
-            if top == "lm":
+            if top == "prompt":  # prompt tuning's soft tokens: counted with the LM they feed
+                groups["lm"].append((name, p))
+            elif top == "lm":
                 groups["xattn" if id(p) in xattn_ids else "lm"].append((name, p))
             else:
                 groups[top].append((name, p))
         return groups
 
     def param_counts(self) -> dict:
-        """{"total", "trainable", "by_component": {vision, resampler, lm, xattn}}. Works on meta tensors and on
-        ZeRO-3 partitioned parameters (their full size is `ds_numel`; `numel()` is 0 locally)."""
+        """{"total", "trainable", "by_component": {vision, resampler, lm, xattn}}. Works on meta tensors, on
+        ZeRO-3 partitioned parameters (their full size is `ds_numel`; `numel()` is 0 locally) and on 4-bit weights
+        (counted by the shape they quantize, not their packed storage)."""
         by_component, total, trainable = {}, 0, 0
         for comp, params in self.component_params().items():
             count = 0
             for _, p in params:
-                numel = getattr(p, "ds_numel", p.numel())
+                quant = getattr(p, "quant_state", None)  # 4-bit weights: several packed into one stored element
+                numel = quant.shape.numel() if quant is not None else getattr(p, "ds_numel", p.numel())
                 count += numel
                 trainable += numel if p.requires_grad else 0
             by_component[comp] = count
@@ -180,6 +205,11 @@ class BuildOptions:
     lm_quantization: dict[str, Any] | None = None
     """transformers.BitsAndBytesConfig arguments: the LM is loaded from `model.lm.path` with its linear layers
     quantized as they load."""
+
+    checkpoint_frozen: bool = True
+    """False (the fine-tuning methods): checkpoints hold only what trains. The frozen weights come back from where
+    they came from (`model.init_from`, `model.lm.path`, the seed) when the run resumes or is reloaded; a fingerprint
+    saved with each checkpoint checks that they are the same."""
 
     @property
     def sharded_at_birth(self) -> bool:

@@ -80,11 +80,6 @@ def build_trainer(cfg: JobConfig, resume: str | None = None, overwrite: bool = F
     barrier()
     train_shards, val_shards, tok_path = prepare_data(cfg, rank)
     tokenizer = load_tokenizer(tok_path)
-    if rank == 0:  # the resolved config beside the run, with the data and tokenizer it actually used
-        resolved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_shards=train_shards,
-                                                                     val_shards=val_shards, tokenizer=tok_path))
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.output_dir) / "config.yaml").write_text(resolved.to_yaml())
     callbacks = build_callbacks(cfg.callbacks)
 
     def on_model_built(model: torch.nn.Module) -> None:
@@ -94,9 +89,15 @@ def build_trainer(cfg: JobConfig, resume: str | None = None, overwrite: bool = F
     options = BuildOptions()
     for cb in callbacks:
         cb.on_build(options)
+    cfg = base_lm_from_init(cfg, options, tokenizer.vocab_size, rank)
     engine = build_engine(cfg, lambda: build_model(cfg.model, vocab_size=tokenizer.vocab_size, options=options),
-                          world_size, rank, on_model_built=on_model_built, sharded_build=options.sharded_at_birth)
-    if rank == 0:
+                          world_size, rank, on_model_built=on_model_built, sharded_build=options.sharded_at_birth,
+                          save_frozen=options.checkpoint_frozen)
+    if rank == 0:  # the resolved config beside the run, with the data, tokenizer and base LM it actually used
+        resolved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_shards=train_shards,
+                                                                     val_shards=val_shards, tokenizer=tok_path))
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "config.yaml").write_text(resolved.to_yaml())
         counts = engine.module.param_counts()
         log.info("model: %s parameters, %s trainable; world size %d, gradient accumulation %d",
                  f"{counts['total']:,}", f"{counts['trainable']:,}", world_size, engine.grad_accum)
@@ -110,6 +111,64 @@ def build_trainer(cfg: JobConfig, resume: str | None = None, overwrite: bool = F
     if resume:
         trainer.resume(required=resume != "auto")
     return trainer
+
+
+BASE_LM_DIR = "base_lm"
+
+
+def base_lm_from_init(cfg: JobConfig, options: Any, vocab_size: int, rank: int) -> JobConfig:
+    """A quantized LM (qlora) loads from `model.lm.path`. Fine-tuning another run (`model.init_from`) without one:
+    rank 0 writes that run's LM, as a plain Hugging Face model, to `{output_dir}/base_lm` (once; a restart reuses
+    it), and the job loads and quantizes that. Returns the config with `model.lm.path` set to it."""
+    m = cfg.model
+    if options.lm_quantization is None or m.lm.path or not m.init_from:
+        return cfg
+    from mmscale.training.engine import InitFromError, broadcast_object
+    from mmscale.training.weights import export_base_lm
+
+    out = Path(cfg.output_dir) / BASE_LM_DIR
+    error = None
+    if rank == 0:
+        try:
+            export_base_lm(cfg, vocab_size, out)
+        except Exception as e:  # noqa: BLE001  (reported on every rank alike)
+            error = f"model.init_from {m.init_from!r}: cannot make the base LM to quantize ({type(e).__name__}: {e})"
+    error = broadcast_object(error)
+    if error:
+        raise InitFromError(error)
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, lm=dataclasses.replace(m.lm, path=str(out))))
+
+
+def build_from_checkpoint(cfg: JobConfig, ckpt: Path | None, vocab_size: int) -> torch.nn.Module:
+    """The model of a run in this process, without DeepSpeed: built the way training built it (the callbacks' build
+    requests and changes, `model.init_from`), then the weights of `ckpt` (None: as built). A checkpoint that left
+    the frozen weights out gets them from the same sources, checked against the fingerprint it recorded."""
+    from mmscale.callbacks import build_callbacks
+    from mmscale.model import BuildOptions, build_model
+    from mmscale.training.engine import frozen_fingerprint, load_initial_weights, param_dtype
+
+    callbacks = build_callbacks(cfg.callbacks)
+    options = BuildOptions()
+    for cb in callbacks:
+        cb.on_build(options)
+    model = build_model(cfg.model, vocab_size=vocab_size, options=options)
+    if cfg.model.init_from:
+        load_initial_weights(model, cfg.model.init_from, rank=0)
+    for cb in callbacks:
+        cb.on_model_built(model)
+    if ckpt is None:
+        return model
+    saved = checkpoint.read_manifest(ckpt).get("frozen_fingerprint", "")
+    missing, unexpected = model.load_state_dict(checkpoint.consolidated_state_dict(ckpt), strict=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    if unexpected or (set(missing) - frozen if saved else missing):
+        raise RuntimeError(f"checkpoint {ckpt} does not fit the model built from its config: missing "
+                           f"{sorted(set(missing) - (frozen if saved else set()))[:5]}, unexpected {unexpected[:5]}")
+    if saved and frozen_fingerprint(model, param_dtype(cfg)) != saved:
+        raise RuntimeError(f"checkpoint {ckpt} holds only the trainable weights, and the frozen weights rebuilt here "
+                           f"(model.init_from={cfg.model.init_from!r}, model.lm.path={cfg.model.lm.path!r}) are not "
+                           f"the ones it was trained on")
+    return model
 
 
 def close() -> None:

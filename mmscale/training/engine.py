@@ -280,12 +280,24 @@ class Engine:
         norm = self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else None
 
+    save_frozen: bool = True
+    """False: checkpoints hold the trainable parameters only (see BuildOptions.checkpoint_frozen)."""
+    frozen_fingerprint: str = ""
+    """Of the frozen parameters as built: a checkpoint that left them out continues only with the same ones."""
+    dtype: torch.dtype = torch.float32
+
+    def fingerprint_frozen(self) -> str:
+        """Of the frozen parameters now (a collective): saved with a checkpoint that leaves them out, it proves they
+        did not move in training when the run is resumed or reloaded from their sources."""
+        return frozen_fingerprint(self.ds.module, self.dtype)
+
     def save(self, directory: str, tag: str) -> None:
         """Every rank writes its shard of weights, optimizer and schedule into `directory/tag`."""
-        self.ds.save_checkpoint(directory, tag=tag, save_latest=False)
+        self.ds.save_checkpoint(directory, tag=tag, save_latest=False, exclude_frozen_parameters=not self.save_frozen)
 
     def load(self, directory: str, tag: str) -> None:
-        path, _ = self.ds.load_checkpoint(directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        path, _ = self.ds.load_checkpoint(directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+                                          load_module_strict=self.save_frozen)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {directory}/{tag}")
 
@@ -310,21 +322,60 @@ def check_param_dtypes(model: torch.nn.Module, expected: torch.dtype) -> None:
         )
 
 
+def frozen_fingerprint(model: torch.nn.Module, dtype: torch.dtype) -> str:
+    """SHA-256 over (name, element count, byte sum, byte sum of squares) of every frozen parameter, as held in
+    `dtype` (4-bit storage as it is). The same whatever the ZeRO stage and world size: under ZeRO-3 every rank counts
+    the valid part of its partitions and the sums are all-reduced; in one process it is the full tensors. A
+    collective under ZeRO-3: every rank calls it at the same point."""
+    import hashlib
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    names, rows = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        if hasattr(p, "ds_id"):  # ZeRO-3: this rank's partition (equal sizes, the last one padded)
+            part = p.ds_tensor.detach().flatten()
+            valid = max(0, min(part.numel(), p.ds_numel - rank * part.numel()))
+            t = part[:valid]
+        else:  # every rank holds it whole: rank 0 counts it
+            t = p.detach().flatten() if rank == 0 else p.detach().flatten()[:0]
+        if t.is_floating_point() and type(p).__name__ != "Params4bit":
+            t = t.to(dtype)
+        row = torch.zeros(3, dtype=torch.int64)
+        raw = t.contiguous().view(torch.uint8)
+        for chunk in raw.split(1 << 24):
+            b = chunk.to(torch.int64)
+            row += torch.stack([torch.tensor(b.numel()), b.sum(), (b * b).sum()])
+        names.append(name)
+        rows.append(row)
+    table = torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(table)
+    digest = hashlib.sha256()
+    for name, row in zip(names, table.tolist()):
+        digest.update(f"{name}:{row}\n".encode())
+    return f"{len(names)}:{digest.hexdigest()}"
+
+
 class InitFromError(RuntimeError):
     """`model.init_from` cannot be used (unreadable, or a shape mismatch); raised on every rank alike."""
 
 
-def load_initial_weights(model: torch.nn.Module, source: str, rank: int, zero3: bool) -> dict[str, Any]:
+def load_initial_weights(model: torch.nn.Module, source: str, rank: int) -> dict[str, Any]:
     """Copy the weights of `source` (see mmscale.training.weights) into the freshly built model, before DeepSpeed
     wraps it. Rank 0 reads the source and checks it against the model's full shapes; every rank gets its verdict
     before any collective, so a bad source stops all ranks with the same message. Returns the report."""
     from mmscale.training import weights
 
-    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
+    # 4-bit weights were quantized from the source's own LM as it loaded (build.base_lm_from_init): not again here
+    quantized = {n for n, p in model.named_parameters() if type(p).__name__ == "Params4bit"}
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters() if n not in quantized}
     state, verdict = None, None
     if rank == 0:
         try:
             state, where = weights.read_weights(source)
+            state = {k: v for k, v in state.items() if k not in quantized}
             report = weights.compare(shapes, state)
             error = (f"model.init_from {where}: shapes differ from the model built here:\n  "
                      + "\n  ".join(report["mismatched"][:20])) if report["mismatched"] else None
@@ -339,7 +390,7 @@ def load_initial_weights(model: torch.nn.Module, source: str, rank: int, zero3: 
     with torch.no_grad():
         for name in names:
             p = params[name]
-            if zero3:  # partitioned at birth: gather, let rank 0 write, DeepSpeed re-partitions on exit
+            if hasattr(p, "ds_id"):  # partitioned at birth: gather, let rank 0 write, DeepSpeed re-partitions on exit
                 import deepspeed
 
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
@@ -356,8 +407,10 @@ def load_initial_weights(model: torch.nn.Module, source: str, rank: int, zero3: 
 
 
 def build_engine(cfg: JobConfig, build_model: Callable[[], torch.nn.Module], world_size: int, rank: int,
-                 on_model_built: Callable[[torch.nn.Module], None] | None = None, sharded_build: bool = True) -> Engine:
-    """Construct the model (sharded at birth under ZeRO-3), optimizer, schedule and DeepSpeed engine."""
+                 on_model_built: Callable[[torch.nn.Module], None] | None = None, sharded_build: bool = True,
+                 save_frozen: bool = True) -> Engine:
+    """Construct the model (sharded at birth under ZeRO-3), optimizer, schedule and DeepSpeed engine.
+    `save_frozen=False`: checkpoints leave the frozen parameters out (their fingerprint goes in instead)."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -374,7 +427,7 @@ def build_engine(cfg: JobConfig, build_model: Callable[[], torch.nn.Module], wor
     with init:
         model = build_model()
     if cfg.model.init_from:  # the base weights first; callbacks then adapt the model (adapters, freezing)
-        load_initial_weights(model, cfg.model.init_from, rank, zero3=cfg.deepspeed.zero_stage == 3 and sharded_build)
+        load_initial_weights(model, cfg.model.init_from, rank)
     if on_model_built is not None:
         on_model_built(model)
     if not sharded_build:  # zero.Init gave no dtype: every ordinary float parameter (not 4-bit storage) gets the
@@ -390,4 +443,8 @@ def build_engine(cfg: JobConfig, build_model: Callable[[], torch.nn.Module], wor
     )
     ds_engine._mmscale_hf_ds = hf_ds  # keep alive for the engine's lifetime
     check_param_dtypes(ds_engine.module, param_dtype(cfg))
-    return Engine(ds=ds_engine, world_size=world_size, rank=rank, grad_accum=grad_accum_steps(cfg, world_size))
+    engine = Engine(ds=ds_engine, world_size=world_size, rank=rank, grad_accum=grad_accum_steps(cfg, world_size),
+                    save_frozen=save_frozen, dtype=param_dtype(cfg))
+    if not save_frozen:
+        engine.frozen_fingerprint = engine.fingerprint_frozen()
+    return engine

@@ -90,6 +90,23 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return refused
 
 
+def frozen_problems(saved: str, built: str, name: str, cfg: JobConfig) -> list[str]:
+    """A checkpoint that left the frozen weights out (`saved` is their fingerprint) continues only with the same
+    frozen weights, rebuilt from the same sources; one that holds them only into a run that expects them."""
+    if saved == built:
+        return []
+    sources = f"model.init_from={cfg.model.init_from!r}, model.lm.path={cfg.model.lm.path!r}"
+    if not saved:
+        return [f"{name} holds the frozen weights, this run's fine-tuning method leaves them out of checkpoints; "
+                f"resume with the callbacks the checkpoint was saved with"]
+    if not built:
+        return [f"{name} holds only the trainable weights, this run expects every weight in the checkpoint; "
+                f"resume with the callbacks the checkpoint was saved with"]
+    return [f"{name} holds only the trainable weights, and the frozen weights this run built ({sources}) are not "
+            f"the ones it was trained on (fingerprint {built[:16]}... vs {saved[:16]}...); resume with the base "
+            f"weights it started from"]
+
+
 class Trainer:
     def __init__(
         self,
@@ -262,12 +279,15 @@ class Trainer:
             checkpoint.begin(self.ckpt_root, self.step)
         barrier()
         self.engine.save(str(self.ckpt_root), tag)
-        torch.save(self._state(), ckpt / checkpoint.state_file(self.rank))
+        # the frozen weights, when the files leave them out: as they are now ("" when they are in the files)
+        frozen = "" if self.engine.save_frozen else self.engine.fingerprint_frozen()
+        torch.save({**self._state(), "frozen_fingerprint": frozen}, ckpt / checkpoint.state_file(self.rank))
         barrier()  # every rank's files are on disk
         names = broadcast_object(checkpoint.files_of(ckpt) if self.is_main else None)
         shares = all_gather_object(checkpoint.hash_share(ckpt, names, self.rank, self.world_size))
         if self.is_main:
-            meta = {"world_size": self.world_size, "config": self.cfg.to_dict(), "metrics": self._eval_at_step()}
+            meta = {"world_size": self.world_size, "config": self.cfg.to_dict(), "metrics": self._eval_at_step(),
+                    "frozen_fingerprint": frozen}
             checkpoint.write_manifest(ckpt, self.step, {k: v for share in shares for k, v in share.items()}, meta)
             final = checkpoint.commit(self.ckpt_root, self.step, self.cfg.train.keep_checkpoints,
                                       self.cfg.train.keep_best, self.cfg.train.keep_best_mode)
@@ -292,6 +312,8 @@ class Trainer:
                             f"resume with {saved_world} ranks"], None
             state = torch.load(ckpt / checkpoint.state_file(self.rank), map_location="cpu", weights_only=True)
             mismatched = config_changes(manifest.get("config") or {}, self.cfg.to_dict())
+            mismatched += frozen_problems(state.get("frozen_fingerprint", ""), self.engine.frozen_fingerprint,
+                                          ckpt.name, self.cfg)
             if hasattr(self.train_data, "resume_problems"):
                 mismatched += self.train_data.resume_problems(state["data"])
             return [], mismatched, state

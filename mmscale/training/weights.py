@@ -65,6 +65,11 @@ def read_weights(path: str) -> tuple[dict[str, torch.Tensor], Path]:
     """The full state dict of a source, on the CPU, and the directory it came from."""
     kind, where = resolve_source(path)
     if kind == "checkpoint":
+        manifest = where / checkpoint.MANIFEST
+        if manifest.is_file() and checkpoint.read_manifest(where).get("frozen_fingerprint"):
+            raise ValueError(f"{where} holds only what its fine-tuning method trained (its frozen weights come from "
+                             f"its own model.init_from / model.lm.path); start from its base run instead, or from "
+                             f"a merged export of it")
         return checkpoint.consolidated_state_dict(where), where
     from safetensors.torch import load_file
 
@@ -97,3 +102,30 @@ def describe(report: dict[str, Any], source: Path) -> str:
     if report["unexpected"]:
         text += f"; {len(report['unexpected'])} unexpected (ignored): {few(report['unexpected'])}"
     return text
+
+
+def export_base_lm(cfg: Any, vocab_size: int, out: Path) -> Path:
+    """Write the language model of `cfg.model.init_from` (the LM of a multimodal run: its decoder layers without the
+    cross-attention blocks) as a Hugging Face model folder `out`, for a job that loads the LM by path (quantized).
+    Skipped when `out` already holds the export of the same source."""
+    import torch
+
+    from mmscale.model.multimodal import build_lm
+
+    state, where = read_weights(cfg.model.init_from)
+    stamp = out / "mmscale_source.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("source") == str(where.resolve()):
+        return out
+    prefix, wrapped = "lm.", ".decoder_layer."
+    lm_state = {k[len(prefix):].replace(wrapped, "."): v for k, v in state.items()
+                if k.startswith(prefix) and ".xattn." not in k}
+    lm = build_lm(cfg.model, vocab_size)
+    missing, unexpected = lm.load_state_dict(lm_state, strict=False)
+    missing = [k for k in missing if k not in (getattr(lm, "_tied_weights_keys", None) or {})]
+    if missing or unexpected:
+        raise ValueError(f"{where}: its LM does not fit model.lm: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        lm.save_pretrained(out)
+    stamp.write_text(json.dumps({"source": str(where.resolve())}))
+    return out
