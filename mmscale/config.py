@@ -46,6 +46,10 @@ class DataConfig:
     `{output_dir}/data` (once, on rank 0) and train on them. Needs no download."""
     synthetic_val_samples: int = 0
     """Held-out synthetic samples (used when `val_shards` is empty)."""
+    synthetic_task: str = "shapes"
+    """What the synthetic dataset shows and says (mmscale.data.synthetic): `shapes` (two coloured shapes and their
+    relation: the demo's pretraining) or `counts` (one to four shapes of one colour and kind: "three red circles",
+    a task for fine-tuning the demo's run)."""
     samples_per_shard: int = 500
     """Samples per shard when generating the synthetic dataset."""
     tokenizer: str = ""
@@ -417,6 +421,17 @@ def _positive(problems: list[str], where: str, value: Any, minimum: float = 1) -
         problems.append(f"{where}: {value!r} must be >= {minimum}")
 
 
+def _tokenizer_spells_task(d: DataConfig) -> list[str]:
+    from mmscale.data import load_tokenizer, synthetic_words
+
+    unknown = load_tokenizer(d.tokenizer).unknown_words(synthetic_words(d.synthetic_task))
+    if not unknown:
+        return []
+    return [f"data.tokenizer: {d.tokenizer!r} cannot spell the {d.synthetic_task} task's words {unknown} (they encode "
+            f"to the unknown token); give one that can. The tokenizers mmscale makes for synthetic data spell every "
+            f"task's words, except those made before the counts task existed: pretrain that run again"]
+
+
 def _data_problems(d: DataConfig) -> list[str]:
     """The shard specs resolve to files and the tokenizer exists (or mmscale will make both): checked here, so a
     wrong path is one line of the config report instead of a traceback inside every rank."""
@@ -430,6 +445,8 @@ def _data_problems(d: DataConfig) -> list[str]:
         p += check_shard_spec(d.val_shards, "data.val_shards")
     if d.tokenizer:
         p += check_tokenizer_path(d.tokenizer, "data.tokenizer")
+        if not p and not d.train_shards and d.synthetic_train_samples > 0:  # generated data: can it spell them?
+            p += _tokenizer_spells_task(d)
     elif d.train_shards:  # mmscale trains a tokenizer only for the synthetic dataset it generates itself
         p.append(
             f"data.tokenizer: empty, but data.train_shards ({d.train_shards!r}) names your own shards, for which no "
@@ -461,6 +478,12 @@ def validate(cfg: JobConfig, world_size: int | None = None, check_paths: bool = 
     elif any(s <= 0 for s in d.image_std):
         p.append(f"data.image_std: {d.image_std} must all be > 0")
     _positive(p, "data.tokenizer_vocab_size", d.tokenizer_vocab_size, 16)
+    from mmscale.data.synthetic import SYNTHETIC_TASKS
+
+    _choice(p, "data.synthetic_task", d.synthetic_task, SYNTHETIC_TASKS)
+    if d.train_shards and d.synthetic_task != "shapes":
+        p.append(f"data.synthetic_task: {d.synthetic_task!r} applies only to generated data, but data.train_shards "
+                 f"({d.train_shards!r}) names your own shards; drop one of the two")
     if check_paths:
         p += _data_problems(d)
         if m.init_from:

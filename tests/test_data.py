@@ -17,11 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mmscale.config import DataConfig
+from mmscale.config import ConfigError, DataConfig, load_config
 from mmscale.data import (
     COLOURS,
+    COUNTS,
     IGNORE_INDEX,
+    SHAPE_PLURALS,
     SHAPES,
+    SYNTHETIC_TASKS,
     EvalLoader,
     ShardSpecError,
     Tokenizer,
@@ -30,16 +33,21 @@ from mmscale.data import (
     check_tokenizer_path,
     collate_samples,
     ensure_shapes_dataset,
+    ensure_synthetic_dataset,
     image_to_tensor,
     load_tokenizer,
+    make_counts_sample,
     make_shapes_dataset,
+    make_synthetic_dataset,
     resolve_shards,
+    synthetic_words,
     train_sentencepiece,
     write_tar_shards,
 )
 import mmscale.data.write_shards as write_shards_cli
-from mmscale.data.tokenizer import IMAGE_TOKEN
+from mmscale.data.tokenizer import IMAGE_TOKEN, captions_from_shards
 
+ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32
 
 
@@ -257,6 +265,91 @@ def test_shapes_dataset_deterministic(shapes_shards, tmp_path):
         assert words[0] == "a" and words[1] in COLOURS and words[2] in SHAPES
         assert words[-3] == "a" and words[-2] in COLOURS and words[-1] in SHAPES
         assert Image.open(io.BytesIO(sample["jpg"])).size == (IMAGE_SIZE, IMAGE_SIZE)
+
+
+def _blobs(png: bytes) -> list[np.ndarray]:
+    """The pixels (N, 3) of each 8-connected blob that stands out from the light grey background."""
+    from scipy import ndimage
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    ink = np.abs(rgb - 245).max(axis=-1) > 100  # background (245, 245, 245); every colour differs by >= 200
+    labels, n = ndimage.label(ink, structure=np.ones((3, 3)))
+    return [rgb[labels == i] for i in range(1, n + 1)]
+
+
+def _parse_counts_caption(caption: str) -> tuple[int, str, str]:
+    count, colour, shape = caption.split()  # the grammar: "{count} {colour} {shape, plural unless one}"
+    n = COUNTS.index(count) + 1
+    assert colour in COLOURS
+    assert shape == (SHAPES if n == 1 else SHAPE_PLURALS)[SHAPES.index(shape.removesuffix("s"))]
+    return n, colour, shape.removesuffix("s")
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_counts_images_hold_the_count(tmp_path, image_size):
+    """Decoded from a png shard, each image has exactly N separate blobs, of one colour and one size."""
+    from mmscale.data.synthetic import _RGB
+
+    out = make_synthetic_dataset(tmp_path, 64, 64, image_size, seed=3, image_format="png", task="counts")
+    seen = set()
+    for sample in read_tar(out / "train-000000.tar").values():
+        n, colour, shape = _parse_counts_caption(sample["txt"].decode())
+        seen.add(n)
+        blobs = _blobs(sample["png"])
+        assert len(blobs) == n, sample["txt"]
+        for blob in blobs:  # the blob's own colour: its most saturated pixels (the edges blend into the background)
+            core = blob[np.abs(blob - 245).max(axis=-1) > 180]
+            assert np.abs(core.mean(axis=0) - _RGB[colour]).max() < 25, (sample["txt"], core.mean(axis=0))
+        areas = [len(b) for b in blobs]
+        assert max(areas) - min(areas) <= 0.25 * max(areas) + 2, (sample["txt"], areas)  # one kind, one size
+    assert seen == {1, 2, 3, 4}
+
+
+def test_counts_task_deterministic_and_uniform(tmp_path):
+    img, caption = make_counts_sample(5, IMAGE_SIZE, seed=0)
+    again, caption_again = make_counts_sample(5, IMAGE_SIZE, seed=0)
+    assert caption == caption_again and img.tobytes() == again.tobytes()
+    assert [make_counts_sample(i, 8, 1)[1] for i in range(20)] != [make_counts_sample(i, 8, 0)[1] for i in range(20)]
+    a = make_synthetic_dataset(tmp_path / "a", 8, 8, IMAGE_SIZE, seed=0, task="counts")
+    b = make_synthetic_dataset(tmp_path / "b", 8, 8, IMAGE_SIZE, seed=0, task="counts")
+    assert (a / "train-000000.tar").read_bytes() == (b / "train-000000.tar").read_bytes()
+    assert (a / "train-000000.tar").read_bytes() != (make_shapes_dataset(tmp_path / "c", 8, 8, IMAGE_SIZE) /
+                                                      "train-000000.tar").read_bytes()
+    # Count, colour and shape uniform and independent: all 96 combinations, each count near a quarter.
+    drawn = [_parse_counts_caption(make_counts_sample(i, 8, seed=0)[1]) for i in range(2000)]
+    assert len(set(drawn)) == len(COUNTS) * len(COLOURS) * len(SHAPES)
+    for n in range(1, 5):
+        assert 400 < sum(d[0] == n for d in drawn) < 600
+    with pytest.raises(ValueError, match="unknown synthetic task 'count'; known: shapes, counts"):
+        make_synthetic_dataset(tmp_path / "d", 8, task="count")
+
+
+def test_ensure_synthetic_dataset_switches_task(tmp_path):
+    """One folder, one split: another task replaces it, and the stale stamp cannot bring the old one back."""
+    ensure_shapes_dataset(tmp_path, 8, 4, IMAGE_SIZE)
+    assert (tmp_path / "train.shapes.json").is_file()  # the stamp name earlier runs wrote: they are reused
+    ensure_synthetic_dataset(tmp_path, 8, 4, IMAGE_SIZE, task="counts")
+    assert not (tmp_path / "train.shapes.json").exists() and (tmp_path / "train.counts.json").is_file()
+    assert all(_parse_counts_caption(c) for c in captions_from_shards(str(tmp_path)))
+    ensure_shapes_dataset(tmp_path, 8, 4, IMAGE_SIZE)
+    assert [c.split()[0] for c in captions_from_shards(str(tmp_path))] == ["a"] * 8
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {"train-000000.tar": 4, "train-000001.tar": 4}
+
+
+def test_synthetic_task_config_field(tmp_path):
+    assert DataConfig().synthetic_task == "shapes" and SYNTHETIC_TASKS == ("shapes", "counts")
+    assert load_config(None, ["output_dir=x", "data.synthetic_train_samples=8", "data.synthetic_task=counts"],
+                       check_paths=False).data.synthetic_task == "counts"
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["output_dir=x", "data.synthetic_train_samples=8", "data.synthetic_task=count"])
+    assert e.value.problems == ["data.synthetic_task: 'count' is not one of 'shapes', 'counts'"]
+    with pytest.raises(ConfigError) as e:  # a task for your own shards would be silently ignored
+        load_config(None, ["output_dir=x", "data.train_shards=s.tar", "data.synthetic_task=counts"], check_paths=False)
+    assert e.value.problems == ["data.synthetic_task: 'counts' applies only to generated data, but data.train_shards "
+                                "('s.tar') names your own shards; drop one of the two"]
+    cfg = load_config(ROOT / "configs" / "demo-finetune.yaml", check_paths=False)  # the shipped fine-tune
+    assert cfg.data.synthetic_task == "counts" and cfg.data.tokenizer == "runs/demo/data/tokenizer.model"
+    assert cfg.model.init_from == "runs/demo" and cfg.callbacks[0].name == "qlora"
 
 
 # ----------------------------------------------------------------------------------------------- loaders
@@ -565,3 +658,80 @@ def test_tokenizer_cli(shapes_shards, tmp_path):
     assert main(["--shards", pattern, "--out", str(tmp_path / "t"), "--vocab-size", "64"]) == 0
     tok = load_tokenizer(tmp_path / "t.model")
     assert tok.decode(tok.encode("a red circle")) == "a red circle"
+
+
+# ----------------------------------------------------------------------------------------------- fine-tuning data
+
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory):
+    """prepare_data of a small shapes job (what the demo pretraining makes): (output_dir, tokenizer path)."""
+    from mmscale.training.build import prepare_data
+
+    out = tmp_path_factory.mktemp("shapes_run")
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"output_dir={out}", "data.synthetic_train_samples=32",
+                                                      "data.synthetic_val_samples=16"])
+    train, _, tok = prepare_data(cfg, rank=0)
+    assert all(c.startswith("a ") for c in captions_from_shards(train))
+    return out, tok
+
+
+def test_generated_tokenizer_spells_every_task(shapes_run):
+    """The tokenizer made for the shapes task holds every word of every task as one known piece, so a fine-tune
+    on counts can reuse it (and the word-loss probe can measure any of them)."""
+    from mmscale.evaluation.image_use import word_token_ids
+
+    tok = load_tokenizer(shapes_run[1])
+    words = synthetic_words()
+    assert set(words) >= {*COUNTS, *COLOURS, *SHAPES, *SHAPE_PLURALS, "a", "left", "of", "right", "above", "below"}
+    assert tok.unknown_words(words) == []
+    assert len(word_token_ids(tok, list(words))) == len(words)  # one piece each, mid-caption, all distinct
+    assert all(len(tok.encode(w)) == 1 for w in words)
+    for task in SYNTHETIC_TASKS:
+        for c in captions_from_shards(str(make_synthetic_dataset(shapes_run[0] / task, 64, 64, 8, task=task))):
+            ids = tok.encode(c)
+            assert len(ids) == len(c.split()) and tok.decode(ids) == c  # whole words, none unknown
+
+
+def test_finetune_data_reuses_the_pretraining_tokenizer(shapes_run, sp_tokenizer, tmp_path):
+    from mmscale.training.build import prepare_data
+
+    overrides = [f"output_dir={tmp_path / 'ft'}", "data.synthetic_train_samples=16", "data.synthetic_val_samples=16",
+                 "data.synthetic_task=counts", f"data.tokenizer={shapes_run[1]}"]
+    train, val, tok = prepare_data(load_config(ROOT / "configs" / "tiny.yaml", overrides), rank=0)
+    assert tok == shapes_run[1] and not (tmp_path / "ft" / "data" / "tokenizer.model").exists()
+    for shards in (train, val):
+        assert all(_parse_counts_caption(c) for c in captions_from_shards(shards))
+    # A tokenizer trained on shapes captions alone (e.g. a demo run made before the counts task) cannot spell them.
+    old = sp_tokenizer.save(tmp_path / "old")
+    overrides[-1] = f"data.tokenizer={old}"
+    with pytest.raises(ValueError, match=r"data.tokenizer: '.*old/tokenizer.model' cannot spell the counts task's "
+                                         r"words \['one', 'two', 'three', 'four', 'circles', 'squares', 'triangles', "
+                                         r"'diamonds'\]"):
+        prepare_data(load_config(ROOT / "configs" / "tiny.yaml", overrides), rank=0)
+
+
+def test_word_loss_on_count_words(shapes_run, tmp_path):
+    """word_loss on a word set is image_use's loss on that set; a count word is one token per caption."""
+    from mmscale.evaluation.image_use import image_use, word_loss, word_token_ids
+    from mmscale.model import PRESETS, build_model
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(shapes_run[1])
+    shards = make_synthetic_dataset(tmp_path, 12, 12, IMAGE_SIZE, seed=1, task="counts")
+    loader = EvalLoader(data_cfg(max_text_len=8), tok, 4, 0, 1, shards=str(shards), max_batches=3)
+    batches = list(loader)
+    loader.close()
+    model = build_model(PRESETS["tiny"](), vocab_size=tok.vocab_size).eval()
+    # In "three red circles" the count is the first mention of a count-or-colour word, the colour the second.
+    probe = image_use(model, batches, {"both": word_token_ids(tok, [*COUNTS, *COLOURS])})["both"]
+    assert probe["tokens"] == 24 and probe["first_mention"]["tokens"] == 12  # one count, one colour per caption
+    assert word_loss(model, batches, tok, [*COUNTS, *COLOURS]) == pytest.approx(probe["loss_true_images"], rel=1e-6)
+    count_probe = probe["first_mention"]
+    assert word_loss(model, batches, tok, COUNTS) == pytest.approx(count_probe["loss_true_images"], rel=1e-6)
+    assert word_loss(model, batches, tok, COUNTS, shuffle_images=True) == pytest.approx(
+        count_probe["loss_shuffled_images"], rel=1e-6)
+    objects = (*COLOURS, *SHAPES, *SHAPE_PLURALS)
+    assert 0 < word_loss(model, batches, tok, objects) < 2 * np.log(tok.vocab_size)
+    with pytest.raises(ValueError, match="no tokens of"):
+        word_loss(model, batches, tok, ["left"])  # not a counts word

@@ -1,7 +1,7 @@
 """Data: shards on disk -> streaming samples -> tokens and pixels -> fixed-shape batches.
 
 shards.py      shard specs, sizes.json, writing tar shards      write_shards.py  CLI: (image, caption) pairs -> shards
-synthetic.py   the coloured-shapes demo dataset (+ CLI)          tokenizer.py     sentencepiece / HF tokenizer (+ CLI)
+synthetic.py   the demo datasets: shapes, counts (+ CLI)        tokenizer.py     sentencepiece / HF tokenizer (+ CLI)
 pipeline.py    the streaming stages and the train/eval loaders   collate.py       samples -> the batch dict
 """
 
@@ -17,7 +17,9 @@ _EXPORTS = {
     ],
     "mmscale.data.shards": ["ShardSpecError", "check_shard_spec", "read_sizes", "resolve_shards", "write_tar_shards"],
     "mmscale.data.synthetic": [
-        "COLOURS", "RELATIONS", "SHAPES", "ensure_shapes_dataset", "make_shapes_dataset", "make_shapes_sample",
+        "COLOURS", "COUNTS", "RELATIONS", "SHAPES", "SHAPE_PLURALS", "SYNTHETIC_TASKS", "ensure_shapes_dataset",
+        "ensure_synthetic_dataset", "make_counts_sample", "make_shapes_dataset", "make_shapes_sample",
+        "make_synthetic_dataset", "synthetic_words",
     ],
     "mmscale.data.tokenizer": [
         "IMAGE_TOKEN", "Tokenizer", "check_tokenizer_path", "load_tokenizer", "train_sentencepiece",
@@ -52,11 +54,18 @@ if TYPE_CHECKING:
     from mmscale.data.shards import ShardSpecError, check_shard_spec, read_sizes, resolve_shards, write_tar_shards
     from mmscale.data.synthetic import (
         COLOURS,
+        COUNTS,
         RELATIONS,
+        SHAPE_PLURALS,
         SHAPES,
+        SYNTHETIC_TASKS,
         ensure_shapes_dataset,
+        ensure_synthetic_dataset,
+        make_counts_sample,
         make_shapes_dataset,
         make_shapes_sample,
+        make_synthetic_dataset,
+        synthetic_words,
     )
     from mmscale.data.tokenizer import (
         IMAGE_TOKEN,

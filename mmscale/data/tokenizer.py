@@ -157,6 +157,11 @@ class Tokenizer:
             return "".join(parts)
         return self._hf.decode(ids, skip_special_tokens=False)
 
+    def unknown_words(self, words: Iterable[str]) -> list[str]:
+        """Those of `words` this tokenizer cannot spell: their ids do not decode back to them (a sentencepiece
+        model's unknown piece decodes to " ⁇ ", a Hugging Face one's to e.g. "[UNK]")."""
+        return [w for w in words if self.decode(self.encode(w)).strip() != w]
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the tokenizer into `directory`; returns the path to give `load_tokenizer`."""
         directory = Path(directory)

@@ -10,6 +10,9 @@ image has a clearly lower loss with the true images.
 
 Loads the run's `config.yaml` and its latest checkpoint into one process (any ZeRO stage); prints a table and one
 JSON object on its last line.
+
+`word_loss(model, batches, tokenizer, words)` is the same measure for any one set of words (e.g. the counts task's
+count words), with true or shuffled images.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +60,39 @@ def word_token_ids(tokenizer: Any, words: list[str]) -> set[int]:
     return ids
 
 
+_INPUT_KEYS = ("image_mask", "input_ids", "attention_mask", "media_index", "labels")
+
+
+def token_loss(model: Any, batch: dict[str, Any], pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, L-1) next-token loss of `batch` with `pixel_values` for its images: [b, t] predicts labels[b, t + 1]."""
+    return model(pixel_values=pixel_values, return_token_loss=True, **{k: batch[k] for k in _INPUT_KEYS}).token_loss
+
+
+@torch.no_grad()
+def word_loss(model: Any, batches: Any, tokenizer: Any, words: Iterable[str], shuffle_images: bool = False) -> float:
+    """Mean next-token loss (nats) on the target tokens that are one of `words` (each must be one token, see
+    `word_token_ids`), over one pass of `batches`: e.g. the counts task's `COUNTS`, or `COLOURS` + `SHAPES` +
+    `SHAPE_PLURALS`. `shuffle_images` rolls the images by one across each batch, as `image_use` does; batches of one
+    sample are skipped either way, so both measure the same tokens (and `image_use`'s). The model is used as given
+    (put it in eval mode first)."""
+    words = sorted(set(words))
+    ids = torch.tensor(sorted(word_token_ids(tokenizer, words)))
+    total, n = 0.0, 0
+    for batch in batches:
+        pixels = batch["pixel_values"]
+        if pixels.shape[0] < 2:  # nothing to roll the images across
+            continue
+        if shuffle_images:
+            pixels = pixels.roll(1, dims=0)
+        keep = torch.isin(batch["labels"][:, 1:], ids)
+        if keep.any():
+            total += float(token_loss(model, batch, pixels)[keep].sum())
+            n += int(keep.sum())
+    if n == 0:
+        raise ValueError(f"no tokens of {words} in the evaluated batches")
+    return total / n
+
+
 @torch.no_grad()
 def image_use(model: Any, batches: Any, word_sets: dict[str, set[int]]) -> dict[str, dict[str, Any]]:
     """Per word set: mean loss on target tokens in the set, with true images and with images rolled across the
@@ -68,7 +105,6 @@ def image_use(model: Any, batches: Any, word_sets: dict[str, set[int]]) -> dict[
     sums = {(w, name, part): 0.0 for w in word_sets for name in ("true", "shuffled") for part in parts}
     counts = {(w, part): 0 for w in word_sets for part in parts}
     ids = {w: torch.tensor(sorted(v)) for w, v in word_sets.items()}
-    inputs_keys = ("image_mask", "input_ids", "attention_mask", "media_index", "labels")
     for batch in batches:
         if batch["pixel_values"].shape[0] < 2:  # nothing to roll the images across
             continue
@@ -80,12 +116,11 @@ def image_use(model: Any, batches: Any, word_sets: dict[str, set[int]]) -> dict[
             masks[w] = {"all": keep, "first": first, "second": keep & ~first}
             for part, mask in masks[w].items():
                 counts[(w, part)] += int(mask.sum())
-        inputs = {k: batch[k] for k in inputs_keys}
         for name, pixels in (("true", batch["pixel_values"]), ("shuffled", batch["pixel_values"].roll(1, dims=0))):
-            token_loss = model(pixel_values=pixels, return_token_loss=True, **inputs).token_loss
+            losses = token_loss(model, batch, pixels)
             for w, by_part in masks.items():
                 for part, mask in by_part.items():
-                    sums[(w, name, part)] += float(token_loss[mask].sum())
+                    sums[(w, name, part)] += float(losses[mask].sum())
 
     def summary(w: str, part: str) -> dict[str, float]:
         n = counts[(w, part)]

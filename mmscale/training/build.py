@@ -35,9 +35,11 @@ def _val_samples_per_shard(d) -> int:
 
 
 def prepare_data(cfg: JobConfig, rank: int) -> tuple[str, str, str]:
-    """Resolve (train_shards, val_shards, tokenizer_path); for the demo dataset, rank 0 makes it while the others
-    wait at a barrier. A restart reuses what is there (a split made with other arguments is remade)."""
-    from mmscale.data import ensure_shapes_dataset, train_sentencepiece
+    """Resolve (train_shards, val_shards, tokenizer_path); for the synthetic dataset (`data.synthetic_task`), rank 0
+    makes it while the others wait at a barrier. A restart reuses what is there (a split made with other arguments
+    or another task is remade). A tokenizer mmscale trains here spells every synthetic task's words (a fine-tune on
+    another task reuses it); a given one must spell the chosen task's words, checked on every rank."""
+    from mmscale.data import ensure_synthetic_dataset, load_tokenizer, synthetic_words, train_sentencepiece
     from mmscale.data.tokenizer import captions_from_shards
 
     d = cfg.data
@@ -47,17 +49,27 @@ def prepare_data(cfg: JobConfig, rank: int) -> tuple[str, str, str]:
         train = str(root / "train")
         if d.synthetic_val_samples > 0 and not val:
             val = str(root / "val")
-        if not tok:
+        if tok:  # before any rank waits on rank 0: every rank raises alike
+            unknown = load_tokenizer(tok).unknown_words(synthetic_words(d.synthetic_task))
+            if unknown:
+                raise ValueError(
+                    f"data.tokenizer: {tok!r} cannot spell the {d.synthetic_task} task's words {unknown} (they encode "
+                    f"to the unknown token); give one that can. The tokenizers mmscale makes for synthetic data spell "
+                    f"every task's words, except those made before the counts task existed: pretrain that run again"
+                )
+        else:
             tok = str(root / "tokenizer.model")
         if rank == 0:
-            ensure_shapes_dataset(train, d.synthetic_train_samples, d.samples_per_shard, d.image_size,
-                                  seed=cfg.train.seed, prefix="train")
+            ensure_synthetic_dataset(train, d.synthetic_train_samples, d.samples_per_shard, d.image_size,
+                                     seed=cfg.train.seed, prefix="train", task=d.synthetic_task)
             if d.synthetic_val_samples > 0:
-                ensure_shapes_dataset(val, d.synthetic_val_samples, _val_samples_per_shard(d), d.image_size,
-                                      seed=cfg.train.seed + 1, prefix="val")
-            stamp = Path(train) / "train.shapes.json"
+                ensure_synthetic_dataset(val, d.synthetic_val_samples, _val_samples_per_shard(d), d.image_size,
+                                         seed=cfg.train.seed + 1, prefix="val", task=d.synthetic_task)
+            stamp = Path(train) / f"train.{d.synthetic_task}.json"
             if not d.tokenizer and (not Path(tok).exists() or Path(tok).stat().st_mtime < stamp.stat().st_mtime):
-                train_sentencepiece(captions_from_shards(train), str(root / "tokenizer"), d.tokenizer_vocab_size)
+                # + one line of every task's words: a word model then holds each as one piece
+                texts = [*captions_from_shards(train), " ".join(synthetic_words())]
+                train_sentencepiece(texts, str(root / "tokenizer"), d.tokenizer_vocab_size)
         barrier()
     return train, val, tok
 
