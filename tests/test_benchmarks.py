@@ -112,3 +112,45 @@ def test_demo_patch_size_benchmark_smoke(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     headline = json.loads(res.stdout.strip().splitlines()[-1])
     assert json.loads(out.read_text())["patch4_over_patch8"] == headline["patch4_over_patch8"] > 0
+
+
+@pytest.mark.slow
+def test_peft_memory_benchmark_smoke(tmp_path):
+    """Full fine-tuning, LoRA and QLoRA through 2 ZeRO-3 ranks in one job (about 80 s): the headline and the file
+    agree, and the byte counts say what the methods are for. Packed 4-bit weights are a quarter of their bf16
+    partitions only if ZeRO-3 partitions them; the adapters have Adam state only if the steps ran."""
+    import math
+
+    from test_training import launch
+
+    out = tmp_path / "peft_memory.json"
+    res = launch(REPO / "benchmarks" / "peft_memory.py", ["--smoke", "--out", str(out)], nprocs=2)
+    # the launcher prints its own lines after the ranks exit: the headline is the script's last line
+    lines = [x for x in res.stdout.splitlines() if x.startswith('{"benchmark": "peft_memory"')]
+    assert len(lines) == 1, res.stdout[-3000:]
+    headline = json.loads(lines[0])
+    for key in ("qlora_base_bytes_ratio", "trainable_state_ratio", "qlora_over_lora_loss", "cpu_model", "steps",
+                "targets_met"):
+        assert key in headline, key
+    assert headline["steps"] == 3 and headline["smoke"] is True and headline["world_size"] == 2
+    payload = json.loads(out.read_text())
+    assert {k: payload[k] for k in headline} == headline
+    v = payload["variants"]
+    assert all(len(v[m]["per_rank"]) == 2 for m in ("full", "lora", "qlora"))
+    for rank in range(2):
+        full, lora, qlora = (v[m]["per_rank"][rank] for m in ("full", "lora", "qlora"))
+        assert lora["trainable_state"] < full["trainable_state"]
+        assert lora["params_frozen"] > full["params_frozen"]  # LoRA froze the LM full fine-tuning trains
+        assert qlora["params_frozen"] < lora["params_frozen"]  # the same frozen LM, in 4 bits
+        assert qlora["trainable_state"] == lora["trainable_state"]  # the same adapters, cross-attention, resampler
+        for m in (full, lora, qlora):  # Adam's two fp32 moments exist for every fp32 master element
+            assert m["optimizer_master"] > 0 and m["optimizer_moments"] >= 2 * m["optimizer_master"]
+            assert m["grads"] == m["params_trainable"]  # bf16 gradient partitions for bf16 parameter partitions
+    # per rank, the packed 4-bit weights are a quarter of the same weights' bf16 partitions (half the bytes per
+    # weight would mean ZeRO-3 left them whole); the quantization state comes on top
+    packed = max(r["quantized_bytes"] - r["quant_state"] for r in v["qlora"]["per_rank"])
+    assert packed / payload["base_bf16_bytes_per_rank"] == pytest.approx(0.25, rel=0.01)
+    assert 0.25 < headline["qlora_base_bytes_ratio"] < 0.5
+    assert 0 < headline["trainable_state_ratio"] < 1
+    assert 0.5 < headline["qlora_over_lora_loss"] < 2
+    assert all(math.isfinite(x) for x in headline["val_loss"].values())
