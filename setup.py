@@ -14,6 +14,7 @@ setup(
         "mmscale.training",
         "mmscale.callbacks",
         "mmscale.evaluation",
+        "mmscale.continual",
         "mmscale.kernels",
     ],
     package_dir={"mmscale": "mmscale", "mmscale.kernels": "kernels"},
