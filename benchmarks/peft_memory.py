@@ -35,7 +35,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -43,24 +42,11 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_model, native_bf16  # benchmarks/machine.py
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("full", "lora", "qlora")
 TARGETS = {"qlora_base_bytes_ratio": 0.3, "trainable_state_ratio": 0.02, "qlora_over_lora_loss": 1.05}
-
-
-def _cpu_model() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def _native_bf16() -> bool:
-    try:
-        return any(f in open("/proc/cpuinfo").read() for f in ("avx512_bf16", "amx_bf16"))
-    except OSError:
-        return False
 
 
 def _loadavg() -> float:
@@ -254,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         "steps": args.steps,
         "smoke": args.smoke,
         "world_size": world,
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
     }
     headline["targets_met"] = {k: headline[k] <= t for k, t in TARGETS.items()}
     if rank == 0:
@@ -273,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
                       "qlora": f"nf4, double_quant={not args.no_double_quant}, LoRA r=8 on q/k/v/o",
                       "lora": "r=8 on q/k/v/o", "full": "model.train_lm=true (vision tower frozen in all three)",
                       "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                      "date": time.strftime("%Y-%m-%d"), "cpu_native_bf16": _native_bf16()},
+                      "date": time.strftime("%Y-%m-%d"), "cpu_native_bf16": native_bf16()},
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(payload, indent=2))

@@ -21,21 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def _cpu_model() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def _native_bf16() -> bool:
-    """AVX512-BF16 or AMX: without either, bf16 matmuls on a CPU run emulated (~36x slower than fp32)."""
-    try:
-        return any(f in open("/proc/cpuinfo").read() for f in ("avx512_bf16", "amx_bf16"))
-    except OSError:
-        return False
+from machine import cpu_model, native_bf16  # benchmarks/machine.py
 
 
 def main() -> None:
@@ -155,7 +141,7 @@ def main() -> None:
                       "steps_per_round": args.steps, "device": "cuda" if torch.cuda.is_available() else "cpu",
                       "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                       "deepspeed": deepspeed.__version__, "date": time.strftime("%Y-%m-%d"),
-                      "param_dtypes": sorted(dtypes), "cpu_model": _cpu_model(), "cpu_native_bf16": _native_bf16()},
+                      "param_dtypes": sorted(dtypes), "cpu_model": cpu_model(), "cpu_native_bf16": native_bf16()},
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
