@@ -481,7 +481,8 @@ def validate(cfg: JobConfig, world_size: int | None = None, check_paths: bool = 
     from mmscale.data.synthetic import SYNTHETIC_TASKS
 
     _choice(p, "data.synthetic_task", d.synthetic_task, SYNTHETIC_TASKS)
-    if d.train_shards and d.synthetic_task != "shapes":
+    # (a run's resolved config names the shards it generated, with synthetic_train_samples still > 0)
+    if d.train_shards and d.synthetic_train_samples <= 0 and d.synthetic_task != "shapes":
         p.append(f"data.synthetic_task: {d.synthetic_task!r} applies only to generated data, but data.train_shards "
                  f"({d.train_shards!r}) names your own shards; drop one of the two")
     if check_paths:

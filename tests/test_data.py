@@ -347,6 +347,10 @@ def test_synthetic_task_config_field(tmp_path):
         load_config(None, ["output_dir=x", "data.train_shards=s.tar", "data.synthetic_task=counts"], check_paths=False)
     assert e.value.problems == ["data.synthetic_task: 'counts' applies only to generated data, but data.train_shards "
                                 "('s.tar') names your own shards; drop one of the two"]
+    # a run's resolved config.yaml (the generated shards named, synthetic_train_samples kept) loads back
+    resolved = load_config(None, ["output_dir=x", "data.train_shards=s.tar", "data.synthetic_train_samples=8",
+                                  "data.synthetic_task=counts"], check_paths=False)
+    assert resolved.data.synthetic_task == "counts"
     cfg = load_config(ROOT / "configs" / "demo-finetune.yaml", check_paths=False)  # the shipped fine-tune
     assert cfg.data.synthetic_task == "counts" and cfg.data.tokenizer == "runs/demo/data/tokenizer.model"
     assert cfg.model.init_from == "runs/demo" and cfg.callbacks[0].name == "qlora"

@@ -114,10 +114,31 @@ def test_peft_method_under_zero3_trains_only_what_it_says(source_run, method):
     if method == "bitfit":
         assert all(torch.equal(initial[n], source[n]) for n in trainable if n in source)
     assert _evaluate(model, cfg) == pytest.approx(_val_losses(out)[6], rel=1e-3)
+    if method == "lora":
+        _check_peft_export(out, tmp / f"export-{method}")
     # another base under the same trained weights is refused: the fingerprint tells
     with pytest.raises(RuntimeError, match="not the ones it was trained on"):
         build_from_checkpoint(load_config(ROOT / "configs/tiny.yaml", [*data, f"callbacks=[{{name: {method}}}]"]),
                               ckpt, vocab)
+
+
+def _check_peft_export(run: Path, out: Path) -> None:
+    """`python -m mmscale.export adapter`: peft itself loads the adapters onto the exported base LM, every tensor
+    lands (equal to the file's), and they are the trained ones (lora_B moved from its zero start)."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from mmscale.export import main as export_main
+
+    assert export_main(["adapter", "--run", str(run), "--out", str(out / "adapter"),
+                        "--base-out", str(out / "base")]) == 0
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), out / "adapter")
+    loaded = get_peft_model_state_dict(peft_model)
+    assert set(loaded) == set(saved) and len(saved) == 2 * 4 * 2, sorted(set(loaded) ^ set(saved))[:4]  # A, B x 4 x 2 layers
+    assert all(torch.equal(loaded[k].float(), saved[k]) for k in saved)
+    assert any("lora_B" in k and saved[k].abs().sum() > 0 for k in saved)
 
 
 @torch.no_grad()

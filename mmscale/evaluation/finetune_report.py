@@ -73,7 +73,8 @@ def report(before: str | Path, after: str | Path, batches: int = 16) -> dict[str
     rows = []
     for which, task_cfg in tasks.items():
         d = task_cfg.data
-        task = d.synthetic_task if not d.train_shards else "own data"
+        # a run's resolved config names the shards it generated: synthetic data has synthetic_train_samples > 0
+        task = d.synthetic_task if d.synthetic_train_samples > 0 else "own data"
         shards = d.val_shards or d.train_shards
         for label in ("all caption tokens", *task_words(task)):
             row = {"task": f"{task} ({which})", "words": label}
