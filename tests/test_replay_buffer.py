@@ -263,7 +263,7 @@ def test_a_crash_mid_commit_leaves_the_last_commit(tmp_path, monkeypatch, fail_a
     reopened = ReservoirBuffer(tmp_path / "run", **kw)
     assert reopened.seen == 300 and contents(reopened) == committed
     assert not [p for p in reopened.directory.iterdir() if p.name.endswith(".tmp")]  # cleaned up
-    referenced = {shard_file_name(no) for no in set(reopened.state_dict()["index"]["shard"])}
+    referenced = {shard_file_name(no) for no, _size, _garbage in reopened.state_dict()["shards"]}
     assert {p.name for p in shard_files(reopened)} == referenced  # shards written after the commit are gone
     offer(reopened, 300, 400, [])  # and it goes on as if nothing had happened
     assert contents(reopened) == contents(ref)

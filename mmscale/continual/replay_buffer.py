@@ -45,7 +45,8 @@ On disk, under `directory/rank{r}/`
   `state.json.tmp`, fsynced, renamed. Nothing that a committed state refers to is ever modified.
 
 Only the index lives in RAM: per slot (shard number, byte offset, byte length) of the sample's tar members, 24
-bytes in `array('q')`s (plus group membership in balanced mode), per shard a few counters, two RNG states. Samples
+bytes in `array('q')`s (40 more in balanced mode: group, position in it, the group's slot list), per shard a few
+counters, two RNG states. `state_dict()` carries these arrays as base64 strings (32 characters per slot). Samples
 are read back from disk by offset when `sample` or `iter_all` asks for them.
 
 `commit()`:
@@ -54,11 +55,12 @@ are read back from disk by offset when `sample` or `iter_all` asks for them.
    every sample in it has been replaced meanwhile). A shard is also finished when it reaches `shard_bytes`.
 2. Compaction, when garbage (bytes of replaced samples) exceeds `compact_garbage` (default 0.5) of the data bytes in
    the shards the index uses: every shard whose own garbage exceeds that fraction has its live samples copied, byte
-   for byte, into new shards, and the index points there. Afterwards every shard is at most that fraction garbage,
-   so the disk holds at most 1 / (1 - compact_garbage) times the live bytes (2x by default), plus retained shards.
+   for byte, into new shards, and the index points there. After a commit every shard is at most that fraction
+   garbage, so the shards in use hold at most 1 / (1 - compact_garbage) times the live bytes (2x by default); the
+   shards kept for earlier commits (step 4) come on top.
    A slot is never rewritten in place; compaction copies amortise over the many replacements that made the garbage.
 3. `state.json` is written atomically (temporary file, fsync, rename, directory fsync): the commit point.
-4. Shards that neither the new state nor the `keep_commits - 1` commits before it (default 2 in all) refer to are
+4. Shards that neither the new state nor the `keep_commits - 1` commits before it (default 3 in all) refer to are
    deleted, as are temporary files. With `keep_commits=None` no shard is ever deleted.
 
 A crash at any point leaves the last committed state whole: a new `ReservoirBuffer` over the directory opens
@@ -66,8 +68,8 @@ A crash at any point leaves the last committed state whole: a new `ReservoirBuff
 state it returns is always on disk. `load_state_dict(sd)` makes `sd` the committed state of the directory (so a
 resume from an older checkpoint is consistent on disk too); it needs the shards `sd` refers to, which are kept as
 long as `sd` is among the last `keep_commits` commits: with one commit per trainer checkpoint, set `keep_commits`
-to at least the number of checkpoints a resume may fall back to (`train.keep_checkpoints` + 1 covers a checkpoint
-that failed half way through saving).
+to at least the number of checkpoints a resume may fall back to, plus one for a checkpoint that failed half way
+through saving after its commit (the default 3 fits the trainer's default `train.keep_checkpoints=2`).
 
 Restarts are exact: the state holds the offer count, both RNG states (the decision RNG and the default draw RNG of
 `sample`) and the index, so a buffer restored from `state_dict()` (or reopened from its last commit) holds the
@@ -80,11 +82,13 @@ One object per rank directory at a time: two writers over the same `rank{r}/` wo
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
 import random
 import re
+import sys
 import tarfile
 from array import array
 from collections.abc import Iterable, Iterator, Mapping
@@ -137,6 +141,22 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _pack(a: array) -> str:
+    """An int64 array as base64 of its little-endian bytes: a compact plain value for state dicts and JSON."""
+    if sys.byteorder == "big":
+        a = array("q", a)
+        a.byteswap()
+    return base64.b64encode(a.tobytes()).decode("ascii")
+
+
+def _unpack(text: str) -> array:
+    a = array("q")
+    a.frombytes(base64.b64decode(text))
+    if sys.byteorder == "big":
+        a.byteswap()
+    return a
 
 
 def _rng_state(rng: random.Random) -> list:
@@ -292,7 +312,7 @@ class ReservoirBuffer:
         *,
         shard_bytes: int = 256 << 20,
         compact_garbage: float = 0.5,
-        keep_commits: int | None = 2,
+        keep_commits: int | None = 3,
     ):
         problems = []
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
@@ -326,11 +346,12 @@ class ReservoirBuffer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._fresh()
         state_file = self.directory / STATE_FILE
+        self._dirty = True  # a new buffer's first commit writes its (empty) state
         if state_file.is_file():
             self._apply(json.loads(state_file.read_text()), f"{state_file}")
+            self._dirty = False
             log.info("replay buffer rank %d: opened %s (%d samples of %d offered, commit %d)",
                      rank, state_file, len(self), self._seen, self._generation)
-        self._dirty = False
         self._collect_garbage()  # what a crashed run left: temporary files, shards no committed state refers to
 
     # ------------------------------------------------------------------------------------------- state in RAM
@@ -631,14 +652,16 @@ class ReservoirBuffer:
             "next_shard": self._next_shard,
             "rng": _rng_state(self._rng),
             "draw_rng": _rng_state(self._draw_rng),
-            "index": {"shard": self._shard.tolist(), "offset": self._offset.tolist(), "length": self._length.tolist()},
+            "slots": len(self),
+            # slot -> shard number, byte offset, byte length; int64 arrays as base64 (see _pack)
+            "index": {"shard": _pack(self._shard), "offset": _pack(self._offset), "length": _pack(self._length)},
             # [number, file size, garbage bytes] of every shard the index refers to
             "shards": [[no, self._sizes[no], self._dead.get(no, 0)] for no in sorted(self._live)],
             "history": [[gen, list(shards)] for gen, shards in self._history],
             "groups": None if self._member is None else {
                 "keys": list(self._group_keys),
                 "seen": list(self._group_seen),
-                "members": [m.tolist() for m in self._members],
+                "members": [_pack(m) for m in self._members],  # group -> its slots
             },
         }
 
@@ -647,7 +670,11 @@ class ReservoirBuffer:
         shards written after it are discarded. Refused (ValueError) if it was made with other arguments; OSError if
         a shard it refers to is missing or of the wrong size."""
         self._apply(state, "the given state")
-        _write_json_atomic(self.directory / STATE_FILE, self._state())
+        try:
+            _write_json_atomic(self.directory / STATE_FILE, self._state())
+        except BaseException as e:  # RAM holds `state`, the disk another one: unusable until reopened
+            self._failed = e
+            raise
         self._dirty = False
         self._failed = None
         self._collect_garbage()
@@ -665,7 +692,7 @@ class ReservoirBuffer:
                 f"construct the buffer with the same arguments, or use another directory for a new buffer"
             )
         index = state["index"]
-        shard, offset, length = (array("q", index[k]) for k in ("shard", "offset", "length"))
+        shard, offset, length = (_unpack(index[k]) for k in ("shard", "offset", "length"))
         sizes = {int(no): int(size) for no, size, _ in state["shards"]}
         dead = {int(no): int(d) for no, _, d in state["shards"] if d}
         live: dict[int, int] = {}
@@ -703,7 +730,7 @@ class ReservoirBuffer:
             self._group_keys = list(groups["keys"])
             self._group_index = {k: g for g, k in enumerate(self._group_keys)}
             self._group_seen = [int(n) for n in groups["seen"]]
-            self._members = [array("q", m) for m in groups["members"]]
+            self._members = [_unpack(m) for m in groups["members"]]
             self._slot_group = array("q", bytes(8 * len(self._shard)))
             self._slot_pos = array("q", bytes(8 * len(self._shard)))
             for g, members in enumerate(self._members):
