@@ -139,6 +139,9 @@ class ModelConfig:
     train_xattn: bool = True
     activation_checkpointing: bool = False
     """Recompute decoder layers in the backward pass to save memory."""
+    num_classes: int = 0
+    """A classification head with this many classes on the pooled multimodal features (the LM's last hidden states
+    averaged over the text positions); labels come from the shards' `.cls` members. 0 = no head."""
 
 
 @dataclass
@@ -182,6 +185,11 @@ class TrainConfig:
     """Also validate before the first step (logged at step 0): the "before" of a fine-tuning run."""
     eval_batches: int = 20
     """Micro batches per validation run on each rank."""
+    lm_loss_weight: float = 1.0
+    """Weight of the captioning loss (next-token cross-entropy, mean over the global batch's target tokens)."""
+    cls_loss_weight: float = 0.0
+    """Weight of the classification loss (cross-entropy, mean over the global batch's labelled samples; needs
+    model.num_classes). `lm_loss_weight=0 cls_loss_weight=1`: classification instead of captioning."""
     seed: int = 1234
 
 
@@ -527,6 +535,16 @@ def validate(cfg: JobConfig, world_size: int | None = None, check_paths: bool = 
     _choice(p, "train.keep_best_mode", t.keep_best_mode, ("min", "max"))
     _choice(p, "train.on_nonfinite", t.on_nonfinite, ("rollback", "stop"))
     _positive(p, "train.max_nonfinite_steps", t.max_nonfinite_steps)
+    for name in ("lm_loss_weight", "cls_loss_weight"):
+        if not getattr(t, name) >= 0:
+            p.append(f"train.{name}: {getattr(t, name)} must be >= 0")
+    if t.lm_loss_weight <= 0 and t.cls_loss_weight <= 0:
+        p.append("train.lm_loss_weight and train.cls_loss_weight are both 0: nothing to train; set one > 0")
+    if m.num_classes < 0:
+        p.append(f"model.num_classes: {m.num_classes} must be >= 0 (0 = no classification head)")
+    if t.cls_loss_weight > 0 and m.num_classes <= 0:
+        p.append(f"train.cls_loss_weight: {t.cls_loss_weight} needs a classification head; set model.num_classes "
+                 f"(the number of classes in the shards' .cls labels)")
     if isinstance(t.rollback_lr_factor, (int, float)) and not 0 < t.rollback_lr_factor <= 1:
         p.append(f"train.rollback_lr_factor: {t.rollback_lr_factor!r} must be in (0, 1], e.g. 0.5")
     if t.keep_best and not (d.val_shards or d.synthetic_val_samples > 0):

@@ -78,6 +78,8 @@ def collate_samples(
         "attention_mask": attention_mask,
         "labels": labels,
         "media_index": media_index,
+        # the `.cls` label of each sample, IGNORE_INDEX without one
+        "class_labels": torch.tensor([s.get("class_label", IGNORE_INDEX) for s in samples], dtype=torch.int64),
         "num_skipped": torch.tensor(0, dtype=torch.int64),
         "__key__": [s["__key__"] for s in samples],
     }

@@ -68,7 +68,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmscale.config import DataConfig
-from mmscale.data.collate import collate_samples
+from mmscale.data.collate import IGNORE_INDEX, collate_samples
 from mmscale.data.shards import IMAGE_EXTS, read_sizes, resolve_shards
 from mmscale.data.tokenizer import Tokenizer
 
@@ -232,14 +232,26 @@ def image_to_tensor(img: Image.Image, image_size: int, mean: Sequence[float], st
 
 
 def decode_sample(raw: dict[str, Any], image_size: int, mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
-    """Raw tar sample -> {"__key__", "images": [(3, S, S)], "caption": str}; raises SampleError if unusable."""
+    """Raw tar sample -> {"__key__", "images": [(3, S, S)], "caption": str, "class_label": int}; raises SampleError
+    if unusable. `class_label` is the `.cls` member (an integer, as webdataset writes it), -100 without one; a
+    sample with a label may have no caption (classification data)."""
     key = raw.get("__key__", "?")
     where = f"{key} in {raw.get('__url__', '?')}"
+    label = IGNORE_INDEX
+    if raw.get("cls") is not None:
+        text = raw["cls"].decode("utf-8", errors="replace") if isinstance(raw["cls"], bytes) else str(raw["cls"])
+        try:
+            label = int(text.strip())
+        except ValueError:
+            raise SampleError(f"{where}: class label (.cls member) {text[:20]!r} is not an integer") from None
+        if label < 0:
+            raise SampleError(f"{where}: class label (.cls member) {label} is negative")
     caption = raw.get("txt")
-    if caption is None:
-        raise SampleError(f"{where}: no caption (.txt member)")
+    if caption is None and label == IGNORE_INDEX:
+        raise SampleError(f"{where}: no caption (.txt member) and no class label (.cls member)")
+    caption = "" if caption is None else caption
     caption = caption.decode("utf-8", errors="replace").strip() if isinstance(caption, bytes) else str(caption)
-    if not caption:
+    if not caption and label == IGNORE_INDEX:
         raise SampleError(f"{where}: empty caption")
     data = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
     if data is None:
@@ -250,7 +262,7 @@ def decode_sample(raw: dict[str, Any], image_size: int, mean: Sequence[float], s
             pixels = image_to_tensor(img, image_size, mean, std)
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError...)
         raise SampleError(f"{where}: undecodable image: {e!r}") from None
-    return {"__key__": key, "images": [pixels], "caption": caption}
+    return {"__key__": key, "images": [pixels], "caption": caption, "class_label": label}
 
 
 def caption_to_ids(caption: str, tokenizer: Tokenizer, max_text_len: int) -> list[int]:

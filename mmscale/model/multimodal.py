@@ -30,7 +30,7 @@ from mmscale.model.vision import VisionTower, build_vision_tower
 from mmscale.model.xattn import GatedCrossAttentionBlock, XAttnDecoderLayer, apply_gated_xattn
 
 IGNORE_INDEX = -100
-COMPONENTS = ("vision", "resampler", "lm", "xattn")
+COMPONENTS = ("vision", "resampler", "lm", "xattn", "head")
 
 
 @dataclass
@@ -44,6 +44,14 @@ class MultimodalOutput(ModelOutput):
     """int64 scalar: how many positions `loss_sum` sums over."""
     loss: torch.Tensor | None = None
     """loss_sum / max(num_tokens, 1): the local mean, for convenience. Training normalises by the global count."""
+    class_logits: torch.Tensor | None = None
+    """(B, num_classes) fp32, with a classification head (inactive classes at the dtype's minimum)."""
+    cls_loss_sum: torch.Tensor | None = None
+    """fp32 scalar: SUM of the classification cross-entropy over the samples with a label (class_labels given)."""
+    cls_num: torch.Tensor | None = None
+    """int64 scalar: how many samples have a label."""
+    cls_correct: torch.Tensor | None = None
+    """int64 scalar: how many of them the head gets right."""
     token_loss: torch.Tensor | None = None
     """(B, L-1) fp32 cross-entropy of predicting labels[:, t+1] at position t, 0 where ignored
     (only with return_token_loss=True)."""
@@ -56,10 +64,17 @@ class MultimodalModel(nn.Module):
         resampler: PerceiverResampler,
         lm: PreTrainedModel,
         media_mode: str = "previous",
+        num_classes: int = 0,
     ):
         super().__init__()
         if media_mode not in ("previous", "all"):
             raise ValueError(f"media_mode: {media_mode!r} is not one of 'previous', 'all'")
+        self.classifier = nn.Linear(lm.config.hidden_size, num_classes) if num_classes > 0 else None
+        """Classification head on the pooled features: the LM's last hidden states (after its final norm) averaged
+        over the attended positions."""
+        if num_classes > 0:
+            # class-incremental learning: logits of classes not (yet) active are masked out
+            self.register_buffer("active_classes", torch.ones(num_classes, dtype=torch.bool))
         self.vision = vision
         self.resampler = resampler
         self.lm = lm
@@ -99,6 +114,7 @@ class MultimodalModel(nn.Module):
         media_index: torch.Tensor,
         labels: torch.Tensor | None = None,
         return_token_loss: bool = False,
+        class_labels: torch.Tensor | None = None,
     ) -> MultimodalOutput:
         """pixel_values (B, M, 3, H, W) float; image_mask (B, M) bool (real slots first, padding after);
         input_ids, attention_mask, media_index, labels (B, L) int64; media_index[b, t] = latest image at or
@@ -115,12 +131,17 @@ class MultimodalModel(nn.Module):
         key_range = build_media_key_range(media_index, n, self.media_mode)  # (B, L, 2); kernel also applies kv_lens
         for layer in self.xattn_layers():
             layer.condition(media, key_range, kv_lens)
+        hidden_states = self.classifier is not None
         if self.prompt is None:
-            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            lm_out = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                             output_hidden_states=hidden_states)
+            logits, last = lm_out.logits, lm_out.hidden_states[-1] if hidden_states else None
         else:
-            logits = self._forward_with_prompt(input_ids, attention_mask, media_index, media, kv_lens, n)
+            logits, last = self._forward_with_prompt(input_ids, attention_mask, media_index, media, kv_lens, n,
+                                                     hidden_states)
+        cls = self._classify(last, attention_mask, class_labels) if hidden_states else {}
         if labels is None:
-            return MultimodalOutput(logits=logits)
+            return MultimodalOutput(logits=logits, **cls)
         # predict labels[:, t+1] from position t; fp32 whatever the logits' dtype
         target = labels[:, 1:]
         token_loss = F.cross_entropy(
@@ -134,10 +155,25 @@ class MultimodalModel(nn.Module):
             num_tokens=num_tokens,
             loss=loss_sum / num_tokens.clamp(min=1),
             token_loss=token_loss if return_token_loss else None,
+            **cls,
         )
 
+    def _classify(self, last: torch.Tensor, attention_mask: torch.Tensor,
+                  class_labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        mask = attention_mask.unsqueeze(-1).to(last.dtype)
+        pooled = (last * mask).sum(1) / mask.sum(1).clamp(min=1)
+        class_logits = self.classifier(pooled.to(self.classifier.weight.dtype)).float()
+        class_logits = class_logits.masked_fill(~self.active_classes, torch.finfo(class_logits.dtype).min)
+        if class_labels is None:
+            return {"class_logits": class_logits}
+        valid = class_labels != IGNORE_INDEX
+        cls_loss_sum = F.cross_entropy(class_logits, class_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return {"class_logits": class_logits, "cls_loss_sum": cls_loss_sum, "cls_num": valid.sum(),
+                "cls_correct": ((class_logits.argmax(-1) == class_labels) & valid).sum()}
+
     def _forward_with_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media_index: torch.Tensor,
-                             media: torch.Tensor, kv_lens: torch.Tensor, n: int) -> torch.Tensor:
+                             media: torch.Tensor, kv_lens: torch.Tensor, n: int,
+                             hidden_states: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         B = input_ids.shape[0]
         prefix = self.prompt(B)  # called as a module: ZeRO-3 gathers its parameters like any other's
         k = prefix.shape[1]
@@ -148,8 +184,9 @@ class MultimodalModel(nn.Module):
         key_range = build_media_key_range(media_index, n, self.media_mode)
         for layer in self.xattn_layers():
             layer.condition(media, key_range, kv_lens)
-        logits = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
-        return logits[:, k:]
+        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
+                      output_hidden_states=hidden_states)
+        return out.logits[:, k:], out.hidden_states[-1][:, k:] if hidden_states else None
 
     # --------------------------------------------------------------------------------------------- accounting
 
@@ -161,6 +198,8 @@ class MultimodalModel(nn.Module):
             top = name.split(".", 1)[0]
             if top == "prompt":  # prompt tuning's soft tokens: counted with the LM they feed
                 groups["lm"].append((name, p))
+            elif top == "classifier":
+                groups["head"].append((name, p))
             elif top == "lm":
                 groups["xattn" if id(p) in xattn_ids else "lm"].append((name, p))
             else:
@@ -173,6 +212,8 @@ class MultimodalModel(nn.Module):
         (counted by the shape they quantize, not their packed storage)."""
         by_component, total, trainable = {}, 0, 0
         for comp, params in self.component_params().items():
+            if comp == "head" and not params:  # no classification head
+                continue
             count = 0
             for _, p in params:
                 quant = getattr(p, "quant_state", None)  # 4-bit weights: several packed into one stored element
@@ -191,6 +232,7 @@ def apply_freeze_policy(model: MultimodalModel, cfg: ModelConfig) -> None:
         "resampler": cfg.train_resampler,
         "lm": cfg.train_lm,
         "xattn": cfg.train_xattn,
+        "head": True,  # new with the model: it always trains
     }
     for comp, params in model.component_params().items():
         for _, p in params:
@@ -272,6 +314,7 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None, meta: bool = Fa
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model = MultimodalModel(vision, resampler, lm, media_mode=x.media_mode)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = MultimodalModel(vision, resampler, lm, media_mode=x.media_mode, num_classes=cfg.num_classes)
     apply_freeze_policy(model, cfg)
     return model

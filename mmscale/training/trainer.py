@@ -30,7 +30,7 @@ from mmscale.training.metrics import MetricsWriter, plot_losses
 
 log = logging.getLogger("mmscale.trainer")
 
-MODEL_INPUTS = ("pixel_values", "image_mask", "input_ids", "attention_mask", "media_index", "labels")
+MODEL_INPUTS = ("pixel_values", "image_mask", "input_ids", "attention_mask", "media_index", "labels", "class_labels")
 
 
 class ResumeError(RuntimeError):
@@ -140,7 +140,7 @@ class Trainer:
         self.metrics = MetricsWriter(cfg.output_dir, enabled=self.is_main, tensorboard=cfg.logging.tensorboard)
         self.history: list[dict[str, float]] = []  # this process's logged records (tests and benchmarks read it)
         self._data_iter = None
-        self._window = {"loss_sum": 0.0, "tokens": 0.0, "time": 0.0, "steps": 0}
+        self._window = self._empty_window()
         self._dtype = param_dtype(cfg)  # inputs in the parameters' dtype
 
     # ------------------------------------------------------------------------------------------- steps
@@ -148,6 +148,8 @@ class Trainer:
     def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = {}
         for k in MODEL_INPUTS:
+            if k not in batch:  # class_labels: only batches from the data pipeline carry them
+                continue
             t = batch[k]
             out[k] = t.to(self.engine.device, dtype=self._dtype if t.is_floating_point() else None, non_blocking=True)
         return out
@@ -160,27 +162,44 @@ class Trainer:
             batch = cb.on_batch(self, batch)
         return batch
 
-    def forward_backward_step(self, batch: dict[str, Any], loss_scale: float) -> torch.Tensor:
-        """One micro batch. Returns the detached local loss sum (nats, summed over target tokens)."""
+    @staticmethod
+    def _empty_window() -> dict[str, float]:
+        return {"loss_sum": 0.0, "tokens": 0.0, "cls_loss_sum": 0.0, "cls_correct": 0.0, "cls_num": 0.0,
+                "time": 0.0, "steps": 0}
+
+    def forward_backward_step(self, batch: dict[str, Any], loss_scale: float,
+                              cls_scale: float = 0.0) -> tuple[float, float, float]:
+        """One micro batch: the captioning loss sum times `loss_scale` plus the classification loss sum times
+        `cls_scale`. Returns the detached local (LM loss sum, classification loss sum, classified right)."""
         inputs = self._to_device(batch)
         out = self.engine.forward(**inputs)
         loss = out.loss_sum * loss_scale
+        cls_sum = cls_correct = 0.0
+        if out.cls_loss_sum is not None:
+            if cls_scale:
+                loss = loss + out.cls_loss_sum * cls_scale
+            cls_sum, cls_correct = float(out.cls_loss_sum.detach()), float(out.cls_correct)
         for cb in self.callbacks:
             loss = cb.on_loss(self, batch, out, loss)
         self.engine.backward(loss)
         self.engine.step()  # a no-op for weights until the accumulation boundary
-        return out.loss_sum.detach().float()
+        return float(out.loss_sum.detach().float()), cls_sum, cls_correct
 
     def train_step(self) -> dict[str, float]:
         t0 = time.perf_counter()
         micro = [self.next_batch() for _ in range(self.engine.grad_accum)]
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        # global_avg_loss = sum over ranks and micro batches of loss_sum / global_tokens.
-        # DeepSpeed divides each backward by grad_accum and averages gradients over world_size, so each micro
-        # batch's loss_sum is pre-scaled by grad_accum * world_size / global_tokens. One tiny all-reduce per step.
-        global_tokens = float(all_reduce_sum([local_tokens])[0])
-        scale = self.engine.grad_accum * self.world_size / max(global_tokens, 1.0)
-        loss_sum = sum(float(self.forward_backward_step(b, scale)) for b in micro)
+        local_labelled = sum(int((b["class_labels"] != -100).sum()) for b in micro if "class_labels" in b)
+        # global_avg_loss = sum over ranks and micro batches of loss_sum / global_tokens (and the classification
+        # loss over the labelled samples). DeepSpeed divides each backward by grad_accum and averages gradients
+        # over world_size, so each micro batch's sums are pre-scaled by grad_accum * world_size / the global count.
+        # One tiny all-reduce per step.
+        global_tokens, global_labelled = all_reduce_sum([local_tokens, local_labelled]).tolist()
+        t = self.cfg.train
+        scale = t.lm_loss_weight * self.engine.grad_accum * self.world_size / max(global_tokens, 1.0)
+        cls_scale = t.cls_loss_weight * self.engine.grad_accum * self.world_size / max(global_labelled, 1.0)
+        sums = [self.forward_backward_step(b, scale, cls_scale) for b in micro]
+        loss_sum = sum(x[0] for x in sums)
         # A non-finite loss on any rank makes the all-reduced gradient norm non-finite, and DeepSpeed then skips
         # the step on every rank alike (mmscale's stage-0 optimizer does the same): the verdict is global.
         applied = self.engine.step_applied
@@ -192,6 +211,9 @@ class Trainer:
         if applied:
             w["loss_sum"] += loss_sum
             w["tokens"] += local_tokens
+            w["cls_loss_sum"] += sum(x[1] for x in sums)
+            w["cls_correct"] += sum(x[2] for x in sums)
+            w["cls_num"] += local_labelled
             self._nonfinite_in_a_row = 0
         else:
             self.nonfinite_steps += 1
@@ -219,10 +241,13 @@ class Trainer:
     def _flush_window(self) -> dict[str, float]:
         """Global mean loss and throughput over the steps since the last log (one all-reduce)."""
         w = self._window
-        loss_sum, tokens, skipped = all_reduce_sum([w["loss_sum"], w["tokens"], self.data_skipped]).tolist()
+        loss_sum, tokens, skipped, cls_sum, cls_correct, cls_num = all_reduce_sum(
+            [w["loss_sum"], w["tokens"], self.data_skipped, w["cls_loss_sum"], w["cls_correct"], w["cls_num"]]).tolist()
         steps, secs = w["steps"], w["time"]
-        self._window = {"loss_sum": 0.0, "tokens": 0.0, "time": 0.0, "steps": 0}
+        self._window = self._empty_window()
+        cls = {"cls_loss": cls_sum / cls_num, "cls_acc": cls_correct / cls_num} if cls_num else {}
         return {
+            **cls,
             "loss": loss_sum / tokens if tokens else None,  # None: every step of the window was skipped
             "lr": self.engine.lr,
             "grad_norm": self.engine.grad_norm(),
@@ -242,13 +267,29 @@ class Trainer:
             return {}
         self.engine.train(False)
         loss_sum, tokens = 0.0, 0.0
+        classes = getattr(self.engine.module, "classifier", None)
+        n_cls = classes.out_features if classes is not None else 0
+        cls_sum, per_class = 0.0, torch.zeros(2, n_cls, dtype=torch.float64)  # [right, seen] per class
         for batch in self.eval_data:  # re-iterable: the same batches every evaluation
             out = self.engine.forward(**self._to_device(batch))
             loss_sum += float(out.loss_sum)
             tokens += float(out.num_tokens)
+            if out.cls_loss_sum is not None:
+                cls_sum += float(out.cls_loss_sum)
+                labels = batch["class_labels"]
+                valid = labels != -100
+                right = (out.class_logits.argmax(-1).cpu() == labels) & valid
+                per_class[0] += torch.bincount(labels[valid], weights=right[valid].double(), minlength=n_cls)
+                per_class[1] += torch.bincount(labels[valid], minlength=n_cls).double()
         self.engine.train(True)
-        loss_sum, tokens = all_reduce_sum([loss_sum, tokens]).tolist()
+        totals = all_reduce_sum(torch.cat([torch.tensor([loss_sum, tokens, cls_sum], dtype=torch.float64),
+                                           per_class.flatten()]))
+        loss_sum, tokens, cls_sum = totals[:3].tolist()
         metrics = {"val_loss": loss_sum / max(tokens, 1.0), "val_tokens": int(tokens)}
+        right, seen = totals[3:].view(2, n_cls)
+        if seen.sum() > 0:  # classification: loss, accuracy, per class (None where a class had no sample)
+            metrics.update(val_cls_loss=cls_sum / float(seen.sum()), val_acc=float(right.sum() / seen.sum()),
+                           val_acc_per_class=[float(r / n) if n else None for r, n in zip(right, seen)])
         for cb in self.callbacks:
             cb.on_eval_end(self, metrics)
         self.last_eval = {"step": self.step, **metrics}  # recorded in the manifest of a checkpoint at this step
