@@ -246,8 +246,9 @@ def test_lora_zero2_matches_zero3(source_run, tmp_path):
 @pytest.mark.slow
 def test_qlora_fine_tunes_a_pretrained_run(source_run, tmp_path):
     """QLoRA with `model.init_from` a 2-rank ZeRO-3 run and no model.lm.path: the run's LM is written out as a
-    Hugging Face model (its weights exactly the source's), quantized as it loads, fine-tuned on 2 ranks under ZeRO-3,
-    and what was saved reloads in one process (4-bit base rebuilt from the export, checked by its fingerprint)."""
+    Hugging Face model (its weights exactly the source's), quantized as it loads, the vision tower's linear layers
+    quantized too (`quantize_vision`), fine-tuned on 2 ranks under ZeRO-3, and what was saved reloads in one
+    process (the 4-bit LM and tower rebuilt from the sources, checked by the frozen weights' fingerprint)."""
     import bitsandbytes as bnb
     from safetensors.torch import load_file
 
@@ -258,7 +259,8 @@ def test_qlora_fine_tunes_a_pretrained_run(source_run, tmp_path):
 
     tmp, data = source_run
     out = tmp_path / "run"
-    args = [*data, f"model.init_from={tmp / 'src'}", "train.precision=bf16", "callbacks=[{name: qlora}]",
+    args = [*data, f"model.init_from={tmp / 'src'}", "train.precision=bf16",
+            "callbacks=[{name: qlora, args: {quantize_vision: true}}]",
             "deepspeed.stage3_param_persistence_threshold=0", "train.max_steps=4", "train.lr=1e-2",
             "train.warmup_steps=1"]
     r = launch(ROOT / "launchers/train.py", ["--config", "configs/tiny.yaml", f"output_dir={out}", *args], nprocs=2)
@@ -273,7 +275,8 @@ def test_qlora_fine_tunes_a_pretrained_run(source_run, tmp_path):
     assert cfg.model.lm.path == str(out / BASE_LM_DIR)
     model = build_from_checkpoint(cfg, latest_checkpoint(out / "checkpoints"),
                                   load_tokenizer(cfg.data.tokenizer).vocab_size)
-    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.lm.modules())
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.vision.modules())  # quantize_vision
 
 
 @pytest.mark.slow

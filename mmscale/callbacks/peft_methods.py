@@ -187,17 +187,20 @@ class QLoRA(LoRA):
     optional double quantization, bf16 compute, and bf16 storage so that ZeRO-3 can partition the packed weights.
     The LM comes from `model.lm.path`; cross-attention and resampler stay trainable in full precision."""
 
-    def __init__(self, quant_type: str = "nf4", double_quant: bool = False, **lora_args: Any):
+    def __init__(self, quant_type: str = "nf4", double_quant: bool = False, quantize_vision: bool = False,
+                 **lora_args: Any):
         if quant_type not in ("nf4", "fp4"):
             raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
-        if not isinstance(double_quant, bool):
-            raise ValueError(f"double_quant must be true or false, got {double_quant!r}")
+        for name, value in (("double_quant", double_quant), ("quantize_vision", quantize_vision)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        self.quantize_vision = quantize_vision
         super().__init__(**{"components": ("lm",), **lora_args})
         if self.components != ["lm"]:
             raise ValueError(f"qlora quantizes the LM only; components must be ['lm'], got {self.components}")
         self.quant_type, self.double_quant = quant_type, double_quant
 
-    def config_problems(self, cfg: Any) -> list[str]:
+    def _qlora_problems(self, cfg: Any) -> list[str]:
         problems = []
         if cfg.train.precision != "bf16":
             problems.append(f"the 4-bit weights compute and are stored in bf16; set train.precision=bf16 (got "
@@ -214,11 +217,22 @@ class QLoRA(LoRA):
             "bnb_4bit_use_double_quant": self.double_quant, "bnb_4bit_compute_dtype": torch.bfloat16,
             "bnb_4bit_quant_storage": torch.bfloat16,
         }
+        # the vision tower is quantized in on_model_built, after model.init_from's weights are in: whole then
+        options.build_whole = options.build_whole or self.quantize_vision
+
+    def config_problems(self, cfg: Any) -> list[str]:
+        problems = self._qlora_problems(cfg)
+        if self.quantize_vision and cfg.model.train_vision:
+            problems.append("quantize_vision freezes the vision tower in 4 bits; set model.train_vision=false")
+        return problems
 
     def on_model_built(self, model: torch.nn.Module) -> None:
         import bitsandbytes as bnb
 
-        for module in model.lm.modules():
+        if self.quantize_vision:
+            n = quantize_linears(model.vision, self.quant_type, self.double_quant)
+            log.info("qlora: %d linear layers of the vision tower in 4 bits (%s)", n, self.quant_type)
+        for module in model.modules():
             if isinstance(module, bnb.nn.Linear4bit):
                 # Trap (shared/notes/qlora-zero3-cpu.md): on CPUs with AVX512-BF16, a Linear4bit in eval mode with
                 # no grad repacks its weight in place into a CPU-only layout, which ZeRO-3 loses when it releases
@@ -257,3 +271,24 @@ class PromptTuning(_PEFT):
         with _new_weights():
             model.prompt = SoftPrompt(self.num_tokens, config.hidden_size, getattr(config, "initializer_range", 0.02))
         _report("prompt_tuning", model)
+
+
+def quantize_linears(module: nn.Module, quant_type: str, double_quant: bool) -> int:
+    """Replace every nn.Linear inside `module` by a frozen bitsandbytes Linear4bit holding the same weights (bf16
+    compute and storage, like the LM's); the module must be whole (not partitioned). Returns how many."""
+    import bitsandbytes as bnb
+
+    targets = [(name, child) for name, child in module.named_modules() if type(child) is nn.Linear]
+    for name, lin in targets:
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              compute_dtype=torch.bfloat16, compress_statistics=double_quant, quant_type=quant_type,
+                              quant_storage=torch.bfloat16)
+        q.weight = bnb.nn.Params4bit(lin.weight.data.detach().float().clone(), requires_grad=False,
+                                     quant_type=quant_type, compress_statistics=double_quant,
+                                     quant_storage=torch.bfloat16)
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.data.detach().clone(), requires_grad=False)
+        q = q.to(lin.weight.device)  # bitsandbytes quantizes as the weight moves to its device
+        parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+        setattr(parent, name.rsplit(".", 1)[-1], q)
+    return len(targets)

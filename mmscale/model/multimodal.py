@@ -248,6 +248,10 @@ class BuildOptions:
     """transformers.BitsAndBytesConfig arguments: the LM is loaded from `model.lm.path` with its linear layers
     quantized as they load."""
 
+    build_whole: bool = False
+    """True: never partition the model at birth (ZeRO-3's zero.Init), because a callback changes layers in
+    `on_model_built` that must be whole then (qlora quantizing the vision tower); DeepSpeed partitions it when it
+    wraps the model."""
     checkpoint_frozen: bool = True
     """False (the fine-tuning methods): checkpoints hold only what trains. The frozen weights come back from where
     they came from (`model.init_from`, `model.lm.path`, the seed) when the run resumes or is reloaded; a fingerprint
@@ -258,7 +262,7 @@ class BuildOptions:
         """Whether the model may be built partitioned (ZeRO-3's zero.Init). A quantized LM may not: transformers
         quantizes while it loads full tensors, so the model is built whole on each rank (the LM in 4 bits) and
         partitioned when DeepSpeed wraps it."""
-        return self.lm_quantization is None
+        return self.lm_quantization is None and not self.build_whole
 
 
 def build_lm(cfg: ModelConfig, vocab_size: int | None, meta: bool = False,

@@ -159,6 +159,7 @@ def build_from_checkpoint(cfg: JobConfig, ckpt: Path | None, vocab_size: int) ->
     from mmscale.model import BuildOptions, build_model
     from mmscale.training.engine import frozen_fingerprint, load_initial_weights, param_dtype
 
+    seed_everything(cfg.train.seed)  # weights no source gives (a frozen random tower) come out as in training
     callbacks = build_callbacks(cfg.callbacks)
     options = BuildOptions()
     for cb in callbacks:

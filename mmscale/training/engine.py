@@ -415,8 +415,10 @@ def build_engine(cfg: JobConfig, build_model: Callable[[], torch.nn.Module], wor
     from transformers.integrations import HfDeepSpeedConfig
 
     ds_config = build_ds_config(cfg, world_size)
-    # Keeps transformers' from_pretrained ZeRO-3 aware (it loads weights shard by shard) while it is alive.
-    hf_ds = HfDeepSpeedConfig(ds_config) if cfg.deepspeed.zero_stage == 3 else None
+    # Keeps transformers' from_pretrained ZeRO-3 aware (it loads weights shard by shard) while it is alive. Not for
+    # a whole build: transformers would still partition the towers it builds, and a callback that quantizes them in
+    # on_model_built would find them empty.
+    hf_ds = HfDeepSpeedConfig(ds_config) if cfg.deepspeed.zero_stage == 3 and sharded_build else None
     # No `dtype=` here: DeepSpeed 0.19.8's Init._set_dtype parses `dtype or fp16 if fp16_ok else bf16 if ...` as a
     # conditional around `dtype or fp16`, so on its CPU accelerator an explicit float32 comes out bf16. Without the
     # argument it follows the config's bf16 section. The dtype is checked after the build either way.
