@@ -146,7 +146,7 @@ def test_lm_path_loads_the_saved_weights_under_zero3(matrix):
 def test_early_stopping_stops_and_checkpoints_its_state(matrix):
     """patience 2, min_delta 100: the eval at step 1 sets the best, those at steps 2 and 3 cannot improve on it
     by 100, so the run stops after step 3 of 10, and the checkpoint written at the stop holds the callback's
-    state (loaded with weights_only, as --resume does)."""
+    state (loaded with weights_only, as --resume does), and that of a second early_stopping beside it."""
     rec = variant(matrix, "early_stopping")
     assert rec["should_stop"] and rec["trainer_step"] == 3, (
         f"stopped={rec['should_stop']} at step {rec['trainer_step']}, expected a stop at step 3")
@@ -154,10 +154,13 @@ def test_early_stopping_stops_and_checkpoints_its_state(matrix):
     assert [r["step"] for r in rec["history"] if "val_loss" in r] == [1, 2, 3], rec["history"]
     assert rec["final_checkpoint"] == "step_00000003" and rec["checkpoint_step"] == 3, (
         f"final checkpoint {rec['final_checkpoint']} (step {rec.get('checkpoint_step')}), expected step_00000003")
-    state = rec["checkpoint_callbacks"]["early_stopping"]
-    first_val = next(r["val_loss"] for r in rec["history"] if "val_loss" in r)
-    assert state["bad_evals"] == 2 and state["best"] == pytest.approx(first_val), (
-        f"checkpointed early_stopping state {state}, expected bad_evals 2 and best = step 1's val_loss {first_val}")
+    state = rec["checkpoint_callbacks"]["0:early_stopping"]
+    vals = [r["val_loss"] for r in rec["history"] if "val_loss" in r]
+    assert state["bad_evals"] == 2 and state["best"] == pytest.approx(vals[0]), (
+        f"checkpointed early_stopping state {state}, expected bad_evals 2 and best = step 1's val_loss {vals[0]}")
+    # the second instance (patience 50, no min_delta) kept its own state beside the first's
+    other = rec["checkpoint_callbacks"]["1:early_stopping"]
+    assert other["best"] == pytest.approx(min(vals)) and other != state, (other, state, vals)
 
 
 @pytest.mark.slow

@@ -90,6 +90,12 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return refused
 
 
+def callback_key(index: int, cb: Callback) -> str:
+    """Where a callback's state lives in the trainer state: its place in `callbacks:` and its name, so that two
+    instances of one callback (two early stoppings on different metrics) keep separate states."""
+    return f"{index}:{cb.name}"
+
+
 def frozen_problems(saved: str, built: str, name: str, cfg: JobConfig) -> list[str]:
     """A checkpoint that left the frozen weights out (`saved` is their fingerprint) continues only with the same
     frozen weights, rebuilt from the same sources; one that holds them only into a run that expects them."""
@@ -307,7 +313,7 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_steps,
             "lr_scale": self.lr_scale,
             "data": self.train_data.state_dict(),
-            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+            "callbacks": {callback_key(i, cb): cb.state_dict() for i, cb in enumerate(self.callbacks)},
             "rng": rng_state(),
         }
 
@@ -404,9 +410,13 @@ class Trainer:
             set_rng_state(state["rng"])
         elif self.lr_scale != saved_scale:  # a rollback: its lowered rate, and the counts go on
             self.engine.scale_lr(self.lr_scale / saved_scale)
-        for cb in self.callbacks:
-            if cb.name in state["callbacks"]:
-                cb.load_state_dict(state["callbacks"][cb.name])
+        saved = state["callbacks"]
+        for i, cb in enumerate(self.callbacks):
+            key = callback_key(i, cb)
+            if key in saved:
+                cb.load_state_dict(saved[key])
+            elif cb.name in saved:  # checkpoints from before the keys held the position
+                cb.load_state_dict(saved[cb.name])
 
     def resume(self, required: bool = True) -> bool:
         """Continue from the newest good checkpoint in output_dir. With `required=False` (`--resume auto`), start

@@ -234,7 +234,9 @@ def stop_counting(trainer: Any, record: dict) -> None:
     record["mlp0_calls"] = record["mlp0_calls"][0]
 
 
-EARLY_STOPPING = "callbacks=[{name: early_stopping, args: {metric: val_loss, patience: 2, min_delta: 100.0}}]"
+# two instances of one callback: each keeps its own state in the checkpoint
+EARLY_STOPPING = ("callbacks=[{name: early_stopping, args: {metric: val_loss, patience: 2, min_delta: 100.0}}, "
+                  "{name: early_stopping, args: {metric: val_loss, patience: 50}}]")
 
 
 @dataclass
