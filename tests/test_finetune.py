@@ -303,3 +303,27 @@ def test_demo_finetune_config_learns_the_new_task(tmp_path):
     counts = rows[("counts (new)", "count words")]
     assert counts["after"] < counts["before"] - 0.2, counts  # 3.31 -> 2.91 nats in 8 steps (deterministic)
     assert all(torch.isfinite(torch.tensor([r["before"], r["after"]])).all() for r in rows.values())
+
+
+def test_dry_run_sizes_qlora_weights_in_four_bits():
+    """--dry-run with qlora: the LM's linear weights (its head kept) at 4 bits plus their scales, the rest in bf16;
+    with quantize_vision the tower's too. On the meta device, so any preset can be sized."""
+    from mmscale.config import load_config
+    from mmscale.training.dry_run import dry_run, quantized_bytes_per_weight
+
+    assert quantized_bytes_per_weight(False) == 0.5 + 4 / 64
+    assert quantized_bytes_per_weight(True) == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256))
+
+    def weights(callbacks: str, *extra: str) -> float:
+        cfg = load_config(ROOT / "configs/tiny.yaml", ["train.precision=bf16", "model.init_from=anywhere",
+                                                       f"callbacks={callbacks}", *extra], check_paths=False)
+        report = dry_run(cfg, 2, vocab_size=64)
+        assert not report["problems"], report["problems"]
+        return report["memory_per_rank"]["device_weights_gib"] * 1024**3
+
+    lora, qlora = weights("[{name: lora}]"), weights("[{name: qlora}]")
+    vision_too = weights("[{name: qlora, args: {quantize_vision: true}}]")
+    # the tiny LM's linear layers: 2 layers x (q 64x64, k 32x64, v 32x64, o 64x64, gate/up/down 3 x 128x64)
+    linear = 2 * (64 * 64 * 2 + 32 * 64 * 2 + 3 * 128 * 64)
+    assert lora - qlora == pytest.approx(linear * (2 - quantized_bytes_per_weight(False)) / 2)  # ZeRO-3 over 2
+    assert vision_too < qlora
