@@ -236,6 +236,31 @@ class CallbackSpec:
 
 
 @dataclass
+class TaskSpec:
+    """One task of a continual-learning sequence: its own shards and step budget."""
+
+    name: str = ""
+    train_shards: str = ""
+    val_shards: str = ""
+    max_steps: int = 0
+    classes: list[int] = field(default_factory=list)
+    """The classes this task brings (class-incremental): the head predicts only the classes of the tasks so far.
+    Empty = no change to the active classes."""
+
+
+@dataclass
+class ContinualConfig:
+    tasks: list[TaskSpec] = field(default_factory=list)
+    """Tasks trained in order in one job (empty = an ordinary run on data.train_shards). After each task every
+    task is evaluated: R[i][j] = `metric` on task j after task i, written to {output_dir}/continual.json and
+    continual.png. train.max_steps must be the sum of the tasks' max_steps."""
+    metric: str = "val_loss"
+    """What R holds: val_loss or val_acc (classification)."""
+    schedule: str = "restart"
+    """restart: warmup and decay again for each task; continue: one schedule over the whole sequence."""
+
+
+@dataclass
 class LoggingConfig:
     log_every: int = 10
     """Write metrics every N optimizer steps."""
@@ -254,6 +279,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     callbacks: list[CallbackSpec] = field(default_factory=list)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -429,6 +455,36 @@ def _positive(problems: list[str], where: str, value: Any, minimum: float = 1) -
         problems.append(f"{where}: {value!r} must be >= {minimum}")
 
 
+def _continual_problems(cfg: JobConfig) -> list[str]:
+    c, p = cfg.continual, []
+    _choice(p, "continual.metric", c.metric, ("val_loss", "val_acc"))
+    _choice(p, "continual.schedule", c.schedule, ("restart", "continue"))
+    if not c.tasks:
+        return p
+    if c.metric == "val_acc" and cfg.model.num_classes <= 0:
+        p.append("continual.metric: val_acc needs a classification head; set model.num_classes")
+    names = [t.name for t in c.tasks]
+    for i, t in enumerate(c.tasks):
+        where = f"continual.tasks[{i}]"
+        if not t.name or names.count(t.name) > 1:
+            p.append(f"{where}.name: {t.name!r}: every task needs a name of its own")
+        for field_name in ("train_shards", "val_shards"):
+            if not getattr(t, field_name):
+                p.append(f"{where}.{field_name}: empty; every task needs its own shards (R is measured on val_shards)")
+        if t.max_steps < 1:
+            p.append(f"{where}.max_steps: {t.max_steps} must be >= 1")
+        bad = [k for k in t.classes if not 0 <= k < max(cfg.model.num_classes, 0)]
+        if bad:
+            p.append(f"{where}.classes: {bad} outside 0..model.num_classes-1 ({cfg.model.num_classes})")
+    total = sum(t.max_steps for t in c.tasks)
+    if cfg.train.max_steps != total:
+        p.append(f"train.max_steps: {cfg.train.max_steps}, but the tasks' max_steps add up to {total}; set "
+                 f"train.max_steps={total}")
+    if not cfg.data.tokenizer:
+        p.append("data.tokenizer: empty; a task sequence reads your own shards and needs a tokenizer")
+    return p
+
+
 def _tokenizer_spells_task(d: DataConfig) -> list[str]:
     from mmscale.data import load_tokenizer, synthetic_words
 
@@ -472,7 +528,8 @@ def validate(cfg: JobConfig, world_size: int | None = None, check_paths: bool = 
     d, m, t, ds = cfg.data, cfg.model, cfg.train, cfg.deepspeed
     if not cfg.output_dir:
         p.append("output_dir: must be set, e.g. output_dir=runs/my_job")
-    if not d.train_shards and d.synthetic_train_samples <= 0:
+    p += _continual_problems(cfg)
+    if not d.train_shards and d.synthetic_train_samples <= 0 and not cfg.continual.tasks:
         p.append(
             "data.train_shards: empty and data.synthetic_train_samples is 0; give shards "
             "(data.train_shards=path/{000000..000009}.tar) or use the demo data (data.synthetic_train_samples=2000)"

@@ -133,3 +133,51 @@ def test_digit_classification_two_ranks_match_one_process(tiny_data, tmp_path): 
     val = [h for h in runs["two"] if "val_acc" in h][-1]
     assert len(val["val_acc_per_class"]) == 4 and 0 <= val["val_acc"] <= 1
     assert val["val_acc"] > 0.5, val  # well above chance (0.25)
+
+
+@pytest.mark.slow
+def test_task_sequence_resumed_mid_task_ends_with_the_same_matrix(tiny_data, tmp_path):  # noqa: F811
+    """Class-incremental digits, {0, 1} then {2, 3}, 2 ranks under ZeRO-3: after each task every task is evaluated
+    (R); while task 1 trains, task 2's classes are masked out of the head (accuracy 0 on them). A run stopped in
+    the middle of task 2 and resumed ends with the same R as an uninterrupted one."""
+    from mmscale.data.digits import write_digits_shards
+
+    for name, classes in (("a", [0, 1]), ("b", [2, 3])):
+        write_digits_shards(tmp_path / name / "train", "train", classes=classes)
+        write_digits_shards(tmp_path / name / "val", "val", classes=classes, samples_per_shard=20)
+    tokenizer = next(a for a in tiny_data if a.startswith("data.tokenizer="))
+    tasks = ", ".join(f"{{name: {n}, train_shards: {tmp_path / n / 'train'}, val_shards: {tmp_path / n / 'val'}, "
+                      f"max_steps: 15, classes: {c}}}" for n, c in (("a", [0, 1]), ("b", [2, 3])))
+    common = [tokenizer, f"continual.tasks=[{tasks}]", "continual.metric=val_acc", "model.num_classes=4",
+              "model.train_vision=true",
+              "train.lm_loss_weight=0", "train.cls_loss_weight=1", "train.max_steps=30", "train.lr=1e-2",
+              "train.warmup_steps=1", "train.checkpoint_every=5", "train.global_batch_size=16",
+              "train.micro_batch_size=8", "train.eval_batches=2", "data.num_workers=0",
+              "deepspeed.stage3_param_persistence_threshold=0"]
+    launch(RUN_TINY, [str(tmp_path / "full.json"), f"output_dir={tmp_path / 'full'}", *common], nprocs=2)
+    launch(RUN_TINY, [str(tmp_path / "a.json"), f"output_dir={tmp_path / 'cut'}", "--stop-at", "22", *common], nprocs=2)
+    assert not (tmp_path / "cut/continual.json").exists()  # stopped before the sequence ended
+    launch(RUN_TINY, [str(tmp_path / "b.json"), f"output_dir={tmp_path / 'cut'}", "--resume", *common], nprocs=2)
+    full = json.loads((tmp_path / "full/continual.json").read_text())
+    cut = json.loads((tmp_path / "cut/continual.json").read_text())
+    assert full["tasks"] == ["a", "b"] and len(full["matrix"]) == 2
+    assert full["matrix"][0][1] == 0.0  # task b's classes were not active while task a trained
+    assert full["matrix"][0][0] > 0.6 and full["matrix"][1][1] > 0.4, full["matrix"]  # each task was learned
+    flat = [[v for row in m["matrix"] for v in row] for m in (cut, full)]
+    assert flat[0] == pytest.approx(flat[1], abs=1e-9), (cut["matrix"], full["matrix"])
+    assert (tmp_path / "full/continual.png").stat().st_size > 1000
+
+
+def test_task_sequence_config_is_checked():
+    from mmscale.config import ConfigError, load_config
+
+    tasks = "continual.tasks=[{name: a, train_shards: x, val_shards: y, max_steps: 5, classes: [0, 9]}, {name: a}]"
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/tiny.yaml", [tasks, "model.num_classes=4", "continual.metric=val_acc"],
+                    check_paths=False)
+    text = "\n".join(e.value.problems)
+    assert "continual.tasks[1].name: 'a': every task needs a name of its own" in text
+    assert "continual.tasks[1].train_shards: empty" in text and "continual.tasks[1].max_steps: 0 must be >= 1" in text
+    assert "continual.tasks[0].classes: [9] outside 0..model.num_classes-1 (4)" in text
+    assert "train.max_steps: 10, but the tasks' max_steps add up to 5; set train.max_steps=5" in text
+    assert "data.tokenizer: empty; a task sequence reads your own shards" in text

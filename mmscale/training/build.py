@@ -113,13 +113,27 @@ def build_trainer(cfg: JobConfig, resume: str | None = None, overwrite: bool = F
         counts = engine.module.param_counts()
         log.info("model: %s parameters, %s trainable; world size %d, gradient accumulation %d",
                  f"{counts['total']:,}", f"{counts['trainable']:,}", world_size, engine.grad_accum)
+    tasks = None
+    if cfg.continual.tasks and train_data is None:  # a task sequence: each task its loaders, one after the other
+        from mmscale.continual.sequence import Tasks, TaskSequence
+
+        specs, micro = cfg.continual.tasks, cfg.train.micro_batch_size
+        steps = [t.max_steps for t in specs]
+        train_data = TaskSequence([TrainLoader(cfg.data, tokenizer, micro, rank, world_size, seed=cfg.train.seed + i,
+                                               shards=t.train_shards) for i, t in enumerate(specs)],
+                                  steps, engine.grad_accum)
+        tasks = Tasks([t.name for t in specs], steps,
+                      [EvalLoader(cfg.data, tokenizer, micro, rank, world_size, shards=t.val_shards,
+                                  max_batches=cfg.train.eval_batches) for t in specs],
+                      cfg.continual.metric, [list(t.classes) for t in specs])
     if train_data is None:
         train_data = TrainLoader(cfg.data, tokenizer, cfg.train.micro_batch_size, rank, world_size,
                                  seed=cfg.train.seed, shards=train_shards)
     if eval_data is None and val_shards:
         eval_data = EvalLoader(cfg.data, tokenizer, cfg.train.micro_batch_size, rank, world_size,
                                shards=val_shards, max_batches=cfg.train.eval_batches)
-    trainer = Trainer(cfg, engine, train_data, eval_data=eval_data, callbacks=callbacks, tokenizer=tokenizer)
+    trainer = Trainer(cfg, engine, train_data, eval_data=eval_data, callbacks=callbacks, tokenizer=tokenizer,
+                      tasks=tasks)
     if resume:
         trainer.resume(required=resume != "auto")
     return trainer

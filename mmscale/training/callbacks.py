@@ -13,6 +13,8 @@ Event order in one run::
         on_loss(trainer, batch, out, loss) -> loss   # per micro batch, may add terms (EWC, distillation)
         on_step_end(trainer, metrics)                # after the optimizer step; may add metrics
     on_eval_end(trainer, metrics)    # after each validation; may set trainer.should_stop
+    on_task_end(trainer, task, row)  # a task sequence: after task `task`'s last step and the evaluation of every
+                                     # task (`row`: R[task][j]); EWC takes its Fisher here, replay its task id
     on_train_end(trainer)
     state_dict() / load_state_dict() # saved in every checkpoint, restored on --resume
 
@@ -61,6 +63,9 @@ class Callback:
         pass
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_task_end(self, trainer: Trainer, task: int, row: list[float]) -> None:
         pass
 
     def on_train_end(self, trainer: Trainer) -> None:

@@ -213,12 +213,21 @@ def build_optimizer(model: torch.nn.Module, cfg: JobConfig) -> torch.optim.Optim
 def lr_lambda(cfg: JobConfig) -> Callable[[int], float]:
     """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at max_steps."""
     t = cfg.train
+    # a task sequence with continual.schedule=restart: the schedule starts again with every task
+    spans = [task.max_steps for task in cfg.continual.tasks] if cfg.continual.schedule == "restart" else []
 
-    def f(step: int) -> float:
+    def one(step: int, length: int) -> float:
         if step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        progress = min(1.0, (step - t.warmup_steps) / max(1, length - t.warmup_steps))
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def f(step: int) -> float:
+        for length in spans:
+            if step < length:
+                return one(step, length)
+            step -= length
+        return one(step, spans[-1] if spans else t.max_steps)
 
     return f
 

@@ -12,6 +12,7 @@ position is checkpointed state like the weights.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -122,6 +123,7 @@ class Trainer:
         eval_data: Iterable[dict[str, Any]] | None = None,
         callbacks: list[Callback] | None = None,
         tokenizer: Any = None,
+        tasks: Any = None,
     ):
         self.cfg = cfg
         self.tokenizer = tokenizer  # for callbacks that decode or generate
@@ -129,6 +131,8 @@ class Trainer:
         self.train_data = train_data
         self.eval_data = eval_data
         self.callbacks = callbacks or []
+        self.tasks = tasks  # a continual-learning sequence (mmscale.continual.sequence.Tasks), or None
+        self.task_rows: list[list[float]] = []  # R[i][j]: the metric on task j after task i
         self.rank, self.world_size = engine.rank, engine.world_size
         self.is_main = self.rank == 0
         self.output_dir = Path(cfg.output_dir)
@@ -315,6 +319,7 @@ class Trainer:
             "data": self.train_data.state_dict(),
             "callbacks": {callback_key(i, cb): cb.state_dict() for i, cb in enumerate(self.callbacks)},
             "rng": rng_state(),
+            "task_rows": [list(row) for row in self.task_rows],
         }
 
     def save_checkpoint(self) -> None:
@@ -410,6 +415,8 @@ class Trainer:
             set_rng_state(state["rng"])
         elif self.lr_scale != saved_scale:  # a rollback: its lowered rate, and the counts go on
             self.engine.scale_lr(self.lr_scale / saved_scale)
+        self.task_rows = [list(row) for row in state.get("task_rows", [])]  # on a rollback too: the step went back
+        self._activate_classes()
         saved = state["callbacks"]
         for i, cb in enumerate(self.callbacks):
             key = callback_key(i, cb)
@@ -453,6 +460,7 @@ class Trainer:
         t, lg = self.cfg.train, self.cfg.logging
         self._data_iter = iter(self.train_data)
         self.engine.train(True)
+        self._activate_classes()
         for cb in self.callbacks:
             cb.on_train_start(self)
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not (self.is_main and lg.progress_bar),
@@ -473,6 +481,8 @@ class Trainer:
                     self._log(record)
                     if record["loss"] is not None:
                         bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.1f}")
+                if self.tasks is not None and self.step == self.tasks.end_of(len(self.task_rows)):
+                    self._end_task()
                 if t.eval_every and self.step % t.eval_every == 0:
                     self._log(self.evaluate())
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0:
@@ -495,6 +505,46 @@ class Trainer:
         if self.is_main and lg.plot and self.metrics.path.exists():
             plot_losses(self.metrics.path, self.output_dir / "loss.png")
         return self.history
+
+    # ------------------------------------------------------------------------------------------- task sequences
+
+    def _activate_classes(self) -> None:
+        """Class-incremental: the head predicts only the classes of the tasks so far (a buffer, on every rank)."""
+        if self.tasks is None:
+            return
+        active = self.tasks.active_classes(min(len(self.task_rows), len(self.tasks.names) - 1))
+        mask = getattr(self.engine.module, "active_classes", None)
+        if active is None or mask is None:
+            return
+        mask.zero_()
+        mask[active] = True
+
+    def _end_task(self) -> None:
+        """After a task's last step: evaluate every task (a row of R), tell the callbacks, write the matrix."""
+        from mmscale.continual import metrics as cl
+
+        i, metric = len(self.task_rows), self.tasks.metric
+        during = self.eval_data
+        row = []
+        for loader in self.tasks.eval_loaders:
+            self.eval_data = loader
+            row.append(float(self.evaluate()[metric]))
+        self.eval_data = during
+        self.task_rows.append(row)
+        self._log({"task_end": self.tasks.names[i], f"R_row_{metric}": row})
+        for cb in self.callbacks:
+            cb.on_task_end(self, i, row)
+        if self.is_main:
+            log.info("after task %d (%s), %s per task: %s", i, self.tasks.names[i], metric,
+                     ", ".join(f"{n} {v:.4f}" for n, v in zip(self.tasks.names, row)))
+            if len(self.task_rows) == len(row):  # the whole matrix: its table, summary and heatmap
+                log.info("task sequence done:\n%s", cl.format_table(self.task_rows, self.tasks.names))
+                summary = cl.summarize(self.task_rows)
+                (self.output_dir / "continual.json").write_text(json.dumps(
+                    {"tasks": self.tasks.names, "metric": metric, **summary}, indent=2))
+                cl.plot_heatmap(self.task_rows, self.output_dir / "continual.png", self.tasks.names,
+                                title=f"{metric}: task j (column) after training task i (row)")
+        self._activate_classes()
 
     def _log(self, record: dict[str, float]) -> None:
         if not record:
