@@ -128,18 +128,24 @@ class MultimodalModel(nn.Module):
         media = self.encode_media(pixel_values)
         n = self.resampler.num_latents
         kv_lens = image_mask.sum(dim=1) * n  # (B,) assumes real images fill the first slots
+        lm_inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}
+        k = 0  # prompt tuning: k soft tokens before the text, which see no image and leave the outputs after
+        if self.prompt is not None:
+            prefix = self.prompt(input_ids.shape[0])  # called as a module: ZeRO-3 gathers its parameters
+            k = prefix.shape[1]
+            embeds = self.lm.get_input_embeddings()(input_ids)
+            lm_inputs = {"inputs_embeds": torch.cat([prefix.to(embeds.dtype), embeds], dim=1)}
+            attention_mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
+            media_index = torch.cat([media_index.new_full(prefix.shape[:2], -1), media_index], dim=1)
         key_range = build_media_key_range(media_index, n, self.media_mode)  # (B, L, 2); kernel also applies kv_lens
         for layer in self.xattn_layers():
             layer.condition(media, key_range, kv_lens)
-        hidden_states = self.classifier is not None
-        if self.prompt is None:
-            lm_out = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                             output_hidden_states=hidden_states)
-            logits, last = lm_out.logits, lm_out.hidden_states[-1] if hidden_states else None
-        else:
-            logits, last = self._forward_with_prompt(input_ids, attention_mask, media_index, media, kv_lens, n,
-                                                     hidden_states)
-        cls = self._classify(last, attention_mask, class_labels) if hidden_states else {}
+        want_features = self.classifier is not None
+        lm_out = self.lm(**lm_inputs, attention_mask=attention_mask, use_cache=False,
+                         output_hidden_states=want_features)
+        logits = lm_out.logits[:, k:]
+        attention_mask = attention_mask[:, k:]
+        cls = self._classify(lm_out.hidden_states[-1][:, k:], attention_mask, class_labels) if want_features else {}
         if labels is None:
             return MultimodalOutput(logits=logits, **cls)
         # predict labels[:, t+1] from position t; fp32 whatever the logits' dtype
@@ -170,23 +176,6 @@ class MultimodalModel(nn.Module):
         cls_loss_sum = F.cross_entropy(class_logits, class_labels, ignore_index=IGNORE_INDEX, reduction="sum")
         return {"class_logits": class_logits, "cls_loss_sum": cls_loss_sum, "cls_num": valid.sum(),
                 "cls_correct": ((class_logits.argmax(-1) == class_labels) & valid).sum()}
-
-    def _forward_with_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media_index: torch.Tensor,
-                             media: torch.Tensor, kv_lens: torch.Tensor, n: int,
-                             hidden_states: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        B = input_ids.shape[0]
-        prefix = self.prompt(B)  # called as a module: ZeRO-3 gathers its parameters like any other's
-        k = prefix.shape[1]
-        embeds = self.lm.get_input_embeddings()(input_ids)
-        embeds = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
-        attention_mask = torch.cat([attention_mask.new_ones(B, k), attention_mask], dim=1)
-        media_index = torch.cat([media_index.new_full((B, k), -1), media_index], dim=1)  # before any image
-        key_range = build_media_key_range(media_index, n, self.media_mode)
-        for layer in self.xattn_layers():
-            layer.condition(media, key_range, kv_lens)
-        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
-                      output_hidden_states=hidden_states)
-        return out.logits[:, k:], out.hidden_states[-1][:, k:] if hidden_states else None
 
     # --------------------------------------------------------------------------------------------- accounting
 
