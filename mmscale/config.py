@@ -482,6 +482,10 @@ def _continual_problems(cfg: JobConfig) -> list[str]:
                  f"train.max_steps={total}")
     if not cfg.data.tokenizer:
         p.append("data.tokenizer: empty; a task sequence reads your own shards and needs a tokenizer")
+    for field_name in ("train_shards", "val_shards"):
+        if getattr(cfg.data, field_name):
+            p.append(f"data.{field_name}: {getattr(cfg.data, field_name)!r}, but continual.tasks gives every task "
+                     f"its own shards; drop data.{field_name}")
     return p
 
 

@@ -153,7 +153,10 @@ def test_task_sequence_resumed_mid_task_ends_with_the_same_matrix(tiny_data, tmp
               "train.lm_loss_weight=0", "train.cls_loss_weight=1", "train.max_steps=30", "train.lr=1e-2",
               "train.warmup_steps=1", "train.checkpoint_every=5", "train.global_batch_size=16",
               "train.micro_batch_size=8", "train.eval_batches=2", "data.num_workers=0",
-              "deepspeed.stage3_param_persistence_threshold=0"]
+              "deepspeed.stage3_param_persistence_threshold=0",
+              # the task-end measurements are not validations: an early stopping sees none of them (were they fed
+              # to it, task b's 0.0 after task a would stop the run there)
+              "callbacks=[{name: early_stopping, args: {metric: val_acc, patience: 1, mode: max}}]"]
     launch(RUN_TINY, [str(tmp_path / "full.json"), f"output_dir={tmp_path / 'full'}", *common], nprocs=2)
     launch(RUN_TINY, [str(tmp_path / "a.json"), f"output_dir={tmp_path / 'cut'}", "--stop-at", "22", *common], nprocs=2)
     assert not (tmp_path / "cut/continual.json").exists()  # stopped before the sequence ended
@@ -181,3 +184,7 @@ def test_task_sequence_config_is_checked():
     assert "continual.tasks[0].classes: [9] outside 0..model.num_classes-1 (4)" in text
     assert "train.max_steps: 10, but the tasks' max_steps add up to 5; set train.max_steps=5" in text
     assert "data.tokenizer: empty; a task sequence reads your own shards" in text
+    with pytest.raises(ConfigError, match="continual.tasks gives every task its own shards; drop data.val_shards"):
+        load_config(ROOT / "configs/tiny.yaml", ["continual.tasks=[{name: a, train_shards: x, val_shards: y, "
+                                                 "max_steps: 10}]", "data.tokenizer=t", "data.val_shards=v"],
+                    check_paths=False)

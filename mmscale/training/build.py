@@ -44,6 +44,8 @@ def prepare_data(cfg: JobConfig, rank: int) -> tuple[str, str, str]:
 
     d = cfg.data
     train, val, tok = d.train_shards, d.val_shards, d.tokenizer
+    if cfg.continual.tasks:  # a task sequence: every task names its own shards; nothing to generate
+        return "", "", tok
     if not train:
         root = Path(cfg.output_dir) / "data"
         train = str(root / "train")

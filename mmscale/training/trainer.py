@@ -271,16 +271,26 @@ class Trainer:
             "rollbacks": self.rollbacks,
         }
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Validation on `eval_data`: the metrics, which callbacks see and the next checkpoint records."""
         if self.eval_data is None:
             return {}
+        metrics = self.measure(self.eval_data)
+        for cb in self.callbacks:
+            cb.on_eval_end(self, metrics)
+        self.last_eval = {"step": self.step, **metrics}  # recorded in the manifest of a checkpoint at this step
+        return metrics
+
+    @torch.no_grad()
+    def measure(self, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
+        """Loss (and, with a classification head, accuracy overall and per class) over `batches`, summed over
+        ranks. A measurement only: no callback sees it (a task sequence measures every task this way)."""
         self.engine.train(False)
         loss_sum, tokens = 0.0, 0.0
         classes = getattr(self.engine.module, "classifier", None)
         n_cls = classes.out_features if classes is not None else 0
         cls_sum, per_class = 0.0, torch.zeros(2, n_cls, dtype=torch.float64)  # [right, seen] per class
-        for batch in self.eval_data:  # re-iterable: the same batches every evaluation
+        for batch in batches:  # re-iterable: the same batches every evaluation
             out = self.engine.forward(**self._to_device(batch))
             loss_sum += float(out.loss_sum)
             tokens += float(out.num_tokens)
@@ -300,9 +310,6 @@ class Trainer:
         if seen.sum() > 0:  # classification: loss, accuracy, per class (None where a class had no sample)
             metrics.update(val_cls_loss=cls_sum / float(seen.sum()), val_acc=float(right.sum() / seen.sum()),
                            val_acc_per_class=[float(r / n) if n else None for r, n in zip(right, seen)])
-        for cb in self.callbacks:
-            cb.on_eval_end(self, metrics)
-        self.last_eval = {"step": self.step, **metrics}  # recorded in the manifest of a checkpoint at this step
         return metrics
 
     # ------------------------------------------------------------------------------------------- checkpoints
@@ -524,12 +531,7 @@ class Trainer:
         from mmscale.continual import metrics as cl
 
         i, metric = len(self.task_rows), self.tasks.metric
-        during = self.eval_data
-        row = []
-        for loader in self.tasks.eval_loaders:
-            self.eval_data = loader
-            row.append(float(self.evaluate()[metric]))
-        self.eval_data = during
+        row = [float(self.measure(loader)[metric]) for loader in self.tasks.eval_loaders]
         self.task_rows.append(row)
         self._log({"task_end": self.tasks.names[i], f"R_row_{metric}": row})
         for cb in self.callbacks:
