@@ -706,13 +706,14 @@ def test_finetune_data_reuses_the_pretraining_tokenizer(shapes_run, sp_tokenizer
     assert tok == shapes_run[1] and not (tmp_path / "ft" / "data" / "tokenizer.model").exists()
     for shards in (train, val):
         assert all(_parse_counts_caption(c) for c in captions_from_shards(shards))
-    # A tokenizer trained on shapes captions alone (e.g. a demo run made before the counts task) cannot spell them.
+    # A tokenizer trained on shapes captions alone (e.g. a demo run made before the counts task) cannot spell them:
+    # refused with the config, before any process group starts.
     old = sp_tokenizer.save(tmp_path / "old")
     overrides[-1] = f"data.tokenizer={old}"
-    with pytest.raises(ValueError, match=r"data.tokenizer: '.*old/tokenizer.model' cannot spell the counts task's "
-                                         r"words \['one', 'two', 'three', 'four', 'circles', 'squares', 'triangles', "
-                                         r"'diamonds'\]"):
-        prepare_data(load_config(ROOT / "configs" / "tiny.yaml", overrides), rank=0)
+    with pytest.raises(ConfigError, match=r"data.tokenizer: '.*old/tokenizer.model' cannot spell the counts task's "
+                                          r"words \['one', 'two', 'three', 'four', 'circles', 'squares', 'triangles', "
+                                          r"'diamonds'\]"):
+        load_config(ROOT / "configs" / "tiny.yaml", overrides)
 
 
 def test_word_loss_on_count_words(shapes_run, tmp_path):

@@ -38,8 +38,8 @@ def prepare_data(cfg: JobConfig, rank: int) -> tuple[str, str, str]:
     """Resolve (train_shards, val_shards, tokenizer_path); for the synthetic dataset (`data.synthetic_task`), rank 0
     makes it while the others wait at a barrier. A restart reuses what is there (a split made with other arguments
     or another task is remade). A tokenizer mmscale trains here spells every synthetic task's words (a fine-tune on
-    another task reuses it); a given one must spell the chosen task's words, checked on every rank."""
-    from mmscale.data import ensure_synthetic_dataset, load_tokenizer, synthetic_words, train_sentencepiece
+    another task reuses it)."""
+    from mmscale.data import ensure_synthetic_dataset, synthetic_words, train_sentencepiece
     from mmscale.data.tokenizer import captions_from_shards
 
     d = cfg.data
@@ -51,15 +51,7 @@ def prepare_data(cfg: JobConfig, rank: int) -> tuple[str, str, str]:
         train = str(root / "train")
         if d.synthetic_val_samples > 0 and not val:
             val = str(root / "val")
-        if tok:  # before any rank waits on rank 0: every rank raises alike
-            unknown = load_tokenizer(tok).unknown_words(synthetic_words(d.synthetic_task))
-            if unknown:
-                raise ValueError(
-                    f"data.tokenizer: {tok!r} cannot spell the {d.synthetic_task} task's words {unknown} (they encode "
-                    f"to the unknown token); give one that can. The tokenizers mmscale makes for synthetic data spell "
-                    f"every task's words, except those made before the counts task existed: pretrain that run again"
-                )
-        else:
+        if not tok:  # (a given one must spell the task's words: checked with the config)
             tok = str(root / "tokenizer.model")
         if rank == 0:
             ensure_synthetic_dataset(train, d.synthetic_train_samples, d.samples_per_shard, d.image_size,
