@@ -18,9 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-WRAPPER = ".decoder_layer."  # mmscale's XAttnDecoderLayer holds the LM's own layer under this name
-
-
 def lora_settings(cfg: Any) -> Any:
     """The run's `lora` / `qlora` callback (its r, alpha, dropout, targets), or an error saying there is none."""
     from mmscale.callbacks import build_callbacks
@@ -43,13 +40,12 @@ def export_adapter(run_dir: str | Path, out: str | Path, base_out: str | Path | 
     from safetensors.torch import save_file
 
     from mmscale.evaluation.image_use import load_run
-    from mmscale.training.weights import export_base_lm
+    from mmscale.training.weights import export_base_lm, plain_lm_name
 
     cfg, model, tokenizer = load_run(run_dir, checkpoint_dir)
     lora = lora_settings(cfg)
     state = get_peft_model_state_dict(model.lm)  # names relative to the LM, the adapter name taken out
-    tensors = {"base_model.model." + k.replace(WRAPPER, "."): v.detach().float().contiguous()
-               for k, v in state.items()}
+    tensors = {"base_model.model." + plain_lm_name(k): v.detach().float().contiguous() for k, v in state.items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = cfg.model.lm.path

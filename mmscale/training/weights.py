@@ -104,6 +104,17 @@ def describe(report: dict[str, Any], source: Path) -> str:
     return text
 
 
+LM_PREFIX = "lm."
+WRAPPER = ".decoder_layer."  # mmscale's XAttnDecoderLayer holds the LM's own decoder layer under this name
+
+
+def plain_lm_name(name: str) -> str:
+    """A name inside the multimodal model's LM as the plain Hugging Face LM has it:
+    `lm.model.layers.0.decoder_layer.self_attn...` -> `model.layers.0.self_attn...` (names relative to the LM are
+    taken as they are)."""
+    return name.removeprefix(LM_PREFIX).replace(WRAPPER, ".")
+
+
 def export_base_lm(cfg: Any, vocab_size: int, out: Path) -> Path:
     """Write the language model of `cfg.model.init_from` (the LM of a multimodal run: its decoder layers without the
     cross-attention blocks) as a Hugging Face model folder `out`, for a job that loads the LM by path (quantized).
@@ -112,13 +123,12 @@ def export_base_lm(cfg: Any, vocab_size: int, out: Path) -> Path:
 
     from mmscale.model.multimodal import build_lm
 
-    state, where = read_weights(cfg.model.init_from)
+    _, where = resolve_source(cfg.model.init_from)
     stamp = out / "mmscale_source.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("source") == str(where.resolve()):
-        return out
-    prefix, wrapped = "lm.", ".decoder_layer."
-    lm_state = {k[len(prefix):].replace(wrapped, "."): v for k, v in state.items()
-                if k.startswith(prefix) and ".xattn." not in k}
+        return out  # a restart: the export is there (and the source not read again)
+    state, where = read_weights(cfg.model.init_from)
+    lm_state = {plain_lm_name(k): v for k, v in state.items() if k.startswith(LM_PREFIX) and ".xattn." not in k}
     lm = build_lm(cfg.model, vocab_size)
     missing, unexpected = lm.load_state_dict(lm_state, strict=False)
     missing = [k for k in missing if k not in (getattr(lm, "_tied_weights_keys", None) or {})]
