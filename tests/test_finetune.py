@@ -327,3 +327,33 @@ def test_dry_run_sizes_qlora_weights_in_four_bits():
     linear = 2 * (64 * 64 * 2 + 32 * 64 * 2 + 3 * 128 * 64)
     assert lora - qlora == pytest.approx(linear * (2 - quantized_bytes_per_weight(False)) / 2)  # ZeRO-3 over 2
     assert vision_too < qlora
+
+
+@pytest.mark.slow
+def test_lora_run_resumes_from_a_checkpoint_without_its_frozen_weights(source_run, tmp_path):
+    """A 2-rank ZeRO-3 LoRA run whose checkpoints leave the frozen weights out: `--resume` rebuilds them from
+    model.init_from (the fingerprint matches) and continues; resumed with another base it is refused, naming it."""
+    tmp, data = source_run
+    out = tmp_path / "run"
+    args = ["--config", "configs/tiny.yaml", f"output_dir={out}", *data, "callbacks=[{name: lora}]",
+            "train.checkpoint_every=2", "train.lr=1e-2", "train.warmup_steps=1",
+            "deepspeed.stage3_param_persistence_threshold=0"]
+    launch(ROOT / "launchers/train.py", [*args, f"model.init_from={tmp / 'src'}", "train.max_steps=2"], nprocs=2)
+    r = launch(ROOT / "launchers/train.py", [*args, f"model.init_from={tmp / 'src'}", "train.max_steps=4",
+                                             "--resume"], nprocs=2)
+    assert "resumed from" in r.stderr
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps == [1, 2, 3, 4], steps
+    # another base: the source's weights with one frozen LM weight changed (without init_from the frozen weights
+    # would be the very same: the source's LM and tower were frozen at their seeded initialisation too)
+    from safetensors.torch import save_file
+
+    from mmscale.training.checkpoint import consolidated_state_dict, latest_checkpoint
+
+    other = consolidated_state_dict(latest_checkpoint(tmp / "src/checkpoints"))
+    other["lm.model.layers.1.decoder_layer.mlp.down_proj.weight"][0, 0] += 1.0
+    (tmp_path / "other").mkdir()
+    save_file({k: v.contiguous() for k, v in other.items()}, tmp_path / "other/model.safetensors")
+    r = launch(ROOT / "launchers/train.py", [*args, f"model.init_from={tmp_path / 'other'}", "train.max_steps=6",
+                                             "--resume"], nprocs=2, check=False)
+    assert r.returncode == 2 and "are not the ones it was trained on" in r.stderr, r.stderr[-2000:]

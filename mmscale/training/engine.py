@@ -291,7 +291,7 @@ class Engine:
 
     save_frozen: bool = True
     """False: checkpoints hold the trainable parameters only (see BuildOptions.checkpoint_frozen)."""
-    frozen_fingerprint: str = ""
+    frozen_at_build: str = ""
     """Of the frozen parameters as built: a checkpoint that left them out continues only with the same ones."""
     dtype: torch.dtype = torch.float32
 
@@ -457,5 +457,5 @@ def build_engine(cfg: JobConfig, build_model: Callable[[], torch.nn.Module], wor
     engine = Engine(ds=ds_engine, world_size=world_size, rank=rank, grad_accum=grad_accum_steps(cfg, world_size),
                     save_frozen=save_frozen, dtype=param_dtype(cfg))
     if not save_frozen:
-        engine.frozen_fingerprint = engine.fingerprint_frozen()
+        engine.frozen_at_build = engine.fingerprint_frozen()
     return engine

@@ -371,7 +371,7 @@ class Trainer:
                             f"resume with {saved_world} ranks"], None
             state = torch.load(ckpt / checkpoint.state_file(self.rank), map_location="cpu", weights_only=True)
             mismatched = config_changes(manifest.get("config") or {}, self.cfg.to_dict())
-            mismatched += frozen_problems(state.get("frozen_fingerprint", ""), self.engine.frozen_fingerprint,
+            mismatched += frozen_problems(state.get("frozen_fingerprint", ""), self.engine.frozen_at_build,
                                           ckpt.name, self.cfg)
             if hasattr(self.train_data, "resume_problems"):
                 mismatched += self.train_data.resume_problems(state["data"])
