@@ -11,7 +11,7 @@ of each task the trainer evaluates every task (`Tasks.eval_loaders`) into a row 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 
 class TaskSequence:
@@ -67,6 +67,16 @@ class Tasks:
     eval_loaders: list[Any]
     metric: str = "val_loss"
     classes: list[list[int]] = field(default_factory=list)
+    train_shards: list[str] = field(default_factory=list)
+    loader: Callable[[str, int], Any] | None = None
+    """`loader(shards, max_batches)`: a finite, unshuffled loader over any shards (an EvalLoader)."""
+
+    def train_batches(self, task: int, max_batches: int) -> Any:
+        """Up to `max_batches` micro batches of `task`'s training data, the same on every pass (EWC's Fisher pass
+        reads the task it has just finished)."""
+        if self.loader is None or not self.train_shards:
+            raise RuntimeError("this task sequence was built without a loader for its training shards")
+        return self.loader(self.train_shards[task], max_batches)
 
     def end_of(self, task: int) -> int:
         """The optimizer step after which `task` (0-based) is done."""

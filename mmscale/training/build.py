@@ -119,7 +119,9 @@ def build_trainer(cfg: JobConfig, resume: str | None = None, overwrite: bool = F
         tasks = Tasks([t.name for t in specs], steps,
                       [EvalLoader(cfg.data, tokenizer, micro, rank, world_size, shards=t.val_shards,
                                   max_batches=cfg.train.eval_batches) for t in specs],
-                      cfg.continual.metric, [list(t.classes) for t in specs])
+                      cfg.continual.metric, [list(t.classes) for t in specs], [t.train_shards for t in specs],
+                      lambda shards, n: EvalLoader(cfg.data, tokenizer, micro, rank, world_size, shards=shards,
+                                                   max_batches=n))
     if train_data is None:
         train_data = TrainLoader(cfg.data, tokenizer, cfg.train.micro_batch_size, rank, world_size,
                                  seed=cfg.train.seed, shards=train_shards)

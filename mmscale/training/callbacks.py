@@ -11,6 +11,8 @@ Event order in one run::
     for each optimizer step:
         on_batch(trainer, batch)     # per micro batch, may return a changed batch (replay mixes samples in)
         on_loss(trainer, batch, out, loss) -> loss   # per micro batch, may add terms (EWC, distillation)
+        on_gradients(trainer)        # once, after the last micro batch's backward, before the optimizer step:
+                                     # the step's gradients are complete (EWC adds its penalty's under ZeRO-3)
         on_step_end(trainer, metrics)                # after the optimizer step; may add metrics
     on_eval_end(trainer, metrics)    # after each validation; may set trainer.should_stop
     on_task_end(trainer, task, row)  # a task sequence: after task `task`'s last step and the evaluation of every
@@ -58,6 +60,9 @@ class Callback:
 
     def on_loss(self, trainer: Trainer, batch: dict[str, Any], out: Any, loss: torch.Tensor) -> torch.Tensor:
         return loss
+
+    def on_gradients(self, trainer: Trainer) -> None:
+        pass
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         pass

@@ -272,6 +272,12 @@ class Engine:
         self.ds.step()
 
     @property
+    def at_boundary(self) -> bool:
+        """After a micro batch's backward: whether it was the step's last one (the gradients are complete; the
+        next `step()` applies them)."""
+        return bool(self.ds.is_gradient_accumulation_boundary())
+
+    @property
     def step_applied(self) -> bool:
         """After the last micro batch of a step: whether the optimizer applied it. DeepSpeed skips a step whose
         global gradient norm is not finite, on every rank alike (the norm is all-reduced)."""

@@ -192,6 +192,9 @@ class Trainer:
         for cb in self.callbacks:
             loss = cb.on_loss(self, batch, out, loss)
         self.engine.backward(loss)
+        if self.engine.at_boundary:  # the step's gradients are complete and not yet applied
+            for cb in self.callbacks:
+                cb.on_gradients(self)
         self.engine.step()  # a no-op for weights until the accumulation boundary
         return float(out.loss_sum.detach().float()), cls_sum, cls_correct
 

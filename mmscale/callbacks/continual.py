@@ -1,0 +1,1 @@
+"""The `replay` and `distill` callbacks (being written)."""

@@ -1,0 +1,1 @@
+"""The `ewc` callback (being written)."""
