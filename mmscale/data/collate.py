@@ -14,6 +14,7 @@ The batch (every tensor shape is static, so every step compiles/allocates the sa
     media_index     int64   (B, L)           slot of the latest image at or before token t, -1 before the first
     num_skipped     int64   ()               filled in by the pipeline
     __key__         list[str]
+    __raw__         list[dict]           training batches: each sample's raw members (image bytes, caption, label)
 
 The model shifts internally: position t predicts labels[:, t + 1].
 """
@@ -82,4 +83,5 @@ def collate_samples(
         "class_labels": torch.tensor([s.get("class_label", IGNORE_INDEX) for s in samples], dtype=torch.int64),
         "num_skipped": torch.tensor(0, dtype=torch.int64),
         "__key__": [s["__key__"] for s in samples],
+        **({"__raw__": [s["raw"] for s in samples]} if all("raw" in s for s in samples) else {}),
     }

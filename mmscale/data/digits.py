@@ -4,8 +4,9 @@ levels, from the UCI optical recognition dataset, shipped inside the package: no
     python -m mmscale.data.digits --out data/digits --image-size 32 [--classes 0 1] [--samples-per-shard 200]
 
 Each sample is a PNG (the scan scaled up, grey on RGB) and its label as a `.cls` member, the way webdataset writes
-class labels; no caption. The split is fixed: every fifth scan (by index) is held out for validation, so the two
-splits never share a scan. Needs scikit-learn (`pip install scikit-learn`, in the `test` extra).
+class labels; no caption. The split is fixed: every fifth scan of each digit (in the package's order) is held out
+for validation, so the two splits never share a scan and each digit has a fifth of its scans there. Needs
+scikit-learn (`pip install scikit-learn`, in the `test` extra).
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def digit_png(scan, image_size: int) -> bytes:
 
 def write_digits_shards(out_dir: str | Path, split: str = "train", classes: Iterable[int] | None = None,
                         image_size: int = 32, samples_per_shard: int = 200) -> int:
-    """Write the `split` ("train": 4 of every 5 scans, "val": the fifth) of the digits in `classes` (all ten by
-    default) as shards `{out_dir}/{split}-000000.tar`, ... with `sizes.json`. Returns the number of samples."""
+    """Write the `split` ("train": 4 of every 5 scans of each digit, "val": the fifth) of the digits in `classes`
+    (all ten by default) as shards `{out_dir}/{split}-000000.tar`, ... with `sizes.json`. Returns the number of
+    samples."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     images, targets = _scans()
@@ -50,7 +52,12 @@ def write_digits_shards(out_dir: str | Path, split: str = "train", classes: Iter
     bad = sorted(c for c in keep if not 0 <= c <= 9)
     if bad:
         raise ValueError(f"classes must be digits 0-9, got {bad}")
-    index = [i for i in range(len(targets)) if (i % 5 == 4) == (split == "val") and int(targets[i]) in keep]
+    seen: dict[int, int] = {}  # scans of each digit so far: every fifth of each digit is held out (stratified)
+    index = []
+    for i, t in enumerate(int(t) for t in targets):
+        seen[t] = seen.get(t, 0) + 1
+        if (seen[t] % 5 == 0) == (split == "val") and t in keep:
+            index.append(i)
     if not index:
         raise ValueError(f"no {split} scans of classes {sorted(keep)}")
 

@@ -265,6 +265,22 @@ def decode_sample(raw: dict[str, Any], image_size: int, mean: Sequence[float], s
     return {"__key__": key, "images": [pixels], "caption": caption, "class_label": label}
 
 
+RAW_MEMBERS = ("txt", "cls", *IMAGE_EXTS)
+"""The members a training batch passes on as `__raw__` (what a sample is made of, for a replay buffer)."""
+
+
+def raw_members(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw`'s key and the members that make the sample (caption, label, image bytes), nothing decoded."""
+    return {"__key__": raw.get("__key__", "?"), **{k: raw[k] for k in RAW_MEMBERS if k in raw}}
+
+
+def decode_for_training(raw: dict[str, Any], cfg: DataConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    """Stages 6-7 for one raw sample, as the training stream does them (a replayed sample goes through these)."""
+    s = decode_sample(raw, cfg.image_size, cfg.image_mean, cfg.image_std)
+    s["input_ids"] = caption_to_ids(s.pop("caption"), tokenizer, cfg.max_text_len)
+    return s
+
+
 def caption_to_ids(caption: str, tokenizer: Tokenizer, max_text_len: int) -> list[int]:
     """[<image>] + caption tokens + [eos]: at most 1 + max_text_len ids (the caption is truncated, eos kept)."""
     return [tokenizer.image_token_id] + tokenizer.encode(caption)[: max_text_len - 1] + [tokenizer.eos_id]
@@ -299,6 +315,7 @@ class _SlotStream(IterableDataset):
         self.num_batches, self.start_batch, self.num_epochs = num_batches, start_batch, num_epochs
         self.num_workers = max(1, cfg.num_workers)
         self.seq_len = 1 + cfg.max_text_len
+        self.keep_raw = shuffle  # training batches carry their samples' raw members (`__raw__`), eval batches not
 
     def _samples(self, epoch: int, worker: int, counter: SkipCounter) -> Iterator[dict[str, Any]]:
         """Tokenized samples of this slot in `epoch`: pass after pass over its shards (a pass is shuffled in itself)."""
@@ -323,11 +340,12 @@ class _SlotStream(IterableDataset):
             good = 0
             for r in raw:
                 try:
-                    s = decode_sample(r, cfg.image_size, cfg.image_mean, cfg.image_std)
+                    s = decode_for_training(r, cfg, self.tokenizer)
                 except SampleError as e:
                     counter.skip(str(e))
                     continue
-                s["input_ids"] = caption_to_ids(s.pop("caption"), self.tokenizer, cfg.max_text_len)
+                if self.keep_raw:  # what the sample is made of, as read: a replay buffer stores these bytes
+                    s["raw"] = raw_members(r)
                 good += 1
                 yield s
             if good == 0:

@@ -216,7 +216,8 @@ def set_aside(ckpt: Path) -> Path:
 # ----------------------------------------------------------------------------------------------- the run directory
 
 # What a run writes into output_dir besides generated data (data/ is deterministic and checked on reuse, so kept).
-RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "loss.png", "config.yaml")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "loss.png", "config.yaml", "replay", "continual.json",
+             "continual.png")
 
 
 def run_dir_problems(output_dir: str | Path, resume: bool, overwrite: bool) -> list[str]:

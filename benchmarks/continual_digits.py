@@ -1,0 +1,203 @@
+"""Class-incremental learning on real handwritten digits: naive fine-tuning, replay, EWC, replay + distillation, and
+joint training as the upper bound, each a real 2-rank DeepSpeed ZeRO-3 job of `configs/continual-digits.yaml`.
+
+    python benchmarks/continual_digits.py [--seeds 0 1 2] [--methods naive replay ewc replay_distill joint]
+    python benchmarks/continual_digits.py --prepare-only      # just the shards and tokenizer (data/digits-tasks/)
+
+The data: scikit-learn's 1,797 handwritten digit scans (shipped with the package), 4 of every 5 scans of each digit
+for training and the fifth for validation, written to WebDataset shards with mmscale's writer; five tasks of two
+digits each ({0,1}, {2,3}, ...). While a task trains, the head predicts only the digits seen so far (class-
+incremental: no task id at test time). Every method has the same step budget: `max_steps` per task (joint: five
+times that, on all digits at once). After each task every task is evaluated (R[i][j]: accuracy on task j after
+task i); the summary is the final average accuracy (mean of R's last row) and the average forgetting (mean over the
+first four tasks of the best earlier accuracy minus the final one), mean and spread over the seeds.
+
+Writes `benchmarks/results/continual_digits.json` and `continual_digits.png` (R of each method, seed 0); the last
+line printed is one JSON object with forgetting_* and accuracy_* per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
+
+CONFIG = ROOT / "configs" / "continual-digits.yaml"
+DATA = ROOT / "data" / "digits-tasks"
+TASKS = [(a, a + 1) for a in range(0, 10, 2)]
+METHODS = {
+    "naive": [],
+    "replay": ["{name: replay, args: {capacity: 200, ratio: 1.0}}"],
+    "ewc": ["{name: ewc, args: {lam: 1000.0, fisher_batches: 8}}"],
+    "replay_distill": ["{name: replay, args: {capacity: 200, ratio: 1.0}}",
+                       "{name: distill, args: {weight: 1.0, temperature: 2.0}}"],
+    "joint": [],
+}
+EXTRA: list[str] = []  # overrides for every job (--set)
+
+
+def prepare(image_size: int = 32) -> None:
+    """The five tasks' shards, all digits' shards (joint) and a tokenizer (the LM reads only <image> and eos)."""
+    from mmscale.data.digits import write_digits_shards
+    from mmscale.data.tokenizer import train_sentencepiece
+
+    stamp = DATA / f"prepared-{image_size}.json"
+    if stamp.is_file():
+        return
+    shutil.rmtree(DATA, ignore_errors=True)
+    counts = {}
+    for a, b in TASKS:
+        for split in ("train", "val"):
+            counts[f"{a}{b}/{split}"] = write_digits_shards(DATA / f"{a}{b}" / split, split, [a, b], image_size,
+                                                            samples_per_shard=40 if split == "train" else 20)
+    for split in ("train", "val"):
+        counts[f"all/{split}"] = write_digits_shards(DATA / "all" / split, split, None, image_size,
+                                                     samples_per_shard=40 if split == "train" else 20)
+    train_sentencepiece(["zero one two three four five six seven eight nine digit"] * 10, DATA / "tokenizer", 32)
+    stamp.write_text(json.dumps(counts, indent=2))
+
+
+def val_counts() -> dict[int, int]:
+    """Validation scans per digit (joint training's per-task accuracy is weighted by them)."""
+    from sklearn.datasets import load_digits
+
+    targets = [int(t) for t in load_digits().target]
+    return {d: targets.count(d) // 5 for d in range(10)}
+
+
+def run(method: str, seed: int, out: Path, steps: int, timeout: int) -> dict:
+    """One 2-rank job; returns its final row, average accuracy, forgetting and matrix."""
+    out_dir = out / f"{method}-seed{seed}"
+    args = [f"output_dir={out_dir}", f"train.seed={seed}", f"callbacks=[{', '.join(METHODS[method])}]", *EXTRA]
+    if method == "joint":
+        args += ["continual.tasks=[]", f"data.train_shards={DATA / 'all/train'}", f"data.val_shards={DATA / 'all/val'}",
+                 f"train.max_steps={steps * len(TASKS)}", "train.eval_batches=64"]
+    else:
+        tasks = ", ".join(f"{{name: '{a}-{b}', classes: [{a}, {b}], max_steps: {steps}, "
+                          f"train_shards: {DATA / f'{a}{b}/train'}, val_shards: {DATA / f'{a}{b}/val'}}}"
+                          for a, b in TASKS)
+        args += [f"continual.tasks=[{tasks}]", f"train.max_steps={steps * len(TASKS)}"]
+    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(29600 + seed),
+           str(ROOT / "launchers/train.py"), "--config", str(CONFIG), "--overwrite", *args]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    secs = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{method} seed {seed} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                           f"{proc.stderr[-3000:]}")
+    if method == "joint":  # the final validation's per-digit accuracy, weighted into per-task accuracies
+        records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        per_digit = [r for r in records if "val_acc_per_class" in r][-1]["val_acc_per_class"]
+        n = val_counts()
+        row = [sum(per_digit[d] * n[d] for d in t) / sum(n[d] for d in t) for t in TASKS]
+        return {"final_row": row, "average_accuracy": sum(row) / len(row), "average_forgetting": None,
+                "matrix": None, "seconds": secs}
+    summary = json.loads((out_dir / "continual.json").read_text())
+    return {"final_row": summary["matrix"][-1], "average_accuracy": summary["average_accuracy"],
+            "average_forgetting": summary["average_forgetting"], "matrix": summary["matrix"], "seconds": secs}
+
+
+def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def plot(results: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in results if results[m] and results[m][0]["matrix"] is not None]
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3.4), squeeze=False)
+    names = [f"{a}-{b}" for a, b in TASKS]
+    for ax, m in zip(axes[0], methods):
+        R = results[m][0]["matrix"]
+        ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
+        for i, row in enumerate(R):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
+        ax.set_xticks(range(len(names)), names, fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_title(f"{m}: final avg {results[m][0]['average_accuracy']:.2f}", fontsize=9)
+        ax.set_xlabel("evaluated on task", fontsize=8)
+    axes[0][0].set_ylabel("after training task", fontsize=8)
+    fig.suptitle("Class-incremental digits, accuracy R[i][j] (seed 0, 2 ranks, ZeRO-3)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--steps-per-task", type=int, default=60)
+    p.add_argument("--out", default=str(ROOT / "runs" / "continual-digits-bench"))
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per job")
+    p.add_argument("--prepare-only", action="store_true")
+    p.add_argument("--set", nargs="*", default=[], help="config overrides for every job (section.key=value)")
+    args = p.parse_args()
+    EXTRA.extend(args.set)
+    prepare()
+    if args.prepare_only:
+        print(f"shards and tokenizer under {DATA}")
+        return 0
+    out = Path(args.out)
+    results: dict[str, list[dict]] = {m: [] for m in args.methods}
+    for seed in args.seeds:
+        for m in args.methods:
+            r = run(m, seed, out, args.steps_per_task, args.timeout)
+            results[m].append(r)
+            print(f"{m:15s} seed {seed}: final row {[round(v, 3) for v in r['final_row']]}, average accuracy "
+                  f"{r['average_accuracy']:.3f}, forgetting {r['average_forgetting']}, {r['seconds']:.0f} s",
+                  flush=True)
+    summary = {}
+    print(f"\n{'method':16s} {'final avg accuracy':>20s} {'avg forgetting':>16s}   (mean ± sd over seeds "
+          f"{args.seeds})")
+    for m, rs in results.items():
+        acc, acc_sd = _mean_sd([r["average_accuracy"] for r in rs])
+        fgt, fgt_sd = _mean_sd([r["average_forgetting"] for r in rs])
+        summary[m] = {"accuracy": acc, "accuracy_sd": acc_sd, "forgetting": fgt, "forgetting_sd": fgt_sd,
+                      "seeds": args.seeds, "runs": rs}
+        fg = f"{fgt:.3f} ± {fgt_sd:.3f}" if fgt is not None else "-"
+        print(f"{m:16s} {acc:>12.3f} ± {acc_sd:.3f} {fg:>16s}")
+    headline = {}
+    for m in ("naive", "replay", "ewc", "replay_distill"):
+        if m in summary:
+            headline[f"forgetting_{m}"] = round(summary[m]["forgetting"], 4)
+    for m in ("naive", "replay", "ewc", "replay_distill", "joint"):
+        if m in summary:
+            headline[f"accuracy_{m}"] = round(summary[m]["accuracy"], 4)
+    if "replay" in summary and "joint" in summary:
+        headline["replay_over_joint"] = round(summary["replay"]["accuracy"] / summary["joint"]["accuracy"], 4)
+    if "replay" in summary and "naive" in summary:
+        headline["replay_forgetting_over_naive"] = round(summary["replay"]["forgetting"] /
+                                                         summary["naive"]["forgetting"], 4)
+    results_dir = ROOT / "benchmarks" / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "continual_digits.json").write_text(json.dumps(
+        {"benchmark": "continual_digits", "machine": {"cpu": cpu_model(), "cores": os.cpu_count()}, "config": str(CONFIG.relative_to(ROOT)),
+         "steps_per_task": args.steps_per_task, "methods": {m: METHODS[m] for m in args.methods},
+         "summary": summary, "headline": headline}, indent=2))
+    plot(results, results_dir / "continual_digits.png")
+    print(json.dumps(headline))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
