@@ -232,7 +232,7 @@ class Distill(Callback):
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k={top_k!r}: logits kept per caption position (target lm), an integer >= 1")
         self.weight, self.temperature, self.target, self.top_k = float(weight), float(temperature), target, top_k
-        self.last_loss = 0.0
+        self._window: list[float] = []  # the KL terms of this step's micro batches
 
     def _target(self, cfg: Any) -> str:
         if self.target != "auto":
@@ -283,5 +283,10 @@ class Distill(Callback):
         # a mean over this micro batch's replayed samples: the engine's averaging over micro batches and ranks
         # makes it the mean over the step's (every rank replays as many per micro batch)
         term = self.weight * kl.sum() / len(drawn)
-        self.last_loss = float(term.detach())
+        self._window.append(float(term.detach()))
         return loss + term.to(loss.dtype)
+
+    def on_step_end(self, trainer: Any, metrics: dict[str, float]) -> None:
+        if self._window:  # this rank's (rank 0's, in the log) mean KL term over the step's micro batches
+            metrics["distill_loss"] = sum(self._window) / len(self._window)
+            self._window = []

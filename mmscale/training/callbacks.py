@@ -13,7 +13,8 @@ Event order in one run::
         on_loss(trainer, batch, out, loss) -> loss   # per micro batch, may add terms (EWC, distillation)
         on_gradients(trainer)        # once, after the last micro batch's backward, before the optimizer step:
                                      # the step's gradients are complete (EWC adds its penalty's under ZeRO-3)
-        on_step_end(trainer, metrics)                # after the optimizer step; may add metrics
+        on_step_end(trainer, metrics)                # after the optimizer step; may add metrics (numbers:
+                                                     # logged as their mean over each log window)
     on_eval_end(trainer, metrics)    # after each validation; may set trainer.should_stop
     on_task_end(trainer, task, row)  # a task sequence: after task `task`'s last step and the evaluation of every
                                      # task (`row`: R[task][j]); EWC takes its Fisher here, replay its task id

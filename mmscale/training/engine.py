@@ -316,6 +316,132 @@ class Engine:
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {directory}/{tag}")
 
+    # ------------------------------------------------------------------- slots: this rank's share of the weights
+    # For callbacks that work on the weights and their gradients (EWC): a "slot" per trainable parameter, in
+    # `module.named_parameters()` order; see mmscale.continual.ewc. Under ZeRO-3 a slot is this rank's flat
+    # partition (ceil(numel / world) elements, the first `valid` of them the parameter's, the rest padding), and
+    # nothing here gathers a parameter; under ZeRO 0-2 (every rank holds every weight) it is the parameter itself.
+
+    @property
+    def partitioned(self) -> bool:
+        """ZeRO-3: each rank holds only its partition of every parameter (and of its gradient)."""
+        return bool(self.ds.zero_optimization_partition_weights())
+
+    def trainable_params(self) -> list[torch.nn.Parameter]:
+        """The parameters that train, in `module.named_parameters()` order."""
+        return [p for _, p in self.ds.module.named_parameters() if p.requires_grad]
+
+    def trainable_slots(self) -> tuple[list[torch.Tensor], list[int] | None]:
+        """(slots, valid): this rank's slot of each trainable parameter and how many leading elements of each are
+        the parameter's. ZeRO-3: the fp32 master partitions (views into the optimizer's flat buffer: read them,
+        never write them) and the valid counts; ZeRO 0-2: the parameters themselves (in the training dtype) and
+        None (all valid)."""
+        params = self.trainable_params()
+        if not self.partitioned:
+            return params, None
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        slots, valid = [], []
+        for p in params:
+            part = p.ds_tensor.numel()
+            rank = dist.get_rank(group=getattr(p, "ds_process_group", None)) if dist.is_initialized() else 0
+            slots.append(safe_get_local_fp32_param(p))
+            valid.append(max(0, min(part, p.ds_numel - rank * part)))
+        return slots, valid
+
+    def _loss_scale(self) -> float:
+        return float(getattr(self.ds.optimizer, "loss_scale", 1.0) or 1.0)
+
+    def _require_partitioned(self, verb: str) -> None:
+        if not self.partitioned:
+            raise RuntimeError(f"Engine.{verb} reads ZeRO-3 gradient partitions; under ZeRO stage "
+                               f"{self.ds.zero_optimization_stage()} the gradients are DeepSpeed's own (add a term "
+                               f"to the loss instead)")
+
+    def local_grads(self) -> list[torch.Tensor]:
+        """ZeRO-3, after the step's last backward and before `step()`: this rank's partition of each trainable
+        parameter's gradient (averaged over ranks, in loss units: a loss scale is undone), as fp32 copies."""
+        self._require_partitioned("local_grads")
+        from deepspeed.utils import safe_get_local_grad
+
+        scale = self._loss_scale()
+        return [safe_get_local_grad(p).detach().float().clone().div_(scale) for p in self.trainable_params()]
+
+    def add_to_local_grads(self, values: list[torch.Tensor]) -> None:
+        """ZeRO-3, after the step's last backward and before `step()`: add `values` (one per trainable parameter,
+        this rank's partition, in loss units) to the gradients the optimizer is about to apply. Local: each rank
+        adds its own partitions' term, nothing is reduced (the term is already the full gradient's partition).
+        The step's gradient norm and clipping then include it."""
+        self._require_partitioned("add_to_local_grads")
+        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+        params = self.trainable_params()
+        if len(values) != len(params):
+            raise ValueError(f"{len(values)} values for {len(params)} trainable parameters: one per parameter")
+        scale = self._loss_scale()
+        for p, v in zip(params, values):
+            g = safe_get_local_grad(p)
+            v = v.reshape(-1).to(device=g.device, dtype=torch.float32)
+            safe_set_local_grad(p, g.float() + (v * scale if scale != 1.0 else v))
+
+    def grads_of(self, inputs: dict[str, torch.Tensor], loss_fn: Callable[[Any], torch.Tensor]) -> list[Any]:
+        """A gradient pass outside training: forward `inputs` (this rank's batch), backward `loss_fn(output)`,
+        and return, per trainable parameter, this rank's slot (see `trainable_slots`) of the gradient of the mean
+        over ranks of the ranks' losses (None: the parameter got no gradient). Nothing is applied, and the
+        engine's state (micro and global steps, the step's gradient buffers, optimizer, schedule) is as before:
+        training goes on as if the pass had not run. A collective: every rank calls it at the same point,
+        between optimizer steps.
+
+        ZeRO-3: `engine.backward` at a forced accumulation boundary (`scale_wrt_gas=False`: the loss is not
+        divided by the accumulation steps), the partitions read, then cleared with `optimizer.zero_grad()` (the
+        next backward then writes its partitions instead of adding to them); the gradient buffers' contents from
+        before the pass are put back. ZeRO 0-2: the module's own forward and `torch.autograd.grad`, which DeepSpeed
+        never sees (its gradient hooks fire on accumulation into `.grad` only), then one all-reduce."""
+        if self.ds.micro_steps % self.grad_accum:
+            raise RuntimeError(f"Engine.grads_of in the middle of an optimizer step (micro step "
+                               f"{self.ds.micro_steps}, {self.grad_accum} per step): it would mix into the step's "
+                               f"gradients; call it between steps")
+        with torch.enable_grad():
+            return self._grads_partitioned(inputs, loss_fn) if self.partitioned else \
+                self._grads_whole(inputs, loss_fn)
+
+    def _grads_partitioned(self, inputs: dict[str, torch.Tensor], loss_fn: Callable[[Any], torch.Tensor]) -> list[Any]:
+        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+        ds, params = self.ds, self.trainable_params()
+        # what the optimizer's gradient buffers hold now (a parameter the pass does not reach keeps its old
+        # contents: DeepSpeed writes only the partitions a backward produces)
+        before = [safe_get_local_grad(p).detach().clone() for p in params]
+        opt_boundary = ds.optimizer.is_gradient_accumulation_boundary() \
+            if hasattr(ds.optimizer, "is_gradient_accumulation_boundary") else None
+        try:
+            for p, g in zip(params, before):  # a parameter the loss does not reach reads 0, not the old contents
+                safe_set_local_grad(p, torch.zeros_like(g))
+            ds.set_gradient_accumulation_boundary(True)
+            loss = loss_fn(ds(**inputs))
+            ds.backward(loss, scale_wrt_gas=False)
+            grads = self.local_grads()
+        finally:
+            ds.optimizer.zero_grad()  # micro_step_id back to 0: no accumulation into what comes next
+            ds.set_gradient_accumulation_boundary(None)  # the engine counts micro steps again
+            if opt_boundary is not None:  # the optimizer's copy of the flag, as the last training backward left it
+                ds.optimizer.set_gradient_accumulation_boundary(opt_boundary)
+            for p, g in zip(params, before):
+                safe_set_local_grad(p, g)
+        return grads
+
+    def _grads_whole(self, inputs: dict[str, torch.Tensor], loss_fn: Callable[[Any], torch.Tensor]) -> list[Any]:
+        params = self.trainable_params()
+        loss = loss_fn(self.ds.module(**inputs))  # the module, not the engine: no backward hooks of DeepSpeed's
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return [None if g is None else g.detach().float() for g in grads]
+        flat = torch.cat([(torch.zeros(p.numel(), device=p.device) if g is None else g.detach().float().reshape(-1))
+                          for p, g in zip(params, grads)])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        return [t.view(p.shape) for t, p in zip(flat.split([p.numel() for p in params]), params)]
+
 
 def param_dtype(cfg: JobConfig) -> torch.dtype:
     """The dtype every parameter must have in the engine: bf16 weights (fp32 master copy in the optimizer) or fp32."""

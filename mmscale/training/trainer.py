@@ -175,7 +175,7 @@ class Trainer:
     @staticmethod
     def _empty_window() -> dict[str, float]:
         return {"loss_sum": 0.0, "tokens": 0.0, "cls_loss_sum": 0.0, "cls_correct": 0.0, "cls_num": 0.0,
-                "time": 0.0, "steps": 0}
+                "time": 0.0, "steps": 0, "callbacks": {}}
 
     def forward_backward_step(self, batch: dict[str, Any], loss_scale: float,
                               cls_scale: float = 0.0) -> tuple[float, float, float]:
@@ -251,6 +251,14 @@ class Trainer:
             )
         self._rollback()
 
+    def _add_callback_metrics(self, step_metrics: dict[str, float]) -> None:
+        """What callbacks added to a step's metrics (EWC's penalty, ...): logged as their mean over the window."""
+        sums = self._window["callbacks"]
+        for key, value in step_metrics.items():
+            if key not in ("step_time", "step_applied") and isinstance(value, (int, float)):
+                total, n = sums.get(key, (0.0, 0))
+                sums[key] = (total + float(value), n + 1)
+
     def _flush_window(self) -> dict[str, float]:
         """Global mean loss and throughput over the steps since the last log (one all-reduce)."""
         w = self._window
@@ -272,6 +280,7 @@ class Trainer:
             "data_skipped": int(skipped),
             "nonfinite_steps": self.nonfinite_steps,
             "rollbacks": self.rollbacks,
+            **{key: total / n for key, (total, n) in w["callbacks"].items()},
         }
 
     def evaluate(self) -> dict[str, float]:
@@ -483,6 +492,7 @@ class Trainer:
                 step_metrics = self.train_step()
                 for cb in self.callbacks:
                     cb.on_step_end(self, step_metrics)
+                self._add_callback_metrics(step_metrics)
                 self._guard()  # may roll back: self.step goes back to the checkpoint's
                 bar.n = self.step
                 bar.refresh()

@@ -7,7 +7,9 @@ Writes this run's logged records (rank 0) to OUT_JSON. `--kill-after-step K --ki
 rank) right after optimizer step K; `--kill-in-save K` SIGKILLs every rank in the middle of the checkpoint of step K
 (DeepSpeed's shards written, trainer state and manifest not); `--nan-at-steps` makes rank 1's loss NaN in those step attempts. `--same-global-batches` feeds every world size the same
 global batches (each global batch is read by one loader and cut into world_size x grad_accum micro batches), so
-a 2-rank run and a 1-rank run can be compared step by step.
+a 2-rank run and a 1-rank run can be compared step by step (a task sequence too: each task's global batches, and
+the micro_batch_size x world_size batches `Tasks.train_batches` gives, e.g. EWC's Fisher pass). OUT_JSON also holds
+`step_metrics`: what the callbacks added to each step's metrics in `on_step_end`.
 """
 
 from __future__ import annotations
@@ -81,6 +83,18 @@ def kill_in_save(trainer, k: int) -> None:
     trainer.engine.save = save_then_die
 
 
+class StepMetrics(Callback):
+    """Records each step's metrics as the callbacks before it left them (appended after the configured ones)."""
+
+    name = "step_metrics"
+
+    def __init__(self):
+        self.records = []
+
+    def on_step_end(self, trainer, metrics):
+        self.records.append({"step": trainer.step, **metrics})
+
+
 class SameGlobalBatches:
     """Micro batch (rank r, accumulation step g) = slice g * world_size + r of one shared global batch."""
 
@@ -125,11 +139,31 @@ def main() -> int:
     data = None
     if args.same_global_batches:
         tok = load_tokenizer(cfg.data.tokenizer)
-        loader = TrainLoader(cfg.data, tok, cfg.train.global_batch_size, rank=0, world_size=1,
-                             seed=cfg.train.seed, shards=cfg.data.train_shards)
         accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * world)
-        data = SameGlobalBatches(loader, cfg.train.micro_batch_size, rank, world, accum)
-    trainer = build_trainer(cfg, resume="required" if args.resume else None, train_data=data)
+        if not cfg.continual.tasks:
+            loader = TrainLoader(cfg.data, tok, cfg.train.global_batch_size, rank=0, world_size=1,
+                                 seed=cfg.train.seed, shards=cfg.data.train_shards)
+            data = SameGlobalBatches(loader, cfg.train.micro_batch_size, rank, world, accum)
+    if args.same_global_batches and cfg.continual.tasks:  # the task sequence as built, its batches cut as above
+        from mmscale.continual.sequence import TaskSequence
+        from mmscale.data import EvalLoader
+
+        trainer = build_trainer(cfg)
+        trainer.train_data.close()
+        micro, specs = cfg.train.micro_batch_size, cfg.continual.tasks
+        trainer.train_data = SameGlobalBatches(TaskSequence(
+            [TrainLoader(cfg.data, tok, cfg.train.global_batch_size, rank=0, world_size=1, seed=cfg.train.seed + i,
+                         shards=t.train_shards) for i, t in enumerate(specs)], [t.max_steps for t in specs], 1),
+            micro, rank, world, accum)
+        trainer.tasks.loader = lambda shards, n: SameGlobalBatches(
+            EvalLoader(cfg.data, tok, micro * world, rank=0, world_size=1, shards=shards, max_batches=n),
+            micro, rank, world, 1)
+        if args.resume:
+            trainer.resume()
+    else:
+        trainer = build_trainer(cfg, resume="required" if args.resume else None, train_data=data)
+    step_metrics = StepMetrics()
+    trainer.callbacks.append(step_metrics)
     if args.stop_at:
         trainer.callbacks.append(StopAt(args.stop_at))
     if args.kill_after_step:
@@ -142,7 +176,8 @@ def main() -> int:
     history = trainer.train()
     out = Path(args.out) if rank == 0 else Path(args.out).with_suffix(f".rank{rank}.json")
     out.write_text(json.dumps({"world_size": world, "history": history, "nonfinite_steps": trainer.nonfinite_steps,
-                               "rollbacks": trainer.rollbacks, "lr_scale": trainer.lr_scale, "evals": evals}))
+                               "rollbacks": trainer.rollbacks, "lr_scale": trainer.lr_scale, "evals": evals,
+                               "step_metrics": step_metrics.records}))
     close()
     return 0
 
