@@ -38,10 +38,10 @@ DATA = ROOT / "data" / "digits-tasks"
 TASKS = [(a, a + 1) for a in range(0, 10, 2)]
 METHODS = {
     "naive": [],
-    "replay": ["{name: replay, args: {capacity: 200, ratio: 1.0}}"],
-    "ewc": ["{name: ewc, args: {lam: 1000.0, fisher_batches: 8}}"],
-    "replay_distill": ["{name: replay, args: {capacity: 200, ratio: 1.0}}",
-                       "{name: distill, args: {weight: 1.0, temperature: 2.0}}"],
+    "replay": ["{name: replay, args: {capacity: 500, ratio: 1.0}}"],
+    "ewc": ["{name: ewc, args: {lam: 10000.0, fisher_batches: 8}}"],
+    "replay_distill": ["{name: replay, args: {capacity: 500, ratio: 1.0}}",
+                       "{name: distill, args: {weight: 0.3, temperature: 1.0}}"],
     "joint": [],
 }
 EXTRA: list[str] = []  # overrides for every job (--set)
@@ -76,6 +76,18 @@ def val_counts() -> dict[int, int]:
     return {d: targets.count(d) // 5 for d in range(10)}
 
 
+def train_job(config: Path, overrides: list[str], timeout: int, what: str) -> float:
+    """`deepspeed --num_gpus 2 launchers/train.py --config CONFIG --overwrite OVERRIDES`; returns its seconds."""
+    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(29600 + os.getpid() % 300),
+           str(ROOT / "launchers/train.py"), "--config", str(config), "--overwrite", *overrides]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
 def run(method: str, seed: int, out: Path, steps: int, timeout: int) -> dict:
     """One 2-rank job; returns its final row, average accuracy, forgetting and matrix."""
     out_dir = out / f"{method}-seed{seed}"
@@ -88,15 +100,7 @@ def run(method: str, seed: int, out: Path, steps: int, timeout: int) -> dict:
                           f"train_shards: {DATA / f'{a}{b}/train'}, val_shards: {DATA / f'{a}{b}/val'}}}"
                           for a, b in TASKS)
         args += [f"continual.tasks=[{tasks}]", f"train.max_steps={steps * len(TASKS)}"]
-    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(29600 + seed),
-           str(ROOT / "launchers/train.py"), "--config", str(CONFIG), "--overwrite", *args]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    secs = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{method} seed {seed} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                           f"{proc.stderr[-3000:]}")
+    secs = train_job(CONFIG, args, timeout, f"{method} seed {seed}")
     if method == "joint":  # the final validation's per-digit accuracy, weighted into per-task accuracies
         records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
         per_digit = [r for r in records if "val_acc_per_class" in r][-1]["val_acc_per_class"]
@@ -146,7 +150,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--steps-per-task", type=int, default=60)
+    p.add_argument("--steps-per-task", type=int, default=120)
     p.add_argument("--out", default=str(ROOT / "runs" / "continual-digits-bench"))
     p.add_argument("--timeout", type=int, default=1800, help="seconds per job")
     p.add_argument("--prepare-only", action="store_true")
@@ -191,7 +195,8 @@ def main() -> int:
     results_dir = ROOT / "benchmarks" / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "continual_digits.json").write_text(json.dumps(
-        {"benchmark": "continual_digits", "machine": {"cpu": cpu_model(), "cores": os.cpu_count()}, "config": str(CONFIG.relative_to(ROOT)),
+        {"benchmark": "continual_digits", "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
+         "config": str(CONFIG.relative_to(ROOT)),
          "steps_per_task": args.steps_per_task, "methods": {m: METHODS[m] for m in args.methods},
          "summary": summary, "headline": headline}, indent=2))
     plot(results, results_dir / "continual_digits.png")

@@ -135,23 +135,28 @@ def test_digit_classification_two_ranks_match_one_process(tiny_data, tmp_path): 
     assert val["val_acc"] > 0.5, val  # well above chance (0.25)
 
 
+def two_digit_tasks(root, steps: int, train_per_shard: int = 200) -> list[str]:
+    """Class-incremental real digits, {0, 1} then {2, 3}, `steps` optimizer steps each, written under `root`; the
+    overrides every such run shares: the task sequence, accuracy as R's metric, a 4-class head trained alone."""
+    from mmscale.data.digits import write_digits_shards
+
+    for name, classes in (("a", [0, 1]), ("b", [2, 3])):
+        write_digits_shards(root / name / "train", "train", classes=classes, samples_per_shard=train_per_shard)
+        write_digits_shards(root / name / "val", "val", classes=classes, samples_per_shard=20)
+    tasks = ", ".join(f"{{name: {n}, train_shards: {root / n / 'train'}, val_shards: {root / n / 'val'}, "
+                      f"max_steps: {steps}, classes: {c}}}" for n, c in (("a", [0, 1]), ("b", [2, 3])))
+    return [f"continual.tasks=[{tasks}]", "continual.metric=val_acc", "model.num_classes=4", "model.train_vision=true",
+            "train.lm_loss_weight=0", "train.cls_loss_weight=1", f"train.max_steps={2 * steps}"]
+
+
 @pytest.mark.slow
 def test_task_sequence_resumed_mid_task_ends_with_the_same_matrix(tiny_data, tmp_path):  # noqa: F811
     """Class-incremental digits, {0, 1} then {2, 3}, 2 ranks under ZeRO-3: after each task every task is evaluated
     (R); while task 1 trains, task 2's classes are masked out of the head (accuracy 0 on them). A run stopped in
     the middle of task 2 and resumed ends with the same R as an uninterrupted one."""
-    from mmscale.data.digits import write_digits_shards
-
-    for name, classes in (("a", [0, 1]), ("b", [2, 3])):
-        write_digits_shards(tmp_path / name / "train", "train", classes=classes)
-        write_digits_shards(tmp_path / name / "val", "val", classes=classes, samples_per_shard=20)
     tokenizer = next(a for a in tiny_data if a.startswith("data.tokenizer="))
-    tasks = ", ".join(f"{{name: {n}, train_shards: {tmp_path / n / 'train'}, val_shards: {tmp_path / n / 'val'}, "
-                      f"max_steps: 15, classes: {c}}}" for n, c in (("a", [0, 1]), ("b", [2, 3])))
-    common = [tokenizer, f"continual.tasks=[{tasks}]", "continual.metric=val_acc", "model.num_classes=4",
-              "model.train_vision=true",
-              "train.lm_loss_weight=0", "train.cls_loss_weight=1", "train.max_steps=30", "train.lr=1e-2",
-              "train.warmup_steps=1", "train.checkpoint_every=5", "train.global_batch_size=16",
+    common = [tokenizer, *two_digit_tasks(tmp_path, 15), "train.lr=1e-2", "train.warmup_steps=1",
+              "train.checkpoint_every=5", "train.global_batch_size=16",
               "train.micro_batch_size=8", "train.eval_batches=2", "data.num_workers=0",
               "deepspeed.stage3_param_persistence_threshold=0",
               # the task-end measurements are not validations: an early stopping sees none of them (were they fed

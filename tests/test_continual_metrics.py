@@ -78,6 +78,17 @@ def test_summarize_3x3_is_plain_json():
     assert summarize(R)["forward_transfer"] is None
 
 
+def test_summarize_losses_keeps_the_signs_meaning():
+    """R of losses (lower is better): loss 1.0 on task 0 after it was learned, 3.0 after task 1."""
+    L = [[1.0, 5.0], [3.0, 0.5]]
+    s = summarize(L, lower_is_better=True)
+    assert s["average_forgetting"] == pytest.approx(2.0, **APPROX)  # the loss went up by 2: forgotten
+    assert s["backward_transfer"] == pytest.approx(-2.0, **APPROX)  # negative: the later task hurt
+    assert s["average_accuracy"] == pytest.approx(1.75, **APPROX)  # the mean final loss
+    assert s["average_accuracy_curve"] == pytest.approx([1.0, 1.75], **APPROX)
+    assert s["matrix"] == L and s["lower_is_better"] is True
+
+
 def test_numpy_and_torch_inputs_give_the_same_numbers():
     expected = summarize(R, BASELINE)
     assert summarize(np.array(R), np.array(BASELINE)) == expected

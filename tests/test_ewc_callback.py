@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_classification import two_digit_tasks
 from test_training import ROOT, RUN_TINY, launch, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
 STEPS = 6  # per task: steps 1-6 task a, 7-12 task b; the Fisher of task a is taken after step 6
@@ -25,19 +26,10 @@ def _ewc(lam: float) -> str:
 def digits(tiny_data, tmp_path_factory):  # noqa: F811
     """Two class-incremental tasks of real digits and the overrides every run here shares (global batch 16, two
     accumulation steps at every world size: micro batch 8 x 1 rank or 4 x 2 ranks)."""
-    from mmscale.data.digits import write_digits_shards
-
     root = tmp_path_factory.mktemp("ewc_digits")
-    for name, classes in (("a", [0, 1]), ("b", [2, 3])):
-        write_digits_shards(root / name / "train", "train", classes=classes)
-        write_digits_shards(root / name / "val", "val", classes=classes, samples_per_shard=20)
     tokenizer = next(a for a in tiny_data if a.startswith("data.tokenizer="))
-    tasks = ", ".join(f"{{name: {n}, train_shards: {root / n / 'train'}, val_shards: {root / n / 'val'}, "
-                      f"max_steps: {STEPS}, classes: {c}}}" for n, c in (("a", [0, 1]), ("b", [2, 3])))
-    common = [tokenizer, f"continual.tasks=[{tasks}]", "continual.metric=val_acc", "model.num_classes=4",
-              "model.train_vision=true", "train.lm_loss_weight=0", "train.cls_loss_weight=1",
-              f"train.max_steps={2 * STEPS}", "train.lr=1e-2", "train.warmup_steps=1", "train.checkpoint_every=0",
-              "train.global_batch_size=16", "train.eval_batches=2", "data.num_workers=0",
+    common = [tokenizer, *two_digit_tasks(root, STEPS), "train.lr=1e-2", "train.warmup_steps=1",
+              "train.checkpoint_every=0", "train.global_batch_size=16", "train.eval_batches=2", "data.num_workers=0",
               "deepspeed.stage3_param_persistence_threshold=0", "--same-global-batches"]
     return root, common
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from mmscale.callbacks.continual import class_distill_loss, topk_distill_loss
 from mmscale.config import ConfigError, load_config
 from mmscale.continual.replay_buffer import ReservoirBuffer
+from test_classification import two_digit_tasks
 from test_training import ROOT, RUN_TINY, launch, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
 
@@ -73,35 +74,23 @@ def test_topk_distill_loss_matches_a_hand_computation():
         assert math.isclose(float(got[r]), sum(terms) / len(terms), rel_tol=1e-5)
 
 
-def _digit_tasks(tmp_path, steps: int) -> str:
-    from mmscale.data.digits import write_digits_shards
-
-    for name, classes in (("a", [0, 1]), ("b", [2, 3])):
-        write_digits_shards(tmp_path / name / "train", "train", classes=classes, samples_per_shard=40)
-        write_digits_shards(tmp_path / name / "val", "val", classes=classes, samples_per_shard=20)
-    tasks = ", ".join(f"{{name: {n}, train_shards: {tmp_path / n / 'train'}, val_shards: {tmp_path / n / 'val'}, "
-                      f"max_steps: {steps}, classes: {c}}}" for n, c in (("a", [0, 1]), ("b", [2, 3])))
-    return f"continual.tasks=[{tasks}]"
-
-
 @pytest.mark.slow
-def test_replay_two_ranks_share_the_buffer_keep_micro_batches_equal_and_resume_exactly(tiny_data, tmp_path):  # noqa: F811
+def test_replay_two_ranks_share_the_buffer_and_resume_exactly(tiny_data, tmp_path):  # noqa: F811
     """Class-incremental digits {0,1} then {2,3}, 2 ranks under ZeRO-3, replay (capacity 37: 19 + 18 slots) with
     distillation. After the run: the ranks' buffers hold 37 samples in all, balanced over the two tasks; both ranks
     took the same number of micro batches and replayed the same number of samples (4 per micro batch from the
-    second on); and a run stopped in the middle of task b and resumed ends with the same buffer, bit for bit, and
-    the same R matrix as the uninterrupted run."""
+    second on); and a run stopped between the tasks (after task a's evaluation and checkpoint) and resumed ends with
+    the same buffer, bit for bit, and the same R matrix as the uninterrupted run (mid-task: test_classification)."""
     steps, micro, k = 20, 8, 4
     tokenizer = next(a for a in tiny_data if a.startswith("data.tokenizer="))
-    common = [tokenizer, _digit_tasks(tmp_path, steps), "continual.metric=val_acc", "model.num_classes=4",
-              "model.train_vision=true", "train.lm_loss_weight=0", "train.cls_loss_weight=1",
-              f"train.max_steps={2 * steps}", "train.lr=3e-3", "train.warmup_steps=1", "train.checkpoint_every=5",
+    common = [tokenizer, *two_digit_tasks(tmp_path, steps, train_per_shard=40), "train.lr=3e-3",
+              "train.warmup_steps=1", "train.checkpoint_every=5",
               "train.global_batch_size=16", f"train.micro_batch_size={micro}", "train.eval_batches=2",
               "data.num_workers=0", "deepspeed.stage3_param_persistence_threshold=0",
               "callbacks=[{name: replay, args: {capacity: 37, ratio: 0.5, balance: task}}, "
               "{name: distill, args: {weight: 1.0, temperature: 2.0}}]"]
     launch(RUN_TINY, [str(tmp_path / "full.json"), f"output_dir={tmp_path / 'full'}", *common], nprocs=2)
-    launch(RUN_TINY, [str(tmp_path / "a.json"), f"output_dir={tmp_path / 'cut'}", "--stop-at", "27", *common],
+    launch(RUN_TINY, [str(tmp_path / "a.json"), f"output_dir={tmp_path / 'cut'}", "--stop-at", "20", *common],
            nprocs=2)
     launch(RUN_TINY, [str(tmp_path / "b.json"), f"output_dir={tmp_path / 'cut'}", "--resume", *common], nprocs=2)
 
@@ -118,7 +107,8 @@ def test_replay_two_ranks_share_the_buffer_keep_micro_batches_equal_and_resume_e
     assert [s["samples_seen"] for s in full] == [16 * 2 * steps] * 2
     assert [r["buffer"]["seen"] for r in replay] == [micro * micro_batches] * 2  # every new sample was offered
     assert [r["replayed"] for r in replay] == [k * (micro_batches - 1)] * 2  # equal on both ranks
-    groups = [dict(zip(r["buffer"]["groups"]["keys"], (len(base64.b64decode(m)) // 8 for m in r["buffer"]["groups"]["members"])))
+    groups = [{key: len(base64.b64decode(m)) // 8 for key, m in zip(r["buffer"]["groups"]["keys"],
+                                                                      r["buffer"]["groups"]["members"])}
               for r in replay]
     assert all(abs(g["0"] - g["1"]) <= 1 for g in groups), groups  # balanced over the tasks
     for r in (0, 1):  # the resumed run's buffer is the uninterrupted one's: state, and every stored byte

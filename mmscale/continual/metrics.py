@@ -161,22 +161,30 @@ def average_forgetting(R: Any) -> float | None:
     return float(np.mean(f)) if f else None
 
 
-def summarize(R: Any, baseline: Sequence[float] | None = None) -> dict[str, Any]:
+def summarize(R: Any, baseline: Sequence[float] | None = None, lower_is_better: bool = False) -> dict[str, Any]:
     """Every metric as plain floats, lists and None (JSON-serialisable with `allow_nan=False`):
 
     `num_tasks`, `average_accuracy` (ACC), `average_accuracy_curve`, `backward_transfer` (BWT, None for T = 1),
     `forward_transfer` (FWT, None without `baseline` or for T = 1), `average_forgetting` (None for T = 1),
-    `forgetting` (per task 0..T-2), `matrix` (R as lists, NaN written as None)."""
+    `forgetting` (per task 0..T-2), `matrix` (R as lists, NaN written as None).
+
+    `lower_is_better` (R holds losses): the metrics are those of -R, so their signs keep their meaning (forgetting
+    > 0: the loss went up from its best; BWT and FWT > 0: better than before), except that the "accuracy" average
+    and curve are the mean losses themselves."""
     a = as_accuracy_matrix(R)
+    sign = -1.0 if lower_is_better else 1.0
+    s = a * sign
+    base = None if baseline is None else [sign * b for b in baseline]
     return {
         "num_tasks": int(a.shape[0]),
-        "average_accuracy": average_accuracy(a),
-        "average_accuracy_curve": average_accuracy_curve(a),
-        "backward_transfer": backward_transfer(a),
-        "forward_transfer": forward_transfer(a, baseline),
-        "average_forgetting": average_forgetting(a),
-        "forgetting": forgetting_per_task(a),
+        "average_accuracy": sign * average_accuracy(s),
+        "average_accuracy_curve": [sign * v for v in average_accuracy_curve(s)],
+        "backward_transfer": backward_transfer(s),
+        "forward_transfer": forward_transfer(s, base),
+        "average_forgetting": average_forgetting(s),
+        "forgetting": forgetting_per_task(s),
         "matrix": [[None if math.isnan(v) else float(v) for v in row] for row in a.tolist()],
+        **({"lower_is_better": True} if lower_is_better else {}),
     }
 
 

@@ -554,7 +554,7 @@ class Trainer:
                      ", ".join(f"{n} {v:.4f}" for n, v in zip(self.tasks.names, row)))
             if len(self.task_rows) == len(row):  # the whole matrix: its table, summary and heatmap
                 log.info("task sequence done:\n%s", cl.format_table(self.task_rows, self.tasks.names))
-                summary = cl.summarize(self.task_rows)
+                summary = cl.summarize(self.task_rows, lower_is_better=metric.endswith("loss"))
                 (self.output_dir / "continual.json").write_text(json.dumps(
                     {"tasks": self.tasks.names, "metric": metric, **summary}, indent=2))
                 cl.plot_heatmap(self.task_rows, self.output_dir / "continual.png", self.tasks.names,
