@@ -40,15 +40,26 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff = feed_forward(dim_text, ff_mult)
         self.ff_gate = nn.Parameter(torch.full((1,), float(gate_init)))
 
+    def media_kv(self, media: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values (B, Lk, h, d) that `forward` computes from the visual tokens `media` (B, Lk, Dv).
+        They depend on the visual tokens only, not on the text: a decoder generating token by token computes them
+        once and passes the pair as `forward`'s `media` (mmscale.inference: the cross-attention's KV cache)."""
+        k, v = self.to_kv(media if dtype is None else media.to(dtype)).chunk(2, dim=-1)
+        return tuple(t.unflatten(-1, (self.heads, self.dim_head)) for t in (k, v))  # type: ignore[return-value]
+
     def forward(
-        self, x: torch.Tensor, media: torch.Tensor, key_range: torch.Tensor, kv_lens: torch.Tensor | None = None
+        self, x: torch.Tensor, media: torch.Tensor | tuple[torch.Tensor, torch.Tensor], key_range: torch.Tensor,
+        kv_lens: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x (B, L, Dt) text hidden states; media (B, Lk, Dv) visual tokens; key_range (B, L, 2) int32;
-        kv_lens (B,) valid visual tokens per sample. Returns (B, L, Dt)."""
+        """x (B, L, Dt) text hidden states; media (B, Lk, Dv) visual tokens, or their (keys, values) from
+        `media_kv`; key_range (B, L, 2) int32; kv_lens (B,) valid visual tokens per sample. Returns (B, L, Dt)."""
         B, L, _ = x.shape
         q = self.to_q(self.norm(x)).unflatten(-1, (self.heads, self.dim_head))  # (B, L, h, d)
-        k, v = self.to_kv(media.to(x.dtype)).chunk(2, dim=-1)
-        k, v = (t.unflatten(-1, (self.heads, self.dim_head)) for t in (k, v))  # (B, Lk, h, d)
+        if isinstance(media, tuple):  # precomputed (inference)
+            k, v = (t.to(x.dtype) for t in media)
+        else:
+            k, v = self.to_kv(media.to(x.dtype)).chunk(2, dim=-1)
+            k, v = (t.unflatten(-1, (self.heads, self.dim_head)) for t in (k, v))  # (B, Lk, h, d)
         attn = cross_attention(q, k, v, key_range=key_range, kv_lens=kv_lens, backend=self.backend)
         x = x + self.attn_gate.tanh() * self.to_out(attn.reshape(B, L, -1))
         return x + self.ff_gate.tanh() * self.ff(x)
@@ -68,8 +79,11 @@ class XAttnDecoderLayer(nn.Module):
         self._conditioning: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
     def condition(
-        self, media: torch.Tensor | None, key_range: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None
+        self, media: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None, key_range: torch.Tensor | None = None,
+        kv_lens: torch.Tensor | None = None
     ) -> None:
+        """media: the visual tokens (B, Lk, Dv), or their keys and values from `self.xattn.media_kv` (inference:
+        computed once for all the generated tokens); key_range: (B, L, 2) for the L positions of the next forward."""
         self._conditioning = None if media is None else (media, key_range, kv_lens)
 
     def forward(self, *args, **kwargs):
