@@ -18,15 +18,16 @@ import torch
 def _safe_globals() -> list[Any]:
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address  # in ZeRO-1/2 optimizer files
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 _torch_load = torch.load
 
 
 def safe_load(path: str | Path, map_location: Any = "cpu", **_ignored: Any) -> Any:
-    """`torch.load` that unpickles tensors, plain containers and DeepSpeed's two data classes only."""
+    """`torch.load` that unpickles tensors, plain containers and DeepSpeed's few data classes only."""
     with torch.serialization.safe_globals(_safe_globals()):
         return _torch_load(path, map_location=map_location, weights_only=True)
 
