@@ -121,7 +121,7 @@ def test_digit_classification_two_ranks_match_one_process(tiny_data, tmp_path): 
     tokenizer = next(a for a in tiny_data if a.startswith("data.tokenizer="))
     common = [f"data.train_shards={tmp_path / 'train'}", f"data.val_shards={tmp_path / 'val'}", tokenizer,
               "model.num_classes=4", "train.lm_loss_weight=0", "train.cls_loss_weight=1", "train.max_steps=40",
-              "train.lr=1e-2", "train.warmup_steps=1", "train.checkpoint_every=0", "train.global_batch_size=16",
+              "train.lr=3e-3", "train.warmup_steps=1", "train.checkpoint_every=0", "train.global_batch_size=16",
               "train.micro_batch_size=8", "train.eval_batches=4", "deepspeed.stage3_param_persistence_threshold=0",
               "data.num_workers=0", "--same-global-batches"]
     launch(RUN_TINY, [str(tmp_path / "two.json"), f"output_dir={tmp_path / 'two'}", *common], nprocs=2)
@@ -155,7 +155,7 @@ def test_task_sequence_resumed_mid_task_ends_with_the_same_matrix(tiny_data, tmp
     (R); while task 1 trains, task 2's classes are masked out of the head (accuracy 0 on them). A run stopped in
     the middle of task 2 and resumed ends with the same R as an uninterrupted one."""
     tokenizer = next(a for a in tiny_data if a.startswith("data.tokenizer="))
-    common = [tokenizer, *two_digit_tasks(tmp_path, 15), "train.lr=1e-2", "train.warmup_steps=1",
+    common = [tokenizer, *two_digit_tasks(tmp_path, 20, train_per_shard=40), "train.lr=3e-3", "train.warmup_steps=1",
               "train.checkpoint_every=5", "train.global_batch_size=16",
               "train.micro_batch_size=8", "train.eval_batches=2", "data.num_workers=0",
               "deepspeed.stage3_param_persistence_threshold=0",
@@ -163,7 +163,7 @@ def test_task_sequence_resumed_mid_task_ends_with_the_same_matrix(tiny_data, tmp
               # to it, task b's 0.0 after task a would stop the run there)
               "callbacks=[{name: early_stopping, args: {metric: val_acc, patience: 1, mode: max}}]"]
     launch(RUN_TINY, [str(tmp_path / "full.json"), f"output_dir={tmp_path / 'full'}", *common], nprocs=2)
-    launch(RUN_TINY, [str(tmp_path / "a.json"), f"output_dir={tmp_path / 'cut'}", "--stop-at", "22", *common], nprocs=2)
+    launch(RUN_TINY, [str(tmp_path / "a.json"), f"output_dir={tmp_path / 'cut'}", "--stop-at", "32", *common], nprocs=2)
     assert not (tmp_path / "cut/continual.json").exists()  # stopped before the sequence ended
     launch(RUN_TINY, [str(tmp_path / "b.json"), f"output_dir={tmp_path / 'cut'}", "--resume", *common], nprocs=2)
     full = json.loads((tmp_path / "full/continual.json").read_text())
