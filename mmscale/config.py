@@ -75,10 +75,16 @@ class DataConfig:
     """Corrupt-sample warnings are logged once per this many skipped samples (the first is always logged)."""
 
 
+VISION_TYPES: tuple[str, ...] = ("clip", "siglip", "dinov2", "resnet", "convnext")
+"""`model.vision.type` values (mmscale.model.vision's tower table)."""
+
+
 @dataclass
 class VisionConfig:
     type: str = "clip"
-    """Hugging Face vision tower: `clip` (CLIPVisionModel), `siglip` (SiglipVisionModel) or `dinov2` (Dinov2Model)."""
+    """Hugging Face vision tower: the ViTs `clip` (CLIPVisionModel), `siglip` (SiglipVisionModel), `dinov2`
+    (Dinov2Model), or the convolutional `resnet` (ResNetModel) and `convnext` (ConvNextModel), whose last feature map
+    (N, C, h, w) becomes h*w tokens of width `hidden_sizes[-1]` (they take any image size)."""
     path: str = ""
     """Local directory with a saved vision tower (`save_pretrained`). Empty = build from `config` with random weights."""
     config: dict[str, Any] = field(default_factory=dict)
@@ -450,6 +456,25 @@ def _choice(problems: list[str], where: str, value: Any, choices: tuple[Any, ...
         problems.append(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
 
 
+def _conv_stage_problems(kind: str, kw: dict[str, Any]) -> list[str]:
+    """A conv tower's stages must agree: one width (`hidden_sizes`) and one depth (`depths`) per stage, and for ConvNeXt
+    `num_stages` of them. Transformers reads `num_hidden_layers` as ConvNeXt's `num_stages`: a ViT preset's key
+    merged into a ConvNeXt config (`model.vision.type=convnext` over the `tiny` preset) changes the stage count."""
+    where = "model.vision.config"
+    widths, depths = kw.get("hidden_sizes"), kw.get("depths")
+    if widths is not None and depths is not None and len(widths) != len(depths):
+        return [f"{where}: hidden_sizes {widths} and depths {depths} must have one entry per stage each"]
+    given = widths if widths is not None else depths
+    if kind == "convnext" and given is not None:
+        stages = kw.get("num_hidden_layers", kw.get("num_stages", 4))  # the former wins in transformers
+        if stages != len(given):
+            key = "num_hidden_layers" if "num_hidden_layers" in kw else "num_stages"
+            return [f"{where}.{key}: {stages} stages, but {len(given)} in hidden_sizes/depths; a ConvNeXt config "
+                    f"takes num_hidden_layers as its num_stages (a ViT preset's num_hidden_layers may have merged in): "
+                    f"set model.vision.config.num_hidden_layers={len(given)}"]
+    return []
+
+
 def _positive(problems: list[str], where: str, value: Any, minimum: float = 1) -> None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
         problems.append(f"{where}: {value!r} must be >= {minimum}")
@@ -561,13 +586,16 @@ def validate(cfg: JobConfig, world_size: int | None = None, check_paths: bool = 
 
             p += source_problems(m.init_from)
 
-    _choice(p, "model.vision.type", m.vision.type, ("clip", "siglip", "dinov2"))
+    _choice(p, "model.vision.type", m.vision.type, VISION_TYPES)
     tower_size = m.vision.config.get("image_size")
-    if not m.vision.path and tower_size is not None and m.vision.type != "dinov2" and tower_size != d.image_size:
+    fixed_size = m.vision.type in ("clip", "siglip")  # (DINOv2 interpolates its positions; conv towers have none)
+    if not m.vision.path and tower_size is not None and fixed_size and tower_size != d.image_size:
         p.append(
             f"data.image_size: {d.image_size} differs from model.vision.config.image_size ({tower_size}), which a "
             f"{m.vision.type} tower requires; set data.image_size={tower_size}"
         )
+    if m.vision.type in ("resnet", "convnext") and not m.vision.path:
+        p += _conv_stage_problems(m.vision.type, m.vision.config)
     if m.vision.path and not Path(m.vision.path).is_dir():
         p.append(f"model.vision.path: {m.vision.path!r} is not a directory (expected a save_pretrained folder)")
     if m.lm.path and not Path(m.lm.path).is_dir():

@@ -105,15 +105,6 @@ def test_gpu_check_exit_status(tmp_path, cuda_rc, tests_rc, bench_rc, want_rc, w
         assert res.stdout.strip().splitlines()[-1].startswith(want_last), res.stdout[-3000:]
 
 
-def test_demo_patch_size_benchmark_smoke(tmp_path):
-    out = tmp_path / "demo_patch_size.json"
-    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "demo_patch_size.py"), "--rounds", "1",
-                          "--micro-batch", "2", "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    headline = json.loads(res.stdout.strip().splitlines()[-1])
-    assert json.loads(out.read_text())["patch4_over_patch8"] == headline["patch4_over_patch8"] > 0
-
-
 @pytest.mark.slow
 def test_peft_memory_benchmark_smoke(tmp_path):
     """Full fine-tuning, LoRA and QLoRA through 2 ZeRO-3 ranks in one job (about 80 s): the headline and the file

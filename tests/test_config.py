@@ -64,7 +64,7 @@ def test_batch_not_divisible_by_micro_times_world():
 def test_all_problems_reported_together():
     raw = {
         "data": {"image_size": 0},  # no training data either
-        "model": {"xattn": {"media_mode": "sideways", "gate_init": 50.0}, "vision": {"type": "resnet"}},
+        "model": {"xattn": {"media_mode": "sideways", "gate_init": 50.0}, "vision": {"type": "vgg"}},
         "train": {"global_batch_size": 10, "micro_batch_size": 4, "precision": "fp8", "bogus": 1},
         "deepspeed": {"zero_stage": 2, "offload_params": "cpu"},
         "callbacks": [{"name": "nope"}],
