@@ -611,22 +611,11 @@ def _build_trained(cfg: Any, ckpt: Path, vocab_size: int) -> Any:
     the fingerprint it recorded), with every source read tensor by tensor: one model in memory, never two."""
     import torch
 
-    from mmscale.callbacks import build_callbacks
-    from mmscale.model import BuildOptions, build_model
     from mmscale.training import checkpoint
-    from mmscale.training.build import seed_everything
+    from mmscale.training.build import build_as_trained
     from mmscale.training.engine import frozen_fingerprint, param_dtype
 
-    seed_everything(cfg.train.seed)  # weights no source gives (a frozen random tower) come out as in training
-    callbacks = build_callbacks(cfg.callbacks)
-    options = BuildOptions()
-    for cb in callbacks:
-        cb.on_build(options)
-    model = build_model(cfg.model, vocab_size=vocab_size, options=options)
-    if cfg.model.init_from:
-        _load_init_from(model, cfg.model.init_from)
-    for cb in callbacks:
-        cb.on_model_built(model)
+    model = build_as_trained(cfg, vocab_size, load_init=_load_init_from)  # init_from streamed, tensor by tensor
     saved = (checkpoint.read_manifest(ckpt) or {}).get("frozen_fingerprint", "")
     reader = CheckpointReader(ckpt)
     state = model.state_dict(keep_vars=True)

@@ -7,7 +7,7 @@ import logging
 import math
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -161,13 +161,14 @@ def base_lm_from_init(cfg: JobConfig, options: Any, vocab_size: int, rank: int) 
     return dataclasses.replace(cfg, model=dataclasses.replace(m, lm=dataclasses.replace(m.lm, path=str(out))))
 
 
-def build_from_checkpoint(cfg: JobConfig, ckpt: Path | None, vocab_size: int) -> torch.nn.Module:
-    """The model of a run in this process, without DeepSpeed: built the way training built it (the callbacks' build
-    requests and changes, `model.init_from`), then the weights of `ckpt` (None: as built). A checkpoint that left
-    the frozen weights out gets them from the same sources, checked against the fingerprint it recorded."""
+def build_as_trained(cfg: JobConfig, vocab_size: int,
+                     load_init: Callable[[torch.nn.Module, str], Any] | None = None) -> torch.nn.Module:
+    """The model of a run in this process, without DeepSpeed, as training built it: the same seed, the callbacks'
+    build requests, `model.init_from`'s weights (`load_init(model, source)`; by default the training loader), then
+    the callbacks' changes (adapters, freezing)."""
     from mmscale.callbacks import build_callbacks
     from mmscale.model import BuildOptions, build_model
-    from mmscale.training.engine import frozen_fingerprint, load_initial_weights, param_dtype
+    from mmscale.training.engine import load_initial_weights
 
     seed_everything(cfg.train.seed)  # weights no source gives (a frozen random tower) come out as in training
     callbacks = build_callbacks(cfg.callbacks)
@@ -176,9 +177,22 @@ def build_from_checkpoint(cfg: JobConfig, ckpt: Path | None, vocab_size: int) ->
         cb.on_build(options)
     model = build_model(cfg.model, vocab_size=vocab_size, options=options)
     if cfg.model.init_from:
-        load_initial_weights(model, cfg.model.init_from, rank=0)
+        if load_init is None:
+            load_initial_weights(model, cfg.model.init_from, rank=0)
+        else:
+            load_init(model, cfg.model.init_from)
     for cb in callbacks:
         cb.on_model_built(model)
+    return model
+
+
+def build_from_checkpoint(cfg: JobConfig, ckpt: Path | None, vocab_size: int) -> torch.nn.Module:
+    """The model of a run in this process, without DeepSpeed: built the way training built it (the callbacks' build
+    requests and changes, `model.init_from`), then the weights of `ckpt` (None: as built). A checkpoint that left
+    the frozen weights out gets them from the same sources, checked against the fingerprint it recorded."""
+    from mmscale.training.engine import frozen_fingerprint, param_dtype
+
+    model = build_as_trained(cfg, vocab_size)
     if ckpt is None:
         return model
     saved = checkpoint.read_manifest(ckpt).get("frozen_fingerprint", "")
