@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mmscale import export
+from test_finetune import source_run  # noqa: F401  (a fixture: a 2-rank ZeRO-3 run that validates at its end)
 from test_training import ROOT, launch, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
 EXPORT = ROOT / "launchers/export.py"
@@ -237,35 +238,20 @@ def test_qlora_merge_dequantizes_then_adds_the_adapters(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def base_run(tiny_data, tmp_path_factory):  # noqa: F811
-    """A 2-rank ZeRO-3 fp32 run of 3 steps (vision tower and LM frozen, resampler and cross-attention trained) that
-    validates at its end on 64 held-out samples; the checkpoint's manifest records that evaluation."""
-    from mmscale.data import make_shapes_dataset
-
-    tmp = tmp_path_factory.mktemp("export")
-    make_shapes_dataset(tmp / "val", 64, samples_per_shard=8, image_size=32, seed=7, prefix="val", first_index=10_000)
-    data = [*tiny_data, f"data.val_shards={tmp / 'val'}", "train.eval_batches=16", "data.num_workers=0"]
-    launch(ROOT / "launchers/train.py", ["--config", "configs/tiny.yaml", f"output_dir={tmp / 'base'}", *data,
-                                         "train.max_steps=3", "deepspeed.stage3_param_persistence_threshold=0"],
-           nprocs=2)
-    return tmp, data
-
-
-@pytest.fixture(scope="module")
-def lora_run(base_run):
+def lora_run(source_run):
     """LoRA on the LM from the base run's weights, 2 ranks under ZeRO-2 (another stage's files); its checkpoints
     hold only what trains (adapters, resampler, cross-attention)."""
-    tmp, data = base_run
+    tmp, data = source_run
     out = tmp / "lora"
     launch(ROOT / "launchers/train.py", ["--config", "configs/tiny.yaml", f"output_dir={out}", *data,
-                                         f"model.init_from={tmp / 'base'}", "callbacks=[{name: lora}]",
+                                         f"model.init_from={tmp / 'src'}", "callbacks=[{name: lora}]",
                                          "deepspeed.zero_stage=2", "train.max_steps=4", "train.lr=1e-2",
                                          "train.warmup_steps=1"], nprocs=2)
     return out
 
 
 @pytest.mark.slow
-def test_zero3_export_reloads_without_deepspeed(base_run, tmp_path):
+def test_zero3_export_reloads_without_deepspeed(source_run, tmp_path):
     """The 2-rank ZeRO-3 run exported (one file, then forced into shards): a fresh process without DeepSpeed
     evaluates it to the loss the engine recorded at the save, and its logits equal those of the checkpoint rebuilt by
     build_from_checkpoint; every tensor is bit-identical to DeepSpeed's own consolidation; both layouts load
@@ -276,8 +262,8 @@ def test_zero3_export_reloads_without_deepspeed(base_run, tmp_path):
     from mmscale.evaluation.image_use import load_run
     from mmscale.training.checkpoint import consolidated_state_dict, latest_checkpoint
 
-    tmp, _ = base_run
-    run, out, shards = tmp / "base", tmp_path / "export", tmp_path / "sharded"
+    tmp, _ = source_run
+    run, out, shards = tmp / "src", tmp_path / "export", tmp_path / "sharded"
     engine = manifest_of(run)["metrics"]
     r = run_export("--run", str(run), "--out", str(out))
     summary = json.loads(r.stdout.strip().splitlines()[-1])
@@ -380,10 +366,10 @@ def test_lora_run_exports_merged_and_separate(lora_run, lora_exports, tmp_path):
 
 
 @pytest.mark.slow
-def test_init_from_an_export_starts_from_its_weights(base_run, lora_exports, tmp_path):
+def test_init_from_an_export_starts_from_its_weights(source_run, lora_exports, tmp_path):
     """A new run (one process, ZeRO-0) with model.init_from=<the merged LoRA export> evaluates, before its first
     step, to the exported model's loss; exported in turn (a ZeRO-0 checkpoint), it reloads to its own final loss."""
-    _, data = base_run
+    _, data = source_run
     merged, _ = lora_exports
     exported, _ = reload(merged, tmp_path / "exported")
     out = tmp_path / "run"
