@@ -11,7 +11,7 @@ caption (.txt) / class label (.cls). Everything else (library logging, skipped i
 directory inside it, or an exported directory (`model.safetensors` or `model.safetensors.index.json`, loaded by
 `mmscale.export.load_exported`).
 
-Inputs get exactly the training preprocessing (`mmscale.data.pipeline.image_to_tensor` with the run's image size,
+Inputs get exactly the training preprocessing (`mmscale.data.decode.image_to_tensor` with the run's image size,
 mean and std; `collate_samples` for the batch) and the prompt training puts before every caption: the single token
 `<image>` (see `caption_to_ids`). Generation continues after it until eos or `max_new_tokens`.
 
@@ -441,7 +441,7 @@ class ImageItem:
 def _pixels(data: bytes, data_cfg: Any) -> torch.Tensor:
     from PIL import Image
 
-    from mmscale.data.pipeline import image_to_tensor
+    from mmscale.data.decode import image_to_tensor
 
     with Image.open(io.BytesIO(data)) as img:
         img.load()  # decode now: a truncated or corrupt file raises here (as in decode_sample)
@@ -452,7 +452,7 @@ def shard_items(spec: str, data_cfg: Any) -> Iterator[ImageItem]:
     """The samples of the shards `spec` (any form `resolve_shards` takes), in order, read by the training
     pipeline's tar reader. A sample needs only an image: the caption and label are kept as references when
     present. Unusable samples and broken tars come as items with `error`."""
-    from mmscale.data.pipeline import SkipCounter, tar_samples
+    from mmscale.data.reading import SkipCounter, tar_samples
     from mmscale.data.shards import IMAGE_EXTS, resolve_shards
 
     counter = SkipCounter()

@@ -113,7 +113,8 @@ class Replay(Callback):
 
     def on_batch(self, trainer: Any, batch: dict[str, Any]) -> dict[str, Any]:
         from mmscale.data.collate import collate_samples
-        from mmscale.data.pipeline import SampleError, decode_for_training
+        from mmscale.data.decode import decode_for_training
+        from mmscale.data.reading import SampleError
 
         if "__raw__" not in batch:
             raise RuntimeError("callbacks replay: the training batch carries no raw samples (`__raw__`); replay "

@@ -32,8 +32,8 @@ Raw members, not decoded tensors: a sample is a dict {member: bytes | str | int}
 UTF-8, int as ASCII decimal (WebDataset's `.cls` convention); `__key__` and `__url__`, when given, are kept as the
 members `src_key` and `src_url`; other `__`-names are dropped. Member names are lower case (`[a-z0-9_][a-z0-9_.-]*`,
 at most 64 characters). What `sample` and `iter_all` return is what WebDataset's tar reader (and
-`mmscale.data.pipeline.tar_samples`) gives: {"__key__": str, member: bytes, ...}, ready for
-`mmscale.data.pipeline.decode_sample`.
+`mmscale.data.reading.tar_samples`) gives: {"__key__": str, member: bytes, ...}, ready for
+`mmscale.data.decode.decode_sample`.
 
 On disk, under `directory/rank{r}/`
 -----------------------------------

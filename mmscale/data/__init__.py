@@ -2,6 +2,7 @@
 
 shards.py      shard specs, sizes.json, writing tar shards      write_shards.py  CLI: (image, caption) pairs -> shards
 synthetic.py   the demo datasets: shapes, counts (+ CLI)        tokenizer.py     sentencepiece / HF tokenizer (+ CLI)
+reading.py     shard files -> raw samples, skip counting         decode.py        raw sample -> pixels and tokens
 pipeline.py    the streaming stages and the train/eval loaders   collate.py       samples -> the batch dict
 """
 

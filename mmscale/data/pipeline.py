@@ -7,9 +7,11 @@ Per rank, per data-loader worker, per epoch (`_SlotStream._epoch` runs them in t
 3. split              `split_shards`: by rank, then by worker (rank and world size are passed in, never read from
                       torch.distributed); with fewer shards than ranks x workers, every slot reads all shards and
                       keeps every (ranks x workers)-th sample instead
-4. tar -> samples     `tar_samples`: members grouped by key; a broken tar is counted once, reading goes on
+4. tar -> samples     `tar_samples` (mmscale.data.reading): members grouped by key; a broken tar is counted once,
+                      reading goes on
 5. sample shuffle     `shuffle_samples`: a buffer of `shuffle_buffer` raw samples, seeded by (seed, epoch, slot)
-6. decode + transform `decode_sample`: image -> resize shorter side, centre crop, normalise; caption checked
+6. decode + transform `decode_sample` (mmscale.data.decode): image -> resize shorter side, centre crop, normalise;
+                      caption checked
 7. tokenize           `caption_to_ids`: [<image>] + caption tokens (truncated) + [eos]
 8. batch + collate    `mmscale.data.collate.collate_samples`, inside the worker, so only tensors cross processes
 
@@ -50,73 +52,29 @@ Worker processes
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import random
-import tarfile
 import weakref
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmscale.config import DataConfig
-from mmscale.data.collate import IGNORE_INDEX, collate_samples
-from mmscale.data.shards import IMAGE_EXTS, read_sizes, resolve_shards
+from mmscale.data.collate import collate_samples
+from mmscale.data.decode import (  # noqa: F401  (re-exported: stages 6-7)
+    RAW_MEMBERS, caption_to_ids, decode_for_training, decode_sample, image_to_tensor, raw_members,
+)
+from mmscale.data.reading import (  # noqa: F401  (re-exported: stage 4 and skip counting)
+    SampleError, SkipCounter, SkipWarner, tar_samples,
+)
+from mmscale.data.shards import read_sizes, resolve_shards
 from mmscale.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------- skip counting
-
-
-class SampleError(ValueError):
-    """A sample that cannot be used (bad image, no caption); it is skipped and counted."""
-
-
-class SkipCounter:
-    """Skipped samples since the last `take()`, with a few of their reasons (for the warning)."""
-
-    MAX_REASONS = 4
-
-    def __init__(self):
-        self.count = 0
-        self.reasons: list[str] = []
-
-    def skip(self, reason: str) -> None:
-        self.count += 1
-        if len(self.reasons) < self.MAX_REASONS:
-            self.reasons.append(reason)
-
-    def take(self) -> tuple[int, list[str]]:
-        out = self.count, self.reasons
-        self.count, self.reasons = 0, []
-        return out
-
-
-class SkipWarner:
-    """Rate-limited warning in the consuming process: the first skip, then once per `warn_every` skips."""
-
-    def __init__(self, warn_every: int, what: str):
-        self.warn_every, self.what, self.total = max(1, warn_every), what, 0
-
-    def add(self, count: int, reasons: list[str]) -> None:
-        if count <= 0:
-            return
-        before, self.total = self.total, self.total + count
-        if before == 0 or before // self.warn_every != self.total // self.warn_every:
-            log.warning(
-                "%s: skipped %d corrupt sample(s) so far (warning once per %d); latest: %s",
-                self.what, self.total, self.warn_every, "; ".join(reasons) or "?",
-            )
 
 
 # ----------------------------------------------------------------------------------------------- stages 2-5
@@ -149,52 +107,6 @@ def split_shards(
     return list(shards), (rank * num_workers + worker, num_slots)
 
 
-def _read_tar(url: str, counter: SkipCounter) -> Iterator[dict[str, Any]]:
-    """Samples of one tar: members grouped by key (`dir/000042.jpg` + `dir/000042.txt` -> one dict).
-
-    A tar that cannot be opened or breaks part-way counts as one skip: the samples before the break are kept, the
-    one being read when it broke is dropped. (webdataset's own reader reports one break through its handler up to
-    twice, so the stream is read here with its `gopen` and `base_plus_ext`.)
-    """
-    sample: dict[str, Any] | None = None
-    try:
-        with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                key, ext = wds.tariterators.base_plus_ext(member.name)
-                if key is None or Path(key).name.startswith("__"):  # no extension, or webdataset metadata
-                    continue
-                if sample is not None and sample["__key__"] != key:  # complete: yield before reading on
-                    yield sample
-                    sample = None
-                if sample is None:
-                    sample = {"__key__": key, "__url__": url}
-                sample[ext.lower()] = tar.extractfile(member).read()
-    except Exception as e:  # tarfile.ReadError, OSError, EOFError, zlib errors...
-        counter.skip(f"broken tar {url}: {e!r}"[:300])
-        return
-    if sample is not None:
-        yield sample
-
-
-def tar_samples(
-    shards: Iterable[str], counter: SkipCounter, sample_split: tuple[int, int] | None = None
-) -> Iterator[dict[str, Any]]:
-    """Raw samples ({"__key__", "__url__", "jpg": bytes, "txt": bytes, ...}) of the shards in order.
-
-    `sample_split=(slot, num_slots)` keeps only samples `slot::num_slots` of the whole stream.
-    """
-    samples = (s for url in shards for s in _read_tar(url, counter))
-    if sample_split is None:
-        yield from samples
-        return
-    slot, num_slots = sample_split
-    for i, sample in enumerate(samples):
-        if i % num_slots == slot:
-            yield sample
-
-
 def shuffle_samples(samples: Iterable[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
     """Shuffle buffer: fill to `bufsize`, then yield a random element for each new one; drain at the end."""
     if bufsize <= 1:
@@ -210,80 +122,6 @@ def shuffle_samples(samples: Iterable[Any], bufsize: int, rng: random.Random) ->
         yield s
     rng.shuffle(buf)
     yield from buf
-
-
-# ----------------------------------------------------------------------------------------------- stages 6-7
-
-
-def image_to_tensor(img: Image.Image, image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(3, S, S) float32: RGB, shorter side resized to S (bicubic), centre crop, (x / 255 - mean) / std."""
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = image_size / min(w, h)
-    nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - image_size) // 2, (nh - image_size) // 2
-    img = img.crop((left, top, left + image_size, top + image_size))
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1).div_(255.0)  # (3, S, S)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return x.sub_(m).div_(s)
-
-
-def decode_sample(raw: dict[str, Any], image_size: int, mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
-    """Raw tar sample -> {"__key__", "images": [(3, S, S)], "caption": str, "class_label": int}; raises SampleError
-    if unusable. `class_label` is the `.cls` member (an integer, as webdataset writes it), -100 without one; a
-    sample with a label may have no caption (classification data)."""
-    key = raw.get("__key__", "?")
-    where = f"{key} in {raw.get('__url__', '?')}"
-    label = IGNORE_INDEX
-    if raw.get("cls") is not None:
-        text = raw["cls"].decode("utf-8", errors="replace") if isinstance(raw["cls"], bytes) else str(raw["cls"])
-        try:
-            label = int(text.strip())
-        except ValueError:
-            raise SampleError(f"{where}: class label (.cls member) {text[:20]!r} is not an integer") from None
-        if label < 0:
-            raise SampleError(f"{where}: class label (.cls member) {label} is negative")
-    caption = raw.get("txt")
-    if caption is None and label == IGNORE_INDEX:
-        raise SampleError(f"{where}: no caption (.txt member) and no class label (.cls member)")
-    caption = "" if caption is None else caption
-    caption = caption.decode("utf-8", errors="replace").strip() if isinstance(caption, bytes) else str(caption)
-    if not caption and label == IGNORE_INDEX:
-        raise SampleError(f"{where}: empty caption")
-    data = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
-    if data is None:
-        raise SampleError(f"{where}: no image member (one of {', '.join(IMAGE_EXTS)})")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # decode now: a truncated or corrupt file raises here, not later
-            pixels = image_to_tensor(img, image_size, mean, std)
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError...)
-        raise SampleError(f"{where}: undecodable image: {e!r}") from None
-    return {"__key__": key, "images": [pixels], "caption": caption, "class_label": label}
-
-
-RAW_MEMBERS = ("txt", "cls", *IMAGE_EXTS)
-"""The members a training batch passes on as `__raw__` (what a sample is made of, for a replay buffer)."""
-
-
-def raw_members(raw: dict[str, Any]) -> dict[str, Any]:
-    """`raw`'s key and the members that make the sample (caption, label, image bytes), nothing decoded."""
-    return {"__key__": raw.get("__key__", "?"), **{k: raw[k] for k in RAW_MEMBERS if k in raw}}
-
-
-def decode_for_training(raw: dict[str, Any], cfg: DataConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """Stages 6-7 for one raw sample, as the training stream does them (a replayed sample goes through these)."""
-    s = decode_sample(raw, cfg.image_size, cfg.image_mean, cfg.image_std)
-    s["input_ids"] = caption_to_ids(s.pop("caption"), tokenizer, cfg.max_text_len)
-    return s
-
-
-def caption_to_ids(caption: str, tokenizer: Tokenizer, max_text_len: int) -> list[int]:
-    """[<image>] + caption tokens + [eos]: at most 1 + max_text_len ids (the caption is truncated, eos kept)."""
-    return [tokenizer.image_token_id] + tokenizer.encode(caption)[: max_text_len - 1] + [tokenizer.eos_id]
 
 
 # ----------------------------------------------------------------------------------------------- one slot's stream
