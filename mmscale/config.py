@@ -35,6 +35,18 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class SourceSpec:
+    """One source of a training mixture (`data.sources`): its own shards, drawn from with its weight."""
+
+    name: str = ""
+    """Unique name; it seeds the source's own shard shuffle, so renaming a source changes its order."""
+    shards: str = ""
+    """The source's shards (same forms as `data.train_shards`)."""
+    weight: float = 1.0
+    """Relative share of the samples (> 0): a source gets weight / (sum of the weights) of them, e.g. 0.7 and 0.3."""
+
+
+@dataclass
 class DataConfig:
     train_shards: str = ""
     """Training shards: a brace pattern (`data/train-{000000..000031}.tar`), a directory of .tar files, or a
@@ -73,6 +85,33 @@ class DataConfig:
     """Data-loader worker processes per rank."""
     warn_every: int = 100
     """Corrupt-sample warnings are logged once per this many skipped samples (the first is always logged)."""
+    resampled: bool = False
+    """Draw shards with replacement, forever (webdataset's ResampledShards): each data-loader worker draws its own
+    seeded sequence of shards, so there are no epochs beyond the nominal `num_samples` (or sizes.json) one used to
+    count steps_per_epoch for logging. With `sources`, every source is drawn from this way."""
+    sources: list[SourceSpec] = field(default_factory=list)
+    """A mixture instead of `train_shards`: several sources, each `{name, shards, weight}`, e.g. captions with weight
+    0.7 and interleaved documents with 0.3. Which source each sample comes from is drawn from the seed; each source
+    runs through its own epochs. Samples per epoch: `num_samples`, or else the sum of every source's sizes.json."""
+    max_image_pixels: int = 50_000_000
+    """Images with more pixels (width x height, read from the file's header before any pixel is decoded) are
+    skipped and counted as `image_too_large`: a decompression bomb (a small file declaring a huge image) cannot
+    exhaust a worker's memory. 50 M is a 50-megapixel photo (~150 MB decoded as RGB)."""
+    max_bad_fraction: float = 0.05
+    """The run stops (BadDataError, naming the kinds of bad input) when more than this fraction of the last
+    `bad_window` samples were skipped as bad (corrupt, undecodable, missing members...). 1 = never stop."""
+    bad_window: int = 1000
+    """Samples over which `max_bad_fraction` is measured."""
+    http_retries: int = 5
+    """Retries of an http(s) shard after a network failure (connection refused or dropped, timeout, HTTP error)
+    before the run stops with a RemoteShardError naming the URL and the last error. A shard that breaks off
+    part-way is reopened and read on after the samples already used."""
+    http_backoff_s: float = 1.0
+    """Wait before the first retry of an http(s) shard; it doubles with each further retry of the same shard (up
+    to a minute)."""
+    allow_pipe: bool = False
+    """Accept `pipe:COMMAND` shards (in `train_shards`, `val_shards` and shard list files): each one runs a shell
+    command. Off by default, so that a shard list cannot run commands unasked."""
 
 
 VISION_TYPES: tuple[str, ...] = ("clip", "siglip", "dinov2", "resnet", "convnext")
@@ -212,6 +251,9 @@ class DeepSpeedConfig:
     reduce_bucket_size: int = 50_000_000
     stage3_prefetch_bucket_size: int = 50_000_000
     stage3_param_persistence_threshold: int = 100_000
+    collective_timeout_s: float = 600.0
+    """How long a collective (all-reduce, gather...) waits for the other ranks before it fails. When a rank dies or
+    hangs, the others stop within about this time, naming the rank and the step, instead of waiting forever."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Raw keys merged last into the generated DeepSpeed config (for options mmscale does not model). Keys that
     mmscale sets from its own fields (batch sizes, accumulation, clipping, precision, ZeRO stage, optimizer and
@@ -525,6 +567,57 @@ def _tokenizer_spells_task(d: DataConfig) -> list[str]:
             f"task's words, except those made before the counts task existed: pretrain that run again"]
 
 
+def _bad_input_problems(d: DataConfig) -> list[str]:
+    """The limits of mmscale.data.reading/decode: image size, the bad-input threshold, http retries."""
+    from PIL import Image
+
+    p: list[str] = []
+    _positive(p, "data.max_image_pixels", d.max_image_pixels)
+    # PIL refuses to open images over twice its own limit whatever ours says (DecompressionBombError)
+    pil_cap = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+    if pil_cap and d.max_image_pixels > pil_cap:
+        p.append(f"data.max_image_pixels: {d.max_image_pixels} is above what PIL opens at all ({pil_cap} pixels, "
+                 f"2 x PIL.Image.MAX_IMAGE_PIXELS); give at most {pil_cap}")
+    if not 0 <= d.max_bad_fraction <= 1:
+        p.append(f"data.max_bad_fraction: {d.max_bad_fraction!r} must be in [0, 1] (e.g. 0.05; 1 = never stop "
+                 f"for bad input)")
+    _positive(p, "data.bad_window", d.bad_window)
+    _positive(p, "data.http_retries", d.http_retries, 0)
+    _positive(p, "data.http_backoff_s", d.http_backoff_s, 0)
+    return p
+
+
+def _source_problems(cfg: JobConfig, check_paths: bool) -> list[str]:
+    """A mixture (`data.sources`): named, weighted sources with shards, instead of `data.train_shards`."""
+    d, p = cfg.data, []
+    if not d.sources:
+        return p
+    if d.train_shards:
+        p.append(f"data.sources: given with data.train_shards ({d.train_shards!r}); train on one or the other: "
+                 f"drop data.train_shards, or add it to data.sources as one more source")
+    if cfg.continual.tasks:
+        p.append("data.sources: given with continual.tasks, which gives every task its own shards; drop data.sources")
+    names = [s.name for s in d.sources]
+    for i, s in enumerate(d.sources):
+        where = f"data.sources[{i}]"
+        if not s.name or s.name in names[:i]:
+            p.append(f"{where}.name: {s.name!r}: every source needs a name of its own (it seeds the source's order)")
+        if not (isinstance(s.weight, (int, float)) and s.weight > 0):
+            p.append(f"{where}.weight: {s.weight!r} must be > 0 (a source gets weight / sum of the weights of the "
+                     f"samples); drop the source to leave it out")
+        if not s.shards:
+            p.append(f"{where}.shards: empty; give the source's shards (a brace pattern, a directory or a list file)")
+        elif check_paths:
+            from mmscale.data.shards import check_shard_spec
+
+            p += check_shard_spec(s.shards, f"{where}.shards", need_sizes=d.num_samples == 0, allow_pipe=d.allow_pipe)
+    if check_paths and not d.tokenizer:
+        p.append("data.tokenizer: empty, but data.sources names your own shards, for which no tokenizer is made; "
+                 "give a sentencepiece .model or a Hugging Face tokenizer folder (python -m mmscale.data.tokenizer "
+                 "makes one)")
+    return p
+
+
 def _data_problems(d: DataConfig) -> list[str]:
     """The shard specs resolve to files and the tokenizer exists (or mmscale will make both): checked here, so a
     wrong path is one line of the config report instead of a traceback inside every rank."""
@@ -533,12 +626,14 @@ def _data_problems(d: DataConfig) -> list[str]:
 
     p: list[str] = []
     if d.train_shards:
-        p += check_shard_spec(d.train_shards, "data.train_shards", need_sizes=d.num_samples == 0)
+        p += check_shard_spec(d.train_shards, "data.train_shards", need_sizes=d.num_samples == 0,
+                              allow_pipe=d.allow_pipe)
     if d.val_shards:
-        p += check_shard_spec(d.val_shards, "data.val_shards")
+        p += check_shard_spec(d.val_shards, "data.val_shards", allow_pipe=d.allow_pipe)
+    p += _bad_input_problems(d)
     if d.tokenizer:
         p += check_tokenizer_path(d.tokenizer, "data.tokenizer")
-        if not p and not d.train_shards and d.synthetic_train_samples > 0:  # generated data: can it spell them?
+        if not p and not d.train_shards and not d.sources and d.synthetic_train_samples > 0:  # generated data
             p += _tokenizer_spells_task(d)
     elif d.train_shards:  # mmscale trains a tokenizer only for the synthetic dataset it generates itself
         p.append(
@@ -558,7 +653,8 @@ def validate(cfg: JobConfig, world_size: int | None = None, check_paths: bool = 
     if not cfg.output_dir:
         p.append("output_dir: must be set, e.g. output_dir=runs/my_job")
     p += _continual_problems(cfg)
-    if not d.train_shards and d.synthetic_train_samples <= 0 and not cfg.continual.tasks:
+    p += _source_problems(cfg, check_paths)
+    if not d.train_shards and not d.sources and d.synthetic_train_samples <= 0 and not cfg.continual.tasks:
         p.append(
             "data.train_shards: empty and data.synthetic_train_samples is 0; give shards "
             "(data.train_shards=path/{000000..000009}.tar) or use the demo data (data.synthetic_train_samples=2000)"
@@ -653,6 +749,9 @@ def validate(cfg: JobConfig, world_size: int | None = None, check_paths: bool = 
             )
 
     _choice(p, "deepspeed.zero_stage", ds.zero_stage, (0, 1, 2, 3))
+    if not ds.collective_timeout_s >= 5:
+        p.append(f"deepspeed.collective_timeout_s: {ds.collective_timeout_s} is too short for a collective to "
+                 f"complete under load; give at least 5 (seconds; default 600)")
     _choice(p, "deepspeed.offload_optimizer", ds.offload_optimizer, ("none", "cpu"))
     _choice(p, "deepspeed.offload_params", ds.offload_params, ("none", "cpu"))
     if ds.offload_params != "none" and ds.zero_stage != 3:

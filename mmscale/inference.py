@@ -34,10 +34,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
-import io
 import json
 import logging
-import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -439,13 +437,11 @@ class ImageItem:
 
 
 def _pixels(data: bytes, data_cfg: Any) -> torch.Tensor:
-    from PIL import Image
+    """As training decodes an image: any mode to RGB, EXIF orientation, the pixel limit (mmscale.data.decode)."""
+    from mmscale.data.decode import image_to_tensor, load_image
 
-    from mmscale.data.decode import image_to_tensor
-
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()  # decode now: a truncated or corrupt file raises here (as in decode_sample)
-        return image_to_tensor(img, data_cfg.image_size, data_cfg.image_mean, data_cfg.image_std)
+    img = load_image(data, data_cfg.max_image_pixels)  # SampleError (a ValueError) when unusable
+    return image_to_tensor(img, data_cfg.image_size, data_cfg.image_mean, data_cfg.image_std)
 
 
 def shard_items(spec: str, data_cfg: Any) -> Iterator[ImageItem]:

@@ -4,6 +4,7 @@ shards.py      shard specs, sizes.json, writing tar shards      write_shards.py 
 synthetic.py   the demo datasets: shapes, counts (+ CLI)        tokenizer.py     sentencepiece / HF tokenizer (+ CLI)
 reading.py     shard files -> raw samples, skip counting         decode.py        raw sample -> pixels and tokens
 pipeline.py    the streaming stages and the train/eval loaders   collate.py       samples -> the batch dict
+interleaved.py image-text documents (OBELICS/MMC4): JSONL -> shards (+ CLI), a document -> images and tokens
 """
 
 import importlib
@@ -13,6 +14,9 @@ from typing import TYPE_CHECKING
 # submodule (and torch) through this package, and without runpy's "found in sys.modules" warning.
 _EXPORTS = {
     "mmscale.data.collate": ["IGNORE_INDEX", "collate_samples", "media_index_from_ids"],
+    "mmscale.data.interleaved": [
+        "decode_document", "is_document", "make_document", "make_document_files", "write_documents",
+    ],
     "mmscale.data.pipeline": [
         "EvalLoader", "TrainLoader", "caption_to_ids", "decode_sample", "image_to_tensor",
     ],
@@ -45,6 +49,13 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from mmscale.data.collate import IGNORE_INDEX, collate_samples, media_index_from_ids
+    from mmscale.data.interleaved import (
+        decode_document,
+        is_document,
+        make_document,
+        make_document_files,
+        write_documents,
+    )
     from mmscale.data.pipeline import (
         EvalLoader,
         TrainLoader,

@@ -23,17 +23,33 @@ import braceexpand
 log = logging.getLogger(__name__)
 
 SIZES_FILE = "sizes.json"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-"""Member extensions read as the sample's image, in order of preference."""
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+"""Member extensions read as the sample's image, in order of preference (any format PIL opens is decoded; the
+shard writer itself stores only jpg, png, webp and gif)."""
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
+PIPE_PREFIX = "pipe:"
 
 
 class ShardSpecError(ValueError):
-    """A shard spec that resolves to no (or to missing) shard files."""
+    """A shard spec that resolves to no (or to missing) shard files, or names `pipe:` shards not allowed."""
 
 
 def _is_remote(url: str) -> bool:
     return url.startswith(_REMOTE_PREFIXES)
+
+
+def is_pipe(url: str) -> bool:
+    """A `pipe:COMMAND` shard: reading it runs COMMAND in a shell."""
+    return url.startswith(PIPE_PREFIX)
+
+
+def pipe_refused(url: str, where: str = "") -> str:
+    """The message refusing the `pipe:` shard `url` found in `where` (a spec or a list file's line, if any)."""
+    what = f"{where} names {url!r}, a pipe: shard," if where else f"{url!r} is a pipe: shard,"
+    return (
+        f"{what} which runs a shell command; refused unless data.allow_pipe=true (set it only if you trust every "
+        f"command in the shard list), or give the shard's path or http(s) URL"
+    )
 
 
 def _expand_one(spec: str, base: Path | None = None) -> list[str]:
@@ -53,17 +69,18 @@ def _expand_one(spec: str, base: Path | None = None) -> list[str]:
     return out
 
 
-def resolve_shards(spec: str | os.PathLike | Iterable[str]) -> list[str]:
+def resolve_shards(spec: str | os.PathLike | Iterable[str], allow_pipe: bool = False) -> list[str]:
     """Turn a shard spec into a list of shard paths (or URLs).
 
     Accepted forms: a brace pattern (`data/train-{000000..000031}.tar`), a glob (`data/*.tar`), a directory (every
     `*.tar` in it, sorted), a text file listing one shard path or pattern per line (relative paths are taken
     against the list file's folder; blank lines and `#` comments are ignored), or a list of any of these.
-    URLs (`pipe:`, `http://`, `s3://`, ...) are passed through unchecked. Raises ShardSpecError when nothing
-    matches or when listed local shards do not exist.
+    URLs (`http://`, `s3://`, ...) are passed through unchecked; `pipe:` URLs (they run a shell command) only
+    with `allow_pipe` (`data.allow_pipe`). Raises ShardSpecError when nothing matches, when listed local shards do
+    not exist, or for a `pipe:` URL not allowed.
     """
     if not isinstance(spec, (str, os.PathLike)):
-        shards = [s for item in spec for s in resolve_shards(item)]
+        shards = [s for item in spec for s in resolve_shards(item, allow_pipe)]
         if not shards:
             raise ShardSpecError(f"shard spec {spec!r}: empty list")
         return shards
@@ -81,16 +98,22 @@ def resolve_shards(spec: str | os.PathLike | Iterable[str]) -> list[str]:
         return shards
     if not _is_remote(spec) and path.is_file() and path.suffix != ".tar":
         shards = []
-        for line in path.read_text().splitlines():
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
             line = line.split("#", 1)[0].strip()
-            if line:
-                shards.extend(_expand_one(line, base=path.parent))
+            if not line:
+                continue
+            if not allow_pipe and is_pipe(line):
+                raise ShardSpecError(pipe_refused(line, f"list file {spec!r} line {lineno}"))
+            shards.extend(_expand_one(line, base=path.parent))
         if not shards:
             raise ShardSpecError(f"shard spec {spec!r}: the list file names no shards")
         source = f"list file {spec!r}"
     else:
         shards = _expand_one(spec)
         source = f"shard spec {spec!r}"
+        piped = [s for s in shards if is_pipe(s)]
+        if piped and not allow_pipe:
+            raise ShardSpecError(pipe_refused(piped[0], f"shard spec {spec!r}" if spec != piped[0] else ""))
     missing = [s for s in shards if not _is_remote(s) and not Path(s).is_file()]
     if missing and len(missing) == len(shards):
         raise ShardSpecError(
@@ -105,15 +128,15 @@ def resolve_shards(spec: str | os.PathLike | Iterable[str]) -> list[str]:
     return shards
 
 
-def check_shard_spec(spec: str, field: str, need_sizes: bool = False) -> list[str]:
+def check_shard_spec(spec: str, field: str, need_sizes: bool = False, allow_pipe: bool = False) -> list[str]:
     """Problems with the shard spec `spec` of config field `field` (e.g. "data.train_shards"); empty when fine.
 
     Cheap, for config validation: resolves the names and checks the local files exist (reading a list file and,
     with `need_sizes`, the `sizes.json` beside the shards), never opens a tar. `need_sizes`: the loader needs every
-    shard's sample count (no `data.num_samples` given).
+    shard's sample count (no `data.num_samples` given). `allow_pipe`: `data.allow_pipe`.
     """
     try:
-        shards = resolve_shards(spec)
+        shards = resolve_shards(spec, allow_pipe)
     except (ValueError, OSError) as e:  # ShardSpecError; an unreadable or undecodable list file
         return [f"{field}: {e}"]
     if not need_sizes:

@@ -3,29 +3,45 @@
     python -m mmscale.data.write_shards --input pairs.jsonl --images DIR --out shards/ --samples-per-shard 500
 
 The input is a JSONL file (`{"image": "rel/path.jpg", "caption": "..."}` per line) or a CSV file with the header
-`image,caption`; image paths are taken relative to `--images`. Each sample becomes `{key}.jpg` (or `.png`, after
-the image file's own suffix; the bytes are copied, not re-encoded) plus `{key}.txt`, keys numbered in input order.
+`image,caption`; image paths are taken relative to `--images`. Each sample becomes `{key}.{ext}` plus `{key}.txt`,
+keys numbered in input order. Any image PIL opens is accepted (whatever its file name's suffix):
+- JPEG (grey or RGB), PNG (8-bit), WebP and GIF, which every browser and image library shows as they are, are copied
+  byte for byte (`.jpg`, `.png`, `.webp`, `.gif`; the EXIF orientation stays in the file and training applies it);
+- everything else is re-encoded in RGB exactly as training would see it (mmscale.data.decode.load_image: EXIF
+  orientation applied, transparency on white, 16-bit scaled to 8 bits): CMYK JPEGs as JPEG (quality 95: already
+  lossy photos, which PNG would make several times larger), the rest (TIFF, BMP, 16-bit PNG, ...) as PNG, lossless,
+  since such files are usually scans, screenshots or measurements whose exact pixels matter.
 
-A row whose image file is missing or whose caption is empty stops the run with an error naming the row, unless
-`--skip-bad-rows` is given: then such rows are skipped, counted, and the count is printed at the end. A stopped run
-leaves no part of the shard it was writing; the complete shards before it stay, recorded in sizes.json.
+A row whose image file is missing, cannot be opened by PIL or is over `--max-image-pixels`, or whose caption is
+empty, stops the run with an error naming the row, unless `--skip-bad-rows` is given: then such rows are skipped,
+counted, and the count is printed at the end. A stopped run leaves no part of the shard it was writing; the
+complete shards before it stay, recorded in sizes.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from PIL import Image
+
+from mmscale.data.decode import DEFAULT_MAX_PIXELS, load_image
+from mmscale.data.reading import SampleError
 from mmscale.data.shards import write_tar_shards
 
 log = logging.getLogger(__name__)
 
-_SUFFIX_TO_EXT = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+_COPIED = {"JPEG": ("jpg", ("L", "RGB")), "MPO": ("jpg", ("L", "RGB")), "WEBP": ("webp", None), "GIF": ("gif", None),
+           "PNG": ("png", ("1", "L", "LA", "P", "RGB", "RGBA"))}
+"""PIL format -> (member extension, the modes copied as they are; None: all): what browsers show as it is."""
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class BadRowError(ValueError):
@@ -59,8 +75,36 @@ def read_pairs(path: str | Path) -> Iterator[tuple[str, str, str]]:
                 yield f"{path}:{lineno}", str(image).strip(), str(caption)
 
 
-def pairs_to_samples(pairs_file: str | Path, images_dir: str | Path, skip_bad_rows: bool, skipped: list[str]):
-    """Samples for `write_shards`; bad rows raise BadRowError, or are appended to `skipped` if `skip_bad_rows`."""
+def image_member(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, bytes, bool]:
+    """(member extension, bytes, re-encoded?) of an image file's bytes, as the module doc says; SampleError
+    (UNDECODABLE_IMAGE, IMAGE_TOO_LARGE) when PIL cannot open and decode it or it has more than `max_pixels`."""
+    rgb = load_image(data, max_pixels)  # decodes every pixel: a file training could not use is refused here
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # load_image has checked the size
+        with Image.open(io.BytesIO(data)) as img:
+            fmt, mode = img.format, img.mode
+    ext, modes = _COPIED.get(fmt, (None, None))
+    sixteen_bit_png = fmt == "PNG" and data.startswith(_PNG_SIGNATURE) and data[24:25] == b"\x10"  # IHDR bit depth
+    if ext is not None and (modes is None or mode in modes) and not sixteen_bit_png:
+        return ext, data, False
+    out = io.BytesIO()
+    if fmt in ("JPEG", "MPO"):
+        rgb.save(out, format="JPEG", quality=95)
+        return "jpg", out.getvalue(), True
+    rgb.save(out, format="PNG")
+    return "png", out.getvalue(), True
+
+
+def pairs_to_samples(
+    pairs_file: str | Path,
+    images_dir: str | Path,
+    skip_bad_rows: bool,
+    skipped: list[str],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    reencoded: list[str] | None = None,
+):
+    """Samples for `write_shards`; bad rows raise BadRowError, or are appended to `skipped` if `skip_bad_rows`.
+    Images are copied or re-encoded by `image_member`; the rows of re-encoded ones are appended to `reencoded`."""
     images_dir = Path(images_dir)
     index = 0
     for where, image, caption in read_pairs(pairs_file):
@@ -72,15 +116,21 @@ def pairs_to_samples(pairs_file: str | Path, images_dir: str | Path, skip_bad_ro
             problem = f"image file {str(image_path)!r} does not exist"
         elif not caption.strip():
             problem = "empty caption"
-        elif image_path.suffix.lower() not in _SUFFIX_TO_EXT:
-            problem = f"image {image!r}: unsupported suffix (expected one of {', '.join(_SUFFIX_TO_EXT)})"
+        else:
+            try:
+                ext, data, converted = image_member(image_path.read_bytes(), max_pixels)
+            except SampleError as e:  # not an image PIL decodes, or over the pixel limit
+                problem = f"image {image!r}: {e}"
+            except OSError as e:  # e.g. no read permission
+                problem = f"image file {str(image_path)!r} cannot be read: {e}"
         if problem is not None:
             if not skip_bad_rows:
                 raise BadRowError(f"{where}: {problem} (pass --skip-bad-rows to skip such rows)")
             skipped.append(f"{where}: {problem}")
             continue
-        ext = _SUFFIX_TO_EXT[image_path.suffix.lower()]
-        yield {"__key__": f"{index:09d}", ext: image_path.read_bytes(), "txt": caption.strip()}
+        if converted and reencoded is not None:
+            reencoded.append(f"{where}: {image} -> .{ext}")
+        yield {"__key__": f"{index:09d}", ext: data, "txt": caption.strip()}
         index += 1
 
 
@@ -92,14 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples-per-shard", type=int, default=500)
     parser.add_argument("--prefix", default="train", help="shard names: {prefix}-000000.tar, ...")
     parser.add_argument(
-        "--skip-bad-rows", action="store_true", help="skip (and count) rows with a missing image or empty caption"
+        "--skip-bad-rows", action="store_true",
+        help="skip (and count) rows with a missing, undecodable or too large image, or an empty caption",
+    )
+    parser.add_argument(
+        "--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+        help="refuse images with more pixels (training skips them: data.max_image_pixels)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     skipped: list[str] = []
+    reencoded: list[str] = []
     try:
         sizes = write_tar_shards(
-            pairs_to_samples(args.input, args.images, args.skip_bad_rows, skipped),
+            pairs_to_samples(args.input, args.images, args.skip_bad_rows, skipped, args.max_image_pixels, reencoded),
             args.out,
             args.samples_per_shard,
             prefix=args.prefix,
@@ -109,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for line in skipped[:10]:
         print(f"skipped {line}", file=sys.stderr)
+    if reencoded:
+        print(f"re-encoded {len(reencoded)} image(s) no browser shows as they are, e.g. {reencoded[0]}",
+              file=sys.stderr)
     print(f"wrote {sum(sizes.values())} samples into {len(sizes)} shards in {args.out}; skipped {len(skipped)} rows")
     return 0
 

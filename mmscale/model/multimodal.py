@@ -1,6 +1,7 @@
 """The multimodal model: vision tower -> Perceiver resampler -> language model with gated cross-attention.
 
-    images (B, M, 3, H, W) --vision--> (B*M, P, Dv) --resampler--> visual tokens (B, M*n, Dv), image after image
+    images (B, M, 3, H, W) --vision--> (R, P, Dv) --resampler--> visual tokens (B, M*n, Dv), image after image
+    (R: the real slots of `image_mask`; a padded slot's n tokens are zeros)
     text (B, L) --LM, with a gated cross-attention block before decoder layers 0, N, 2N, ...--> logits (B, L, V)
 
 Text token t of sample b sees the visual tokens of image `media_index[b, t]` (media_mode "previous", Flamingo)
@@ -96,14 +97,36 @@ class MultimodalModel(nn.Module):
     def vision_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.vision.parameters())
 
-    def encode_media(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, M, 3, H, W) -> visual tokens (B, M*n, Dv), image after image. Every slot is encoded (padded ones
-        too): the same work on every rank, and static shapes."""
+    def encode_media(self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, M, 3, H, W) -> visual tokens (B, M*n, Dv), image after image; the shape is static whatever the mask.
+
+        image_mask (B, M) bool: only the slots it marks real go through the vision tower and the resampler; the
+        tokens of the other (padded) slots are zeros. None: every slot is encoded. A batch without a real image
+        still runs both modules once, on one padded slot whose tokens are multiplied by zero: under ZeRO-3 every
+        rank must call each module's forward (its parameters are gathered in a collective) and get a gradient for
+        each parameter, whatever its batch holds. A frozen tower runs under no_grad.
+        """
         B, M = pixel_values.shape[:2]
+        flat = pixel_values.flatten(0, 1)  # (B*M, 3, H, W)
+        real = None
+        if image_mask is not None:
+            if image_mask.shape != (B, M):
+                raise ValueError(f"encode_media: image_mask {tuple(image_mask.shape)} does not match pixel_values "
+                                 f"{tuple(pixel_values.shape)}; want (B, M) = {(B, M)}")
+            real = image_mask.flatten().nonzero().squeeze(1)  # note: a CPU-GPU sync point (a data-dependent size)
+        keep = None
+        if real is not None and real.numel() == 0:
+            real, keep = real.new_zeros(1), 0.0  # slot 0 stands in; its tokens are zeroed below
         with torch.no_grad() if self.vision_frozen else contextlib.nullcontext():
-            feats = self.vision.encode_images(pixel_values.flatten(0, 1))  # (B*M, P, Dv)
-        tokens = self.resampler(feats)  # (B*M, n, Dv)
-        return tokens.reshape(B, M * tokens.shape[1], tokens.shape[2])
+            feats = self.vision.encode_images(flat if real is None else flat[real])  # (R, P, Dv)
+        tokens = self.resampler(feats)  # (R, n, Dv)
+        n, dv = tokens.shape[1:]
+        if real is None:
+            return tokens.reshape(B, M * n, dv)
+        if keep is not None:
+            tokens = tokens * keep  # the graph still reaches every parameter: all-zero gradients, never missing ones
+        out = tokens.new_zeros(B * M, n, dv).index_copy(0, real, tokens)  # gradients flow back to the real slots
+        return out.reshape(B, M * n, dv)
 
     def forward(
         self,
@@ -125,7 +148,7 @@ class MultimodalModel(nn.Module):
                 f" {tuple(image_mask.shape)} (want (B, M, 3, H, W) and (B, M)); media_index {tuple(media_index.shape)} vs input_ids"
                 f" {tuple(input_ids.shape)} (want both (B, L))"
             )
-        media = self.encode_media(pixel_values)
+        media = self.encode_media(pixel_values, image_mask)
         n = self.resampler.num_latents
         kv_lens = image_mask.sum(dim=1) * n  # (B,) assumes real images fill the first slots
         lm_inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}
