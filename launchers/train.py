@@ -5,6 +5,11 @@
     deepspeed --num_gpus 2 launchers/train.py --config configs/demo.yaml --resume auto   # continue, or start fresh
     python launchers/train.py --config configs/demo.yaml --print-config
     python launchers/train.py --config configs/flamingo-9b.yaml --dry-run --world-size 64
+    sbatch --nodes 2 --gpus-per-node 8 launchers/slurm/train.sbatch --config configs/X.yaml   # see launchers/slurm/
+
+Exit status: 0 done; 2 a config, resume, shared-filesystem or bad-input (data.max_bad_fraction) problem; 3 non-finite steps; 4 another rank died
+(its number and the step in the message); 85 stopped by a preemption signal after a checkpoint: requeue (a
+requeued SLURM job resumes by itself).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import sys
 
 from mmscale.config import ConfigError, load_config
+from mmscale.training.cluster import EXIT_PEER_FAILED, EXIT_REQUEUE, STOP_SIGNALS, SharedDirError
 from mmscale.training.checkpoint import run_dir_problems
 
 
@@ -45,6 +51,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    STOP_SIGNALS.install()  # from the start: a preemption during the build stops the run after its first step
+    if args.resume is None and int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
+        args.resume = "auto"  # a requeued SLURM job continues where it stopped, with or without --resume
+        logging.getLogger("mmscale").info("SLURM restart %s of job %s: resuming (--resume auto)",
+                                          os.environ["SLURM_RESTART_COUNT"], os.environ.get("SLURM_JOB_ID"))
+    if args.overwrite and int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
+        args.overwrite = False  # a requeued job must not delete the checkpoint it was requeued to resume from
+        logging.getLogger("mmscale").warning("SLURM restart: --overwrite ignored (it applied to the first start)")
     try:  # every config problem is reported here, before any process group starts
         # the deepspeed launcher, torchrun and srun set the world size before this process starts
         world = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS")
@@ -71,21 +85,26 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmscale.training.build import build_trainer, close
     from mmscale.training.engine import InitFromError
-    from mmscale.training.trainer import NonFiniteError, ResumeError
+    from mmscale.data.reading import BadDataError
+    from mmscale.training.trainer import NonFiniteError, PeerFailureError, ResumeError
 
     try:
         trainer = build_trainer(cfg, resume=args.resume, overwrite=args.overwrite)
         trainer.train()
-    except (ResumeError, NonFiniteError, InitFromError) as e:  # raised on every rank alike: a message, not a traceback
+    except (ResumeError, NonFiniteError, InitFromError, SharedDirError, BadDataError) as e:  # on every rank alike
         from mmscale.training.engine import barrier
 
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         barrier()  # every rank is here: none tears the process group down under another
         return 3 if isinstance(e, NonFiniteError) else 2
+    except PeerFailureError as e:  # another rank is gone: no teardown can complete; leave at once
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(EXIT_PEER_FAILED)
     finally:
         close()
-    return 0
+    return EXIT_REQUEUE if trainer.preempted else 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from mmscale.config import JobConfig
 from mmscale.training import checkpoint
+from mmscale.training.cluster import SharedDirError, shared_dir_problems
 from mmscale.training.engine import barrier, build_engine, init_distributed
 from mmscale.training.trainer import Trainer
 
@@ -46,7 +47,7 @@ def prepare_data(cfg: JobConfig, rank: int) -> tuple[str, str, str]:
     train, val, tok = d.train_shards, d.val_shards, d.tokenizer
     if cfg.continual.tasks:  # a task sequence: every task names its own shards; nothing to generate
         return "", "", tok
-    if not train:
+    if not train and not d.sources:  # (a mixture names its own shards: nothing to generate)
         root = Path(cfg.output_dir) / "data"
         train = str(root / "train")
         if d.synthetic_val_samples > 0 and not val:
@@ -77,7 +78,11 @@ def build_trainer(cfg: JobConfig, resume: str | None = None, overwrite: bool = F
     from mmscale.data import EvalLoader, TrainLoader, load_tokenizer
     from mmscale.model import BuildOptions, build_model
 
-    rank, world_size = init_distributed()
+    rank, world_size = init_distributed(cfg.deepspeed.collective_timeout_s)
+    if world_size > 1:  # before anything rank 0 writes for all: the data, the tokenizer, the checkpoints
+        problems = shared_dir_problems(cfg.output_dir)
+        if problems:
+            raise SharedDirError("\n".join(problems))
     seed_everything(cfg.train.seed)
     if overwrite and rank == 0:
         removed = checkpoint.clear_run(cfg.output_dir)
@@ -124,7 +129,7 @@ def build_trainer(cfg: JobConfig, resume: str | None = None, overwrite: bool = F
                                                    max_batches=n))
     if train_data is None:
         train_data = TrainLoader(cfg.data, tokenizer, cfg.train.micro_batch_size, rank, world_size,
-                                 seed=cfg.train.seed, shards=train_shards)
+                                 seed=cfg.train.seed, shards=train_shards or None)  # None: data.sources
     if eval_data is None and val_shards:
         eval_data = EvalLoader(cfg.data, tokenizer, cfg.train.micro_batch_size, rank, world_size,
                                shards=val_shards, max_batches=cfg.train.eval_batches)

@@ -11,7 +11,25 @@ trainable, world size N and 2-byte (bf16) or 4-byte (fp32) weights,
     activations  ~ micro_batch * seq * hidden * layers * 34 bytes (Korthikanti et al. 2022, no recompute), or
                    micro_batch * seq * hidden * layers * 2 * w with activation checkpointing; an order of magnitude only.
 
-Offloaded optimizer state or parameters are counted in host memory instead.
+Offloaded optimizer state or parameters are counted in host memory instead. Activations are shown both ways
+(with and without activation checkpointing); the total counts the configured one.
+
+Step time (`estimate_step`), per GPU and optimizer step, from two stated machine figures (`gpu_tflops`: the
+achieved, not peak, training throughput; `link_gbytes_per_s`: the bandwidth each GPU's collectives see, i.e. the
+inter-node link once a job spans nodes):
+
+    compute  FLOPs = 2 * Psi_c * tokens_c            forward, per component c (vision: images x patches tokens,
+                   + 2 * Psi_c * tokens_c            resampler: images x (patches + latents), LM and cross-attention:
+                   + 2 * Psi_t,c * tokens_c          text tokens); input gradients on the backward path (a frozen
+                   (+ 2 * Psi_lm * tokens with       tower runs without autograd: forward only), weight gradients of
+                   activation checkpointing)         what trains (Kaplan et al. 2020's 6 * N * D; attention scores left
+                                                     out: short sequences)
+    ZeRO-3   bytes = grad_accum * (N-1)/N * w *      parameters all-gathered for each micro batch's forward and again
+                     (Psi + Psi_bwd + Psi_t)         for its backward, gradients reduce-scattered each micro batch
+                                                     (Rajbhandari et al. 2020: 3 * Psi vs data parallelism's 2 * Psi)
+    ZeRO 0-2 bytes = 2 * (N-1)/N * w * Psi_t         one all-reduce of the trainable gradients per step
+
+    step time = compute / gpu_tflops + bytes / link_gbytes_per_s   (no overlap; max of the two with full overlap)
 """
 
 from __future__ import annotations
@@ -39,8 +57,9 @@ def estimate_memory(cfg: JobConfig, counts: dict[str, Any], world_size: int, hid
     weights = ((total - quantized) * w + quantized * quant_bytes) / (world_size if stage == 3 else 1)
     grads = trainable * w / (world_size if stage >= 2 else 1)
     optim = trainable * (8 + (4 if w == 2 else 0)) / (world_size if stage >= 1 else 1)
-    per_layer = 2 * w if cfg.model.activation_checkpointing else 34
-    acts = t.micro_batch_size * seq_len * hidden * layers * per_layer
+    acts_plain = t.micro_batch_size * seq_len * hidden * layers * 34
+    acts_ckpt = t.micro_batch_size * seq_len * hidden * layers * 2 * w
+    acts = acts_ckpt if cfg.model.activation_checkpointing else acts_plain
     # logits and their fp32 copy for the loss; ZeRO-3's gather/prefetch and reduce buckets
     logits = t.micro_batch_size * seq_len * vocab_size * (w + 4)
     buckets = (z.stage3_prefetch_bucket_size if stage == 3 else 0) * w + z.reduce_bucket_size * w
@@ -53,11 +72,67 @@ def estimate_memory(cfg: JobConfig, counts: dict[str, Any], world_size: int, hid
         host["weights"] = device.pop("weights")
     out = {f"device_{k}_gib": v / GiB for k, v in device.items()}
     out["device_total_gib"] = sum(device.values()) / GiB
+    # both ways, whichever the config chose (the total counts the chosen one)
+    out["activations_without_checkpointing_gib"] = acts_plain / GiB
+    out["activations_with_checkpointing_gib"] = acts_ckpt / GiB
     out.update({f"host_{k}_gib": v / GiB for k, v in host.items()})
     return out
 
 
-def dry_run(cfg: JobConfig, world_size: int, vocab_size: int | None) -> dict[str, Any]:
+GPU_TFLOPS = 400.0
+"""Default achieved training throughput per GPU, TFLOP/s: about 40% of an H100 SXM's 989 dense bf16 peak."""
+LINK_GBYTES_PER_S = 50.0
+"""Default bandwidth per GPU for collectives, GB/s: one 400 Gb/s NDR InfiniBand adapter per GPU (DGX H100)."""
+
+
+def estimate_step(cfg: JobConfig, model: Any, world_size: int, gpu_tflops: float = GPU_TFLOPS,
+                  link_gbytes_per_s: float = LINK_GBYTES_PER_S) -> dict[str, float]:
+    """Compute, ZeRO communication and time per optimizer step and GPU (see the module doc for the formulas)."""
+    import torch
+
+    t, d = cfg.train, cfg.data
+    w = 2 if t.precision == "bf16" else 4
+    groups = model.component_params()
+    n_all = {c: sum(_numel(p) for _, p in ps) for c, ps in groups.items()}
+    n_train = {c: sum(_numel(p) for _, p in ps if p.requires_grad) for c, ps in groups.items()}
+    with torch.no_grad():  # patches per image: the tower on the meta device
+        patches = model.vision.encode_images(torch.empty(1, 3, d.image_size, d.image_size, device="meta")).shape[1]
+    latents = model.resampler.num_latents
+    text = 1 + d.max_text_len
+    tokens = {"vision": d.max_images * patches, "resampler": d.max_images * (patches + latents),
+              "lm": text, "xattn": text, "head": 1}
+    vision_backward = n_train.get("vision", 0) > 0
+    flops_per_sample = 0.0
+    for c, n in n_all.items():
+        k = tokens.get(c, text)
+        on_backward_path = c != "vision" or vision_backward
+        flops_per_sample += 2 * n * k + (2 * n * k if on_backward_path else 0) + 2 * n_train.get(c, 0) * k
+    if cfg.model.activation_checkpointing:  # the decoder's forward again in the backward pass
+        flops_per_sample += 2 * (n_all.get("lm", 0) + n_all.get("xattn", 0)) * text
+    accum = max(1, t.global_batch_size // (t.micro_batch_size * world_size))
+    flops = flops_per_sample * t.micro_batch_size * accum
+    total, trainable = sum(n_all.values()), sum(n_train.values())
+    backward = total - (0 if vision_backward else n_all.get("vision", 0))
+    share = (world_size - 1) / world_size
+    if cfg.deepspeed.zero_stage == 3:
+        comm = accum * share * w * (total + backward + trainable)
+    else:
+        comm = 2 * share * w * trainable
+    compute_s = flops / (gpu_tflops * 1e12)
+    comm_s = comm / (link_gbytes_per_s * 1e9)
+    return {"gpu_tflops": gpu_tflops, "link_gbytes_per_s": link_gbytes_per_s, "tflop_per_step": flops / 1e12,
+            "comm_gbytes_per_step": comm / 1e9, "compute_s": compute_s, "comm_s": comm_s,
+            "step_s_no_overlap": compute_s + comm_s, "step_s_full_overlap": max(compute_s, comm_s),
+            "samples_per_s_no_overlap": t.global_batch_size / (compute_s + comm_s),
+            "patches_per_image": patches}
+
+
+def _numel(p: Any) -> int:
+    return int(getattr(p, "ds_numel", 0) or p.numel())
+
+
+def dry_run(cfg: JobConfig, world_size: int, vocab_size: int | None, gpu_tflops: float = GPU_TFLOPS,
+            link_gbytes_per_s: float = LINK_GBYTES_PER_S) -> dict[str, Any]:
     from mmscale.config import validate
     from mmscale.model import build_model
 
@@ -93,6 +168,7 @@ def dry_run(cfg: JobConfig, world_size: int, vocab_size: int | None) -> dict[str
         if not problems else None,
         "params": counts,
         "memory_per_rank": mem,
+        "step": estimate_step(cfg, model, world_size, gpu_tflops, link_gbytes_per_s),
         "problems": problems,
     }
 
@@ -115,6 +191,16 @@ def format_dry_run(report: dict[str, Any]) -> str:
     lines.append("memory per rank (estimate, GiB)")
     for k, v in report["memory_per_rank"].items():
         lines.append(f"  {k:<28} {v:8.2f}")
+    st = report.get("step")
+    if st:
+        lines += [
+            f"per optimizer step and GPU (estimate; {st['gpu_tflops']:g} TFLOP/s achieved per GPU, "
+            f"{st['link_gbytes_per_s']:g} GB/s per GPU for collectives: --gpu-tflops, --link-gbytes-per-s)",
+            f"  compute                      {st['tflop_per_step']:8.1f} TFLOP   {st['compute_s']:8.2f} s",
+            f"  communication (ZeRO)         {st['comm_gbytes_per_step']:8.1f} GB      {st['comm_s']:8.2f} s",
+            f"  step time                    {st['step_s_full_overlap']:.2f} s (full overlap) to "
+            f"{st['step_s_no_overlap']:.2f} s (none); {st['samples_per_s_no_overlap']:.0f} samples/s at worst",
+        ]
     for p in report["problems"]:
         lines.append(f"PROBLEM: {p}")
     return "\n".join(lines)

@@ -35,28 +35,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
     """Start the process group (gloo on CPU, nccl on CUDA) and return (rank, world_size).
 
-    Works under the `deepspeed` launcher, torchrun, SLURM's srun, or as a plain single process.
+    Works under the `deepspeed` launcher, torchrun, SLURM's srun (mmscale.training.cluster derives the variables
+    torch reads from SLURM's), or as a plain single process. `timeout_s`: how long a collective may wait for a
+    peer before it raises (`deepspeed.collective_timeout_s`); None = DeepSpeed's default.
     """
+    import datetime
+
     import deepspeed
+
+    from mmscale.training.cluster import apply_launcher_env
 
     # DeepSpeed calls torch.distributed functions that torch marks deprecated, once per collective
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
-        os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    apply_launcher_env()
     if "RANK" not in os.environ:  # a plain `python launchers/train.py`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kwargs)
         _unlink_shm_allreduce_buffer()
     return dist.get_rank(), dist.get_world_size()
+
+
+def rendezvous_store() -> Any:
+    """The process group's key-value store (it lives in rank 0's process), or None without one."""
+    try:
+        return dist.distributed_c10d._get_default_store()  # private, stable since torch 1.x; used only to name
+    except Exception:  # noqa: BLE001                          # a dead rank, so None is an acceptable answer
+        return None
 
 
 def shm_allreduce_buffer(rank: int) -> Path:
@@ -80,7 +92,9 @@ def _unlink_shm_allreduce_buffer() -> None:
 
 def device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        from mmscale.training.cluster import cuda_device_index
+
+        return torch.device("cuda", cuda_device_index(torch.cuda.device_count()))
     return torch.device("cpu")
 
 

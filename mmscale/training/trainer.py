@@ -24,12 +24,19 @@ import torch
 from tqdm import tqdm
 
 from mmscale.config import JobConfig
+from mmscale.data.reading import BAD_KINDS, NETWORK_RETRY, BadDataError, BadInputMonitor
 from mmscale.training import checkpoint
+from mmscale.training import cluster
 from mmscale.training.callbacks import Callback
-from mmscale.training.engine import Engine, all_gather_object, all_reduce_sum, barrier, broadcast_object, param_dtype
+from mmscale.training.engine import (
+    Engine, all_gather_object, all_reduce_sum, barrier, broadcast_object, param_dtype, rendezvous_store,
+)
 from mmscale.training.metrics import MetricsWriter, plot_losses
 
 log = logging.getLogger("mmscale.trainer")
+
+SKIP_KINDS = (*BAD_KINDS, NETWORK_RETRY)
+"""What the data pipeline counts, by kind: the bad inputs it skipped and the network reads it retried."""
 
 MODEL_INPUTS = ("pixel_values", "image_mask", "input_ids", "attention_mask", "media_index", "labels", "class_labels")
 
@@ -40,6 +47,16 @@ class ResumeError(RuntimeError):
 
 class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row, and the config says stop (or there is nothing to roll back to)."""
+
+
+class PeerFailureError(RuntimeError):
+    """A collective failed because another rank died or stopped answering; the message names it and the step."""
+
+
+def signal_name(signum: int | None) -> str:
+    import signal
+
+    return signal.Signals(signum).name if signum else "a signal another rank received"
 
 
 def rng_state() -> dict[str, Any]:
@@ -141,12 +158,19 @@ class Trainer:
         self.samples_seen = 0
         self.tokens_seen = 0
         self.data_skipped = 0
+        self.data_skipped_by_kind: dict[str, int] = {k: 0 for k in SKIP_KINDS}  # this rank's, over the run
+        # stops the run when too much of the input is bad (mmscale.data.reading); its verdict is shared each step
+        self._bad_input = BadInputMonitor(cfg.data.max_bad_fraction, cfg.data.bad_window)
+        self._bad_problem: str | None = None
         self.nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient norm, over the whole run
         self.rollbacks = 0
         self.lr_scale = 1.0  # product of the rollbacks' factors
         self._nonfinite_in_a_row = 0
         self.last_eval: dict[str, float] = {}
         self.should_stop = False
+        self.preempted: str | None = None  # the signal's name when a preemption signal stopped the run
+        self._signals = cluster.STOP_SIGNALS
+        self._stop_agreed = False
         self.metrics = MetricsWriter(cfg.output_dir, enabled=self.is_main, tensorboard=cfg.logging.tensorboard)
         self.history: list[dict[str, float]] = []  # this process's logged records (tests and benchmarks read it)
         self._data_iter = None
@@ -168,6 +192,15 @@ class Trainer:
         batch = next(self._data_iter)
         if "num_skipped" in batch:
             self.data_skipped += int(batch["num_skipped"])
+        kinds = batch.get("skipped_by_kind")
+        if kinds is not None:
+            for k, n in kinds.items():
+                self.data_skipped_by_kind[k] = self.data_skipped_by_kind.get(k, 0) + int(n)
+            if self._bad_problem is None:
+                try:
+                    self._bad_input.update(len(batch["__key__"]), kinds)
+                except BadDataError as e:
+                    self._bad_problem = str(e)
         for cb in self.callbacks:
             batch = cb.on_batch(self, batch)
         return batch
@@ -206,8 +239,15 @@ class Trainer:
         # global_avg_loss = sum over ranks and micro batches of loss_sum / global_tokens (and the classification
         # loss over the labelled samples). DeepSpeed divides each backward by grad_accum and averages gradients
         # over world_size, so each micro batch's sums are pre-scaled by grad_accum * world_size / the global count.
-        # One tiny all-reduce per step.
-        global_tokens, global_labelled = all_reduce_sum([local_tokens, local_labelled]).tolist()
+        # One tiny all-reduce per step; it also carries whether any rank received a preemption signal, so that
+        # all ranks stop after the same step.
+        global_tokens, global_labelled, stop, bad = all_reduce_sum(
+            [local_tokens, local_labelled, float(self._signals.received is not None),
+             float(self._bad_problem is not None)]).tolist()
+        self._stop_agreed = self._stop_agreed or stop > 0
+        if bad > 0:  # too much bad input on some rank: every rank stops here, with that rank's message
+            problems = [p for p in all_gather_object(self._bad_problem) if p]
+            raise BadDataError(f"step {self.step + 1}: {problems[0]}")
         t = self.cfg.train
         scale = t.lm_loss_weight * self.engine.grad_accum * self.world_size / max(global_tokens, 1.0)
         cls_scale = t.cls_loss_weight * self.engine.grad_accum * self.world_size / max(global_labelled, 1.0)
@@ -262,8 +302,10 @@ class Trainer:
     def _flush_window(self) -> dict[str, float]:
         """Global mean loss and throughput over the steps since the last log (one all-reduce)."""
         w = self._window
-        loss_sum, tokens, skipped, cls_sum, cls_correct, cls_num = all_reduce_sum(
-            [w["loss_sum"], w["tokens"], self.data_skipped, w["cls_loss_sum"], w["cls_correct"], w["cls_num"]]).tolist()
+        totals = all_reduce_sum([w["loss_sum"], w["tokens"], self.data_skipped, w["cls_loss_sum"], w["cls_correct"],
+                                 w["cls_num"], *(self.data_skipped_by_kind.get(k, 0) for k in SKIP_KINDS)]).tolist()
+        loss_sum, tokens, skipped, cls_sum, cls_correct, cls_num = totals[:6]
+        by_kind = {f"data_skipped_{k}": int(n) for k, n in zip(SKIP_KINDS, totals[6:]) if n}
         steps, secs = w["steps"], w["time"]
         self._window = self._empty_window()
         cls = {"cls_loss": cls_sum / cls_num, "cls_acc": cls_correct / cls_num} if cls_num else {}
@@ -278,6 +320,7 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "tokens_seen": self.tokens_seen,
             "data_skipped": int(skipped),
+            **by_kind,  # what was skipped (and retried), by kind, over the run: only the kinds seen
             "nonfinite_steps": self.nonfinite_steps,
             "rollbacks": self.rollbacks,
             **{key: total / n for key, (total, n) in w["callbacks"].items()},
@@ -333,6 +376,7 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "tokens_seen": self.tokens_seen,
             "data_skipped": self.data_skipped,
+            "data_skipped_by_kind": dict(self.data_skipped_by_kind),
             "nonfinite_steps": self.nonfinite_steps,
             "lr_scale": self.lr_scale,
             "data": self.train_data.state_dict(),
@@ -427,6 +471,7 @@ class Trainer:
     def _apply_state(self, state: dict[str, Any], restore_data: bool) -> None:
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self.tokens_seen, self.data_skipped = state["tokens_seen"], state["data_skipped"]
+        self.data_skipped_by_kind.update(state.get("data_skipped_by_kind", {}))
         saved_scale = state.get("lr_scale", 1.0)  # the checkpoint's schedule already runs at this scale
         if restore_data:  # a resume: everything as it was at the checkpoint
             self.nonfinite_steps, self.lr_scale = state.get("nonfinite_steps", 0), saved_scale
@@ -476,7 +521,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- loop
 
     def train(self) -> list[dict[str, float]]:
+        """Train to `train.max_steps`. A preemption signal (SIGUSR1/SIGTERM) ends the run early, on every rank
+        after the same step, with a checkpoint of that step (`preempted` names the signal); a rank that dies makes
+        the others raise PeerFailureError naming it (see mmscale.training.cluster)."""
         t, lg = self.cfg.train, self.cfg.logging
+        self._signals.install()
         self._data_iter = iter(self.train_data)
         self.engine.train(True)
         self._activate_classes()
@@ -496,11 +545,14 @@ class Trainer:
                 self._guard()  # may roll back: self.step goes back to the checkpoint's
                 bar.n = self.step
                 bar.refresh()
-                if self.step % lg.log_every == 0 or self.step == t.max_steps:
+                if self.step % lg.log_every == 0 or self.step == t.max_steps or self._stop_agreed:
                     record = self._flush_window()
                     self._log(record)
                     if record["loss"] is not None:
                         bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.1f}")
+                if self._stop_agreed:  # a preemption: this step's checkpoint, then out (no evaluation: time is short)
+                    self.preempted = signal_name(self._signals.received)
+                    break
                 if self.tasks is not None and self.step == self.tasks.end_of(len(self.task_rows)):
                     self._end_task()
                 if t.eval_every and self.step % t.eval_every == 0:
@@ -509,13 +561,26 @@ class Trainer:
                     self.save_checkpoint()
                     last_saved = self.step
             bar.close()
-            if self.eval_data is not None and self.last_eval.get("step") != self.step:
+            if self.preempted is None and self.eval_data is not None and self.last_eval.get("step") != self.step:
                 self._log(self.evaluate())
             if last_saved != self.step:
                 self.save_checkpoint()
-            for cb in self.callbacks:
-                cb.on_train_end(self)
+            if self.preempted is None:
+                for cb in self.callbacks:
+                    cb.on_train_end(self)
+            else:
+                log.warning("stopped at step %d on %s (a signal reached %s); checkpoint saved: exit %d asks for a "
+                            "requeue, and the next start resumes from step %d", self.step, self.preempted,
+                            "this rank" if self._signals.received else "another rank", cluster.EXIT_REQUEUE,
+                            self.step)
+        except (NonFiniteError, ResumeError, BadDataError):  # raised on every rank alike, on purpose
+            raise
+        except Exception as e:
+            if self.world_size > 1 and cluster.is_peer_failure(e):
+                raise self._peer_failure(e) from e
+            raise
         finally:  # whatever way training ends, no data-loader worker outlives it
+            self._signals.restore()
             bar.close()
             for data in (self.train_data, self.eval_data):
                 if hasattr(data, "close"):
@@ -525,6 +590,22 @@ class Trainer:
         if self.is_main and lg.plot and self.metrics.path.exists():
             plot_losses(self.metrics.path, self.output_dir / "loss.png")
         return self.history
+
+    def _peer_failure(self, e: BaseException) -> PeerFailureError:
+        """Name the rank that died: every live rank checks in at the rendezvous store; who does not, is gone."""
+        grace = min(10.0, self.cfg.deepspeed.collective_timeout_s / 3)
+        dead, why = cluster.find_dead_ranks(rendezvous_store(), self.rank, self.world_size, grace)
+        if dead is None:
+            who = f"rank 0 (the rendezvous store in its process is unreachable: {why})"
+        elif dead:
+            who = f"rank(s) {', '.join(map(str, dead))} (did not answer within {grace:.0f} s after the failure)"
+        else:
+            who = "no rank is missing now (a transient network failure?)"
+        return PeerFailureError(
+            f"rank {self.rank}: a collective failed at step {self.step + 1} (after step {self.step}, the last "
+            f"completed): {who} died or stopped answering. The job stops instead of waiting (collective timeout "
+            f"{self.cfg.deepspeed.collective_timeout_s:g} s); resume with --resume from the last checkpoint. "
+            f"Cause: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
 
     # ------------------------------------------------------------------------------------------- task sequences
 
