@@ -33,6 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--dry-run", action="store_true", help="size the model on the meta device and exit")
     p.add_argument("--world-size", type=int, default=None, help="world size assumed by --dry-run")
+    p.add_argument("--gpu-tflops", type=float, default=None,
+                   help="--dry-run: achieved training TFLOP/s per GPU for the step-time estimate (default 400)")
+    p.add_argument("--link-gbytes-per-s", type=float, default=None,
+                   help="--dry-run: GB/s per GPU for ZeRO's collectives, the inter-node link (default 50)")
     p.add_argument("--resume", action="store_const", const="required", default=None,
                    help="continue from the newest good checkpoint in output_dir (an error if there is none); "
                         "`--resume auto`: start fresh when there is none (what a requeued job wants)")
@@ -77,10 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         from mmscale.training.build import dry_run_report
 
-        text, report = dry_run_report(cfg, args.world_size or 1)
+        machine = {k: v for k, v in (("gpu_tflops", args.gpu_tflops), ("link_gbytes_per_s", args.link_gbytes_per_s))
+                   if v is not None}
+        text, report = dry_run_report(cfg, args.world_size or 1, **machine)
         print(text)
+        step = report["step"]
         print(json.dumps({"total_params": report["params"]["total"], "trainable_params": report["params"]["trainable"],
-                          "device_total_gib": round(report["memory_per_rank"]["device_total_gib"], 3)}))
+                          "device_total_gib": round(report["memory_per_rank"]["device_total_gib"], 3),
+                          "step_s_no_overlap": round(step["step_s_no_overlap"], 3),
+                          "step_s_full_overlap": round(step["step_s_full_overlap"], 3),
+                          "comm_gbytes_per_step": round(step["comm_gbytes_per_step"], 2)}))
         return 0 if not report["problems"] else 2
 
     from mmscale.training.build import build_trainer, close

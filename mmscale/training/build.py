@@ -232,8 +232,9 @@ def dry_run_vocab_size(cfg: JobConfig) -> int | None:
     return None
 
 
-def dry_run_report(cfg: JobConfig, world_size: int) -> tuple[str, dict[str, Any]]:
+def dry_run_report(cfg: JobConfig, world_size: int, **machine: float) -> tuple[str, dict[str, Any]]:
+    """The --dry-run table and its figures; `machine`: gpu_tflops, link_gbytes_per_s (mmscale.training.dry_run)."""
     from mmscale.training.dry_run import dry_run, format_dry_run
 
-    report = dry_run(cfg, world_size, vocab_size=dry_run_vocab_size(cfg))
+    report = dry_run(cfg, world_size, vocab_size=dry_run_vocab_size(cfg), **machine)
     return format_dry_run(report), report

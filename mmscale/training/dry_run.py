@@ -190,15 +190,15 @@ def format_dry_run(report: dict[str, Any]) -> str:
         lines.append(f"  {name:<15} {n:,}")
     lines.append("memory per rank (estimate, GiB)")
     for k, v in report["memory_per_rank"].items():
-        lines.append(f"  {k:<28} {v:8.2f}")
+        lines.append(f"  {k:<40} {v:8.2f}")
     st = report.get("step")
     if st:
         lines += [
             f"per optimizer step and GPU (estimate; {st['gpu_tflops']:g} TFLOP/s achieved per GPU, "
             f"{st['link_gbytes_per_s']:g} GB/s per GPU for collectives: --gpu-tflops, --link-gbytes-per-s)",
-            f"  compute                      {st['tflop_per_step']:8.1f} TFLOP   {st['compute_s']:8.2f} s",
-            f"  communication (ZeRO)         {st['comm_gbytes_per_step']:8.1f} GB      {st['comm_s']:8.2f} s",
-            f"  step time                    {st['step_s_full_overlap']:.2f} s (full overlap) to "
+            f"  compute                {st['tflop_per_step']:10.1f} TFLOP {st['compute_s']:8.2f} s",
+            f"  communication (ZeRO)   {st['comm_gbytes_per_step']:10.1f} GB    {st['comm_s']:8.2f} s",
+            f"  step time              {st['step_s_full_overlap']:.2f} s (full overlap) to "
             f"{st['step_s_no_overlap']:.2f} s (none); {st['samples_per_s_no_overlap']:.0f} samples/s at worst",
         ]
     for p in report["problems"]:
