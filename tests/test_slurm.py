@@ -202,3 +202,41 @@ def test_hostfile_from_the_allocation(cluster, tmp_path):
     r = cluster.run("srun", "--nodes=2", "--ntasks-per-node=1", "--chdir", str(ROOT), "bash", "-c",
                     f"[ $SLURM_PROCID = 0 ] && python -m mmscale.training.cluster hostfile {out} --slots 8 || true")
     assert out.read_text() == "n1 slots=8\nn2 slots=8\n", r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_output_dir_not_shared_by_every_rank_is_refused(tmp_path):
+    """Rank 1 runs in its own mount namespace with a private tmpfs over output_dir (node-local disk, as a second
+    node would have it): both ranks get the error naming rank 1 and the fix; with one shared folder, none."""
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to give one rank a private mount")
+    from test_training import _port
+
+    script = ROOT / "tests/dist/shared_dir.py"
+    for shared in (True, False):
+        out, result = tmp_path / f"out-{shared}", tmp_path / f"result-{shared}"
+        out.mkdir()
+        port = str(_port())
+        procs = []
+        for rank in (0, 1):
+            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+            cmd = [sys.executable, str(script), str(out), str(result)]
+            if rank == 1 and not shared:
+                cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                       f'mount -t tmpfs tmpfs "{out}" && exec "$0" "$@"', *cmd]
+            procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True))
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], logs
+        views = [json.loads(Path(f"{result}.rank{r}").read_text()) for r in (0, 1)]
+        if shared:
+            assert views == [[], []]
+        else:  # every rank gets the same verdict, so every rank stops alike
+            assert views[0] == views[1] and len(views[0]) == 1, views
+            assert "not visible to rank(s) 1" in views[0][0] and "filesystem every node mounts" in views[0][0]
+            assert not list(out.glob(".mmscale-shared-*")), "the probe file is left behind"

@@ -85,18 +85,25 @@ LINK_GBYTES_PER_S = 50.0
 """Default bandwidth per GPU for collectives, GB/s: one 400 Gb/s NDR InfiniBand adapter per GPU (DGX H100)."""
 
 
-def estimate_step(cfg: JobConfig, model: Any, world_size: int, gpu_tflops: float = GPU_TFLOPS,
-                  link_gbytes_per_s: float = LINK_GBYTES_PER_S) -> dict[str, float]:
-    """Compute, ZeRO communication and time per optimizer step and GPU (see the module doc for the formulas)."""
+def patches_per_image(model: Any, image_size: int) -> int:
+    """Visual tokens the tower makes of one image: its forward on the meta device (before a fine-tuning method
+    swaps in layers that cannot run there, e.g. 4-bit ones)."""
     import torch
 
+    with torch.no_grad():
+        return int(model.vision.encode_images(torch.empty(1, 3, image_size, image_size, device="meta")).shape[1])
+
+
+def estimate_step(cfg: JobConfig, model: Any, world_size: int, gpu_tflops: float = GPU_TFLOPS,
+                  link_gbytes_per_s: float = LINK_GBYTES_PER_S, patches: int | None = None) -> dict[str, float]:
+    """Compute, ZeRO communication and time per optimizer step and GPU (see the module doc for the formulas)."""
     t, d = cfg.train, cfg.data
     w = 2 if t.precision == "bf16" else 4
     groups = model.component_params()
     n_all = {c: sum(_numel(p) for _, p in ps) for c, ps in groups.items()}
     n_train = {c: sum(_numel(p) for _, p in ps if p.requires_grad) for c, ps in groups.items()}
-    with torch.no_grad():  # patches per image: the tower on the meta device
-        patches = model.vision.encode_images(torch.empty(1, 3, d.image_size, d.image_size, device="meta")).shape[1]
+    if patches is None:
+        patches = patches_per_image(model, d.image_size)
     latents = model.resampler.num_latents
     text = 1 + d.max_text_len
     tokens = {"vision": d.max_images * patches, "resampler": d.max_images * (patches + latents),
@@ -138,6 +145,7 @@ def dry_run(cfg: JobConfig, world_size: int, vocab_size: int | None, gpu_tflops:
 
     problems = validate(cfg, world_size=world_size, check_paths=False)  # sizing needs no data
     model = build_model(cfg.model, vocab_size=vocab_size, meta=True)
+    patches = patches_per_image(model, cfg.data.image_size)
     quantized, quant_bytes = 0, 0.5
     if not problems:  # the fine-tuning methods change what trains, and so the gradient and optimizer memory
         from mmscale.callbacks import build_callbacks
@@ -168,7 +176,7 @@ def dry_run(cfg: JobConfig, world_size: int, vocab_size: int | None, gpu_tflops:
         if not problems else None,
         "params": counts,
         "memory_per_rank": mem,
-        "step": estimate_step(cfg, model, world_size, gpu_tflops, link_gbytes_per_s),
+        "step": estimate_step(cfg, model, world_size, gpu_tflops, link_gbytes_per_s, patches),
         "problems": problems,
     }
 
