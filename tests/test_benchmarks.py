@@ -70,6 +70,35 @@ def test_kernel_benchmark_crashing_backend_fails_the_run(tmp_path):
     assert previous["backends"]["flex"] == {"skipped": "CUDA only"} and "skipped" in previous["backends"]["sdpa_flash"]
 
 
+def test_data_throughput_benchmark_quick(tmp_path):
+    """Both pipelines at 0, 1 and 2 workers and the three resume positions run on tiny shards (a few seconds); the
+    headline (last stdout line) and the file agree, and the resumed batches are the uninterrupted pass's."""
+    out = tmp_path / "data_throughput.json"
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "data_throughput.py"), "--quick",
+                          "--data-dir", str(tmp_path / "shards"), "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    headline = json.loads(lines[-1])
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["workers", "plain", "samples/s"])
+    assert [line.split()[0] for line in lines[header + 1: header + 4]] == ["0", "1", "2"]  # one row per worker count
+    for w in (0, 1, 2):
+        for key in (f"throughput_ratio_workers_{w}", f"cpu_ratio_workers_{w}", f"mmscale_samples_per_s_workers_{w}",
+                    f"plain_samples_per_s_workers_{w}"):
+            assert headline[key] > 0, key
+    assert headline["resume_ratio_90_over_10"] > 0 and headline["resume_first_batch_s_90"] > 0
+    assert headline["resume_exact"] is True
+    assert headline["quick"] is True and headline["cpu_model"]
+    assert set(headline["targets_met"]) == {"throughput_workers_0", "throughput_workers_1", "throughput_workers_2",
+                                            "resume"}
+    payload = json.loads(out.read_text())
+    assert {k: payload[k] for k in headline} == headline
+    assert len(payload["throughput_runs"]) == 3 and len(payload["resume"]["runs"]) == 3
+    resume = payload["resume"]
+    assert 0 < resume["batches"]["10"] < resume["batches"]["90"] < resume["steps_per_epoch"]
+    assert payload["setup"]["cpu_model"] == headline["cpu_model"] and payload["setup"]["image_size"] == 32
+
+
 FAKE_PYTHON = """#!/usr/bin/env bash
 case "$*" in
     *cuda.is_available*) exit "$FAKE_CUDA_RC" ;;

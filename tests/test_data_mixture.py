@@ -11,6 +11,7 @@ import pytest
 
 from mmscale.config import ConfigError, DataConfig, SourceSpec, load_config
 from mmscale.data import TrainLoader, make_shapes_dataset
+from test_data_resume import run  # n batches and the state before each
 
 
 @pytest.fixture(scope="module")
@@ -28,18 +29,6 @@ def mix_cfg(sources, weights=(0.7, 0.3), **kw) -> DataConfig:
                 sources=[SourceSpec(name, str(path), w) for (name, path), w in zip(sources.items(), weights)])
     base.update(kw)
     return DataConfig(**base)
-
-
-def run(loader: TrainLoader, n: int) -> tuple[list[dict], list[dict]]:
-    """n batches, and the loader's state before each of them and after the last (as a checkpoint stores it)."""
-    batches, states = [], []
-    it = iter(loader)
-    for _ in range(n):
-        states.append(json.loads(json.dumps(loader.state_dict())))
-        batches.append(next(it))
-    states.append(json.loads(json.dumps(loader.state_dict())))
-    it.close()
-    return batches, states
 
 
 def keys(batches: list[dict], prefix: str = "") -> list[str]:

@@ -408,7 +408,8 @@ def test_train_loader_batches_documents(doc_shards, doc_tokenizer, tmp_path):
     from mmscale.data.pipeline import TrainLoader
 
     tok, cfg = doc_tokenizer, data_cfg()
-    loader = TrainLoader(cfg, tok, micro_batch_size=4, rank=0, world_size=1, seed=0, shards=str(doc_shards))
+    loader = TrainLoader(cfg, tok, micro_batch_size=4, rank=0, world_size=1, seed=0, shards=str(doc_shards),
+                         keep_raw=True)
     model = tiny_model("model.xattn.gate_init=1.0", "model.train_vision=true")
     with loader:
         it = iter(loader)

@@ -17,7 +17,7 @@ import pytest
 from mmscale.training import checkpoint
 from mmscale.training.cluster import expand_tasks_per_node, slurm_env
 from slurm_cluster import SlurmCluster, unavailable
-from test_training import ROOT, launch
+from test_training import ROOT, launch, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
 STEPS = 24
 COMMON = [f"train.max_steps={STEPS}", "train.checkpoint_every=8", "logging.log_every=1",
@@ -60,15 +60,9 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tiny_data):
     """Shards and a tokenizer every run of this module shares, so runs differ only in how they were launched."""
-    from mmscale.data import make_shapes_dataset, train_sentencepiece
-    from mmscale.data.tokenizer import captions_from_shards
-
-    root = tmp_path_factory.mktemp("slurm_data")
-    make_shapes_dataset(root / "train", 256, samples_per_shard=64, image_size=32, seed=7, prefix="train")
-    tok = train_sentencepiece(captions_from_shards(str(root / "train")), root / "tok", vocab_size=64)
-    return [f"data.train_shards={root / 'train'}", f"data.tokenizer={tok}"]
+    return tiny_data
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -240,3 +234,58 @@ def test_output_dir_not_shared_by_every_rank_is_refused(tmp_path):
             assert views[0] == views[1] and len(views[0]) == 1, views
             assert "not visible to rank(s) 1" in views[0][0] and "filesystem every node mounts" in views[0][0]
             assert not list(out.glob(".mmscale-shared-*")), "the probe file is left behind"
+
+
+# ----------------------------------------------------------------------------------------------- preemption, no cluster
+
+
+@pytest.mark.slow
+def test_a_signal_during_a_checkpoint_write_lets_it_finish_then_stops(data, tmp_path):
+    """SIGUSR1 reaches both ranks as step 4's checkpoint starts: that checkpoint completes intact, the ranks stop
+    after step 5 with its checkpoint, and a resume from it ends with the uninterrupted run's losses."""
+    from test_training import RUN_TINY
+
+    common = [*data, "train.max_steps=8", "train.checkpoint_every=4", "deepspeed.zero_stage=3"]
+    launch(RUN_TINY, [str(tmp_path / "full.json"), f"output_dir={tmp_path / 'full'}", *common], nprocs=2)
+    run = tmp_path / "cut"
+    launch(RUN_TINY, [str(tmp_path / "a.json"), f"output_dir={run}", "--signal-in-save", "4", *common], nprocs=2)
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert a["preempted"] == "SIGUSR1" and a["step"] == 5, a
+    root = run / "checkpoints"
+    assert [c.name for c in checkpoint.complete_checkpoints(root)] == ["step_00000004", "step_00000005"]
+    assert checkpoint.verify(root / "step_00000004") == [] and checkpoint.verify(root / "step_00000005") == []
+    launch(RUN_TINY, [str(tmp_path / "b.json"), f"output_dir={run}", "--resume", *common], nprocs=2)
+    full = {r["step"]: r["loss"] for r in json.loads((tmp_path / "full.json").read_text())["history"] if "loss" in r}
+    resumed = {r["step"]: r["loss"] for r in json.loads((tmp_path / "b.json").read_text())["history"] if "loss" in r}
+    assert sorted(resumed) == [6, 7, 8]
+    for step in (6, 7, 8):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-6), (step, resumed, full)
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_single_process_run_checkpoints_and_exits_85(data, tmp_path):
+    """SIGTERM (scancel, SLURM's preemption) to `python launchers/train.py`: the step finishes, a checkpoint is
+    written, the exit status asks for a requeue, and the data-loader worker did not die of the signal."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "launchers/train.py", "--config", "configs/tiny.yaml", f"output_dir={run}",
+                             *data, "train.max_steps=200", "train.checkpoint_every=0", "logging.log_every=1",
+                             "data.num_workers=1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((run / "metrics.jsonl").exists() and any(s >= 2 for s in _steps(run))):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)  # the whole process group, as slurmstepd signals every process
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 85, out[-4000:]
+    stopped = max(_steps(run))
+    assert 2 <= stopped < 200 and f"stopped at step {stopped} on SIGTERM" in out, out[-4000:]
+    assert checkpoint.latest_checkpoint(run / "checkpoints").name == checkpoint.tag_for(stopped)
+    assert "DataLoader worker" not in out, out[-4000:]

@@ -53,6 +53,8 @@ def _task_of(trainer: Any) -> int:
 class Replay(Callback):
     """Experience replay: `capacity` samples over all ranks on disk, `ratio` replayed samples per new one."""
 
+    needs_raw_samples = True  # the buffer stores what samples are made of, as read
+
     def __init__(self, capacity: int, ratio: float = 1.0, balance: str | None = None, directory: str = ""):
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity={capacity!r}: the buffer's size over all ranks, an integer >= 1")

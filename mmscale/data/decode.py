@@ -121,10 +121,11 @@ def image_to_tensor(img: Image.Image, image_size: int, mean: Sequence[float], st
         img = img.resize((image_size, image_size), Image.Resampling.BICUBIC, box=box)
     else:
         img = img.crop((left, top, left + image_size, top + image_size))
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1).div_(255.0)  # (3, S, S)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return x.sub_(m).div_(s)
+    # channels first while still 8-bit, made contiguous: the float math and the collate's copy then run over
+    # contiguous memory (on the permuted view they cost 1.4x and 10x); (x / 255 - mean) / std as one multiply-add
+    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous().float()  # (3, S, S)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return x.mul_(1.0 / (255.0 * std_t)).sub_(torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t)
 
 
 def _utf8(value: Any, where: str, what: str, kind: str) -> str:

@@ -113,13 +113,16 @@ def build_trainer(cfg: JobConfig, resume: str | None = None, overwrite: bool = F
         log.info("model: %s parameters, %s trainable; world size %d, gradient accumulation %d",
                  f"{counts['total']:,}", f"{counts['trainable']:,}", world_size, engine.grad_accum)
     tasks = None
+    keep_raw = any(cb.needs_raw_samples for cb in callbacks)  # a replay buffer stores the samples' bytes
+    pin = torch.cuda.is_available()  # page-locked batches: the copy to the GPU overlaps (non_blocking=True)
     if cfg.continual.tasks and train_data is None:  # a task sequence: each task its loaders, one after the other
         from mmscale.continual.sequence import Tasks, TaskSequence
 
         specs, micro = cfg.continual.tasks, cfg.train.micro_batch_size
         steps = [t.max_steps for t in specs]
         train_data = TaskSequence([TrainLoader(cfg.data, tokenizer, micro, rank, world_size, seed=cfg.train.seed + i,
-                                               shards=t.train_shards) for i, t in enumerate(specs)],
+                                               shards=t.train_shards, keep_raw=keep_raw, pin_memory=pin)
+                                   for i, t in enumerate(specs)],
                                   steps, engine.grad_accum)
         tasks = Tasks([t.name for t in specs], steps,
                       [EvalLoader(cfg.data, tokenizer, micro, rank, world_size, shards=t.val_shards,
@@ -129,10 +132,11 @@ def build_trainer(cfg: JobConfig, resume: str | None = None, overwrite: bool = F
                                                    max_batches=n))
     if train_data is None:
         train_data = TrainLoader(cfg.data, tokenizer, cfg.train.micro_batch_size, rank, world_size,
-                                 seed=cfg.train.seed, shards=train_shards or None)  # None: data.sources
+                                 seed=cfg.train.seed, shards=train_shards or None,  # None: data.sources
+                                 keep_raw=keep_raw, pin_memory=pin)
     if eval_data is None and val_shards:
         eval_data = EvalLoader(cfg.data, tokenizer, cfg.train.micro_batch_size, rank, world_size,
-                               shards=val_shards, max_batches=cfg.train.eval_batches)
+                               shards=val_shards, max_batches=cfg.train.eval_batches, pin_memory=pin)
     trainer = Trainer(cfg, engine, train_data, eval_data=eval_data, callbacks=callbacks, tokenizer=tokenizer,
                       tasks=tasks)
     if resume:

@@ -41,6 +41,9 @@ class Callback:
     """Base class: every event is a no-op, override the ones you need."""
 
     name: str = "callback"
+    needs_raw_samples: bool = False
+    """True: training batches must carry each sample's raw members (`__raw__`: image bytes, caption, label), which
+    the data pipeline sends only when a callback asks (they cost a copy per batch)."""
 
     def config_problems(self, cfg: Any) -> list[str]:
         """What this callback needs of the rest of the job config (a JobConfig), checked with it: one message per

@@ -1,11 +1,12 @@
 """A tiny training run for the multi-process tests: started by `deepspeed --num_gpus N` or as a plain process.
 
     run_tiny.py OUT_JSON [--stop-at K] [--resume] [--same-global-batches] [--kill-after-step K --kill-rank R]
-                [--kill-in-save K] [--nan-at-steps 3,6,7,8] section.key=value ...
+                [--kill-in-save K] [--signal-in-save K] [--nan-at-steps 3,6,7,8] section.key=value ...
 
 Writes this run's logged records (rank 0) to OUT_JSON. `--kill-after-step K --kill-rank R` SIGKILLs rank R (-1: every
 rank) right after optimizer step K; `--kill-in-save K` SIGKILLs every rank in the middle of the checkpoint of step K
-(DeepSpeed's shards written, trainer state and manifest not); `--nan-at-steps` makes rank 1's loss NaN in those step attempts. `--same-global-batches` feeds every world size the same
+(DeepSpeed's shards written, trainer state and manifest not); `--signal-in-save K` sends every rank SIGUSR1 (a
+preemption) as step K's checkpoint starts; `--nan-at-steps` makes rank 1's loss NaN in those step attempts. `--same-global-batches` feeds every world size the same
 global batches (each global batch is read by one loader and cut into world_size x grad_accum micro batches), so
 a 2-rank run and a 1-rank run can be compared step by step (a task sequence too: each task's global batches, and
 the micro_batch_size x world_size batches `Tasks.train_batches` gives, e.g. EWC's Fisher pass). OUT_JSON also holds
@@ -71,6 +72,18 @@ class NanAt(Callback):
         self.done += 1
 
 
+def signal_in_save(trainer, k: int) -> None:
+    """Every rank sends itself SIGUSR1 (a preemption) in the middle of step K's checkpoint write."""
+    save = trainer.engine.save
+
+    def save_signalled(directory, tag):
+        if trainer.step == k:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        save(directory, tag)
+
+    trainer.engine.save = save_signalled
+
+
 def kill_in_save(trainer, k: int) -> None:
     """Every rank SIGKILLs itself after DeepSpeed has written its shards of step K's checkpoint."""
     save = trainer.engine.save
@@ -125,6 +138,7 @@ def main() -> int:
     p.add_argument("--kill-after-step", type=int, default=0)
     p.add_argument("--kill-rank", type=int, default=-1)
     p.add_argument("--kill-in-save", type=int, default=0)
+    p.add_argument("--signal-in-save", type=int, default=0)
     p.add_argument("--nan-at-steps", default="")
     p.add_argument("--eval-thrice", action="store_true", help="evaluate 3 times before training, record the losses")
     p.add_argument("--local_rank", type=int, default=None)
@@ -142,7 +156,7 @@ def main() -> int:
         accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * world)
         if not cfg.continual.tasks:
             loader = TrainLoader(cfg.data, tok, cfg.train.global_batch_size, rank=0, world_size=1,
-                                 seed=cfg.train.seed, shards=cfg.data.train_shards)
+                                 seed=cfg.train.seed, shards=cfg.data.train_shards, keep_raw=True)
             data = SameGlobalBatches(loader, cfg.train.micro_batch_size, rank, world, accum)
     if args.same_global_batches and cfg.continual.tasks:  # the task sequence as built, its batches cut as above
         from mmscale.continual.sequence import TaskSequence
@@ -153,7 +167,7 @@ def main() -> int:
         micro, specs = cfg.train.micro_batch_size, cfg.continual.tasks
         trainer.train_data = SameGlobalBatches(TaskSequence(
             [TrainLoader(cfg.data, tok, cfg.train.global_batch_size, rank=0, world_size=1, seed=cfg.train.seed + i,
-                         shards=t.train_shards) for i, t in enumerate(specs)], [t.max_steps for t in specs], 1),
+                         shards=t.train_shards, keep_raw=True) for i, t in enumerate(specs)], [t.max_steps for t in specs], 1),
             micro, rank, world, accum)
         trainer.tasks.loader = lambda shards, n: SameGlobalBatches(
             EvalLoader(cfg.data, tok, micro * world, rank=0, world_size=1, shards=shards, max_batches=n),
@@ -170,6 +184,8 @@ def main() -> int:
         trainer.callbacks.append(KillAfterStep(args.kill_after_step, args.kill_rank))
     if args.kill_in_save:
         kill_in_save(trainer, args.kill_in_save)
+    if args.signal_in_save:
+        signal_in_save(trainer, args.signal_in_save)
     if args.nan_at_steps:
         trainer.callbacks.append(NanAt({int(x) for x in args.nan_at_steps.split(",")}))
     evals = [trainer.evaluate()["val_loss"] for _ in range(3)] if args.eval_thrice else []
@@ -177,6 +193,7 @@ def main() -> int:
     out = Path(args.out) if rank == 0 else Path(args.out).with_suffix(f".rank{rank}.json")
     out.write_text(json.dumps({"world_size": world, "history": history, "nonfinite_steps": trainer.nonfinite_steps,
                                "rollbacks": trainer.rollbacks, "lr_scale": trainer.lr_scale, "evals": evals,
+                               "preempted": trainer.preempted, "step": trainer.step,
                                "step_metrics": step_metrics.records}))
     close()
     return 0
