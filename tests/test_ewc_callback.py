@@ -138,7 +138,7 @@ def test_ewc_on_zero3_partitions_matches_one_process(two_ranks, digits, tmp_path
     assert [two_ranks["loss"][s] for s in steps] == pytest.approx([one["loss"][s] for s in steps], rel=1e-4)
     assert [two_ranks["penalty"][s] for s in steps] == pytest.approx([one["penalty"][s] for s in steps], rel=1e-4)
     assert all(two_ranks["penalty"][s] == 0.0 for s in range(1, STEPS + 2)), two_ranks["penalty"]
-    assert all(two_ranks["penalty"][s] > 0.1 for s in range(STEPS + 2, 2 * STEPS + 1)), two_ranks["penalty"]
+    assert all(two_ranks["penalty"][s] > 0.01 for s in range(STEPS + 2, 2 * STEPS + 1)), str(two_ranks["penalty"])
     rows = [h["R_row_val_acc"] for h in two_ranks["history"] if "R_row_val_acc" in h]
     assert len(rows) == 2 and rows[0][1] == 0.0  # the sequence ran: task b's classes masked while task a trained
 
@@ -201,7 +201,7 @@ def test_ewc_resumed_mid_task_b_continues_as_uninterrupted(two_ranks, digits, tm
     assert sorted(resumed["loss"]) == rest
     assert [resumed["loss"][s] for s in rest] == pytest.approx([two_ranks["loss"][s] for s in rest], abs=1e-9)
     assert [resumed["penalty"][s] for s in rest] == pytest.approx([two_ranks["penalty"][s] for s in rest], abs=1e-9)
-    assert all(resumed["penalty"][s] > 0.1 for s in rest)  # the restored state acts
+    assert all(resumed["penalty"][s] > 0.01 for s in rest)  # the restored state acts
     full = [h["R_row_val_acc"] for h in two_ranks["history"] if "R_row_val_acc" in h]
     again = [h["R_row_val_acc"] for h in first["history"] + resumed["history"] if "R_row_val_acc" in h]
     assert again == full, (again, full)

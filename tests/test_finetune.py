@@ -270,7 +270,8 @@ def test_qlora_fine_tunes_a_pretrained_run(source_run, tmp_path):
     q = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(exported[q], source["lm.model.layers.0.decoder_layer.self_attn.q_proj.weight"])
     train = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-    assert len(train) == 4 and train[-1] < train[0], train
+    # it trains: each step sees other batches, so the last two steps' mean against the first
+    assert len(train) == 4 and (train[2] + train[3]) / 2 < train[0], train
     cfg = load_config(out / "config.yaml")  # the resolved config names the exported base
     assert cfg.model.lm.path == str(out / BASE_LM_DIR)
     model = build_from_checkpoint(cfg, latest_checkpoint(out / "checkpoints"),
