@@ -127,12 +127,6 @@ def apply_launcher_env() -> dict[str, str]:
     return derived
 
 
-def cuda_device_index(num_visible: int) -> int:
-    """The CUDA device of this rank: LOCAL_RANK, or 0 when the process sees a single GPU (any launcher)."""
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    return 0 if num_visible == 1 else local
-
-
 def write_hostfile(path: str | Path, slots: int | None = None, environ: dict[str, str] | None = None) -> list[str]:
     """A DeepSpeed hostfile ("host slots=N" per node) for this SLURM allocation, for the `deepspeed` launcher's
     multi-node mode (`deepspeed --hostfile FILE launchers/train.py ...`). `slots`: GPUs per node; default

@@ -91,10 +91,8 @@ def _unlink_shm_allreduce_buffer() -> None:
 
 
 def device() -> torch.device:
-    if torch.cuda.is_available():
-        from mmscale.training.cluster import cuda_device_index
-
-        return torch.device("cuda", cuda_device_index(torch.cuda.device_count()))
+    if torch.cuda.is_available():  # (under srun with one GPU per task, cluster.slurm_env made LOCAL_RANK 0)
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
 
