@@ -1,7 +1,13 @@
 from setuptools import setup
 
-# `kernels/` ships as `mmscale.kernels`: a top-level `kernels` module would shadow the Hugging Face
-# `kernels` package that transformers and bitsandbytes import under that name.
+# The Triton kernels live in the repository's top-level kernels/ folder and ship as `mmscale.kernels`, from
+# kernels/xattn/. kernels/ itself holds no __init__.py, so no working directory makes it a top-level package named
+# `kernels` (Hugging Face's `kernels`, which transformers requires, has that name): at most it is a PEP 420 namespace
+# portion, which Python ranks below any regular package of the same name (kernels/README.md).
+#
+# Ranges here are what mmscale works with, capped at the next major version of each library that breaks across
+# majors; constraints.txt pins the exact versions CI last passed on (pip install -c constraints.txt ...), and
+# tools/check_newest.sh tries the newest releases in a scratch venv.
 setup(
     name="mmscale",
     version="0.1.0",
@@ -17,32 +23,40 @@ setup(
         "mmscale.continual",
         "mmscale.kernels",
     ],
-    package_dir={"mmscale": "mmscale", "mmscale.kernels": "kernels"},
+    package_dir={"mmscale": "mmscale", "mmscale.kernels": "kernels/xattn"},
     install_requires=[
-        "torch>=2.4",
-        "deepspeed>=0.15",
-        "transformers>=4.45",
-        "peft>=0.12",
-        "webdataset>=0.2.90",
-        "bitsandbytes>=0.44",
-        "triton>=3.0",
-        "sentencepiece>=0.2",
-        "pyyaml>=6",
-        "pillow>=10",
-        "tqdm>=4.66",
-        "tensorboard>=2.15",
-        "matplotlib>=3.8",
-        "numpy",
+        "torch>=2.4,<3",
+        "deepspeed>=0.15,<1",
+        "transformers>=4.45,<6",
+        "peft>=0.12,<1",
+        "webdataset>=0.2.90,<2",
+        "bitsandbytes>=0.44,<1",
+        "triton>=3.0,<4",
+        "sentencepiece>=0.2,<1",
+        "pyyaml>=6,<7",
+        "pillow>=10,<14",
+        "tqdm>=4.66,<5",
+        "tensorboard>=2.15,<3",
+        "matplotlib>=3.8,<4",
+        "numpy<3",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "scikit-learn>=1.4"],
-        "flash": ["flash-attn>=2.6"],
+        "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "scikit-learn>=1.4,<2"],
+        "flash": ["flash-attn>=2.6,<3"],
     },
     entry_points={
         "console_scripts": [
+            # Each is also `python -m MODULE` (the README says which).
             "mmscale-write-shards=mmscale.data.write_shards:main",
             "mmscale-train-tokenizer=mmscale.data.tokenizer:main",
             "mmscale-make-demo-data=mmscale.data.synthetic:main",
+            "mmscale-interleaved=mmscale.data.interleaved:main",
+            "mmscale-digits=mmscale.data.digits:main",
+            "mmscale-demo-objects=mmscale.evaluation.demo_objects:main",
+            "mmscale-image-use=mmscale.evaluation.image_use:main",
+            "mmscale-finetune-report=mmscale.evaluation.finetune_report:main",
+            "mmscale-export=mmscale.export:main",
+            "mmscale-cluster=mmscale.training.cluster:main",
         ]
     },
 )

@@ -20,12 +20,12 @@ if ! command -v nvidia-smi >/dev/null || ! $py -c "import torch, sys; sys.exit(n
     echo "gpu_check: no CUDA device here; this script is for a GPU machine" >&2
     exit 2
 fi
-# mmscale.kernels is the kernels/ folder, mapped into the package by setup.py. Without installing anything
+# mmscale.kernels is the kernels/xattn/ folder, mapped into the package by setup.py. Without installing anything
 # (the GPU machine has no network), lay the package out in a temporary folder of links instead.
 site=$(mktemp -d)
 mkdir "$site/mmscale"
 for f in "$PWD"/mmscale/*; do ln -s "$f" "$site/mmscale/"; done
-ln -s "$PWD/kernels" "$site/mmscale/kernels"
+ln -s "$PWD/kernels/xattn" "$site/mmscale/kernels"
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 $py -c "import mmscale.kernels" || { echo "gpu_check: FAILED: mmscale.kernels does not import"; exit 1; }
 {
@@ -38,7 +38,7 @@ $py -c "import mmscale.kernels" || { echo "gpu_check: FAILED: mmscale.kernels do
 failed=()
 timeout 200 $py -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/gpu_tests.log" \
     || failed+=("GPU tests (exit ${PIPESTATUS[0]}, see gpu_tests.log)")
-timeout 330 $py benchmarks/kernels.py --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log" \
+timeout 330 $py benchmarks/xattn_kernels.py --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log" \
     || failed+=("benchmark (exit ${PIPESTATUS[0]}, see kernels.log)")
 if ((${#failed[@]})); then
     printf -v parts '%s; ' "${failed[@]}"

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_kernel_benchmark_smoke(tmp_path):
     out = tmp_path / "kernels.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--smoke", "--out", str(out)],
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "xattn_kernels.py"), "--smoke", "--out", str(out)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     headline = json.loads(res.stdout.strip().splitlines()[-1])
@@ -55,7 +55,7 @@ def test_kernel_benchmark_crashing_backend_fails_the_run(tmp_path):
         bench.BACKEND_FACTORIES["sdpa"] = crash
         bench.main(sys.argv[2:])
     """)
-    res = subprocess.run([sys.executable, "-c", code, str(REPO / "benchmarks" / "kernels.py"), "--smoke",
+    res = subprocess.run([sys.executable, "-c", code, str(REPO / "benchmarks" / "xattn_kernels.py"), "--smoke",
                           "--out", str(out), "--backends", "sdpa_flash", "sdpa", "flex", "--modes", "full", "previous"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
@@ -103,7 +103,7 @@ FAKE_PYTHON = """#!/usr/bin/env bash
 case "$*" in
     *cuda.is_available*) exit "$FAKE_CUDA_RC" ;;
     *test_kernels_gpu.py*) echo "fake GPU tests"; exit "$FAKE_TESTS_RC" ;;
-    *benchmarks/kernels.py*) echo "fake benchmark"; exit "$FAKE_BENCH_RC" ;;
+    *benchmarks/xattn_kernels.py*) echo "fake benchmark"; exit "$FAKE_BENCH_RC" ;;
 esac
 """
 

@@ -13,8 +13,8 @@ kernel (the one PyTorch ships; "full" only): a stand-in for flash-attn where tha
 Timing: triton.testing.do_bench on CUDA. The JSON also carries flash-attn 2's published H100 forward figures
 for an indicative comparison (other shapes and card: not a side-by-side measurement).
 
-    python benchmarks/kernels.py                       # GPU, full size
-    TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke   # CPU: tiny shapes, proves the script runs
+    python benchmarks/xattn_kernels.py                       # GPU, full size
+    TRITON_INTERPRET=1 python benchmarks/xattn_kernels.py --smoke   # CPU: tiny shapes, proves the script runs
 
 Writes benchmarks/results/kernels.json; the last stdout line is one JSON object with the headline ratios
 (TFLOP/s of triton over each other backend, per case and the minimum over cases). A backend that cannot run here
