@@ -3,6 +3,7 @@ joint training as the upper bound, each a real 2-rank DeepSpeed ZeRO-3 job of `c
 
     python benchmarks/continual_digits.py [--seeds 0 1 2] [--methods naive replay ewc replay_distill joint]
     python benchmarks/continual_digits.py --prepare-only      # just the shards and tokenizer (data/digits-tasks/)
+    python benchmarks/continual_digits.py --smoke --out /tmp/continual_digits.json   # checks the script (~1 min)
 
 The data: scikit-learn's 1,797 handwritten digit scans (shipped with the package), 4 of every 5 scans of each digit
 for training and the fifth for validation, written to WebDataset shards with mmscale's writer; five tasks of two
@@ -12,8 +13,11 @@ times that, on all digits at once). After each task every task is evaluated (R[i
 task i); the summary is the final average accuracy (mean of R's last row) and the average forgetting (mean over the
 first four tasks of the best earlier accuracy minus the final one), mean and spread over the seeds.
 
-Writes `benchmarks/results/continual_digits.json` and `continual_digits.png` (R of each method, seed 0); the last
-line printed is one JSON object with forgetting_* and accuracy_* per method.
+Writes `benchmarks/results/continual_digits.json` (`--out`) and `continual_digits.png` beside it (R of each method,
+seed 0); the last line printed is one JSON object with forgetting_* and accuracy_* per method. The runs go to
+runs/continual-digits-bench/ and the data to data/digits-tasks/, or both under `--work-dir`. `--smoke`: one job
+(seed 0, replay_distill: the method with the most parts; add `--methods replay_distill joint` for the other way a
+result is read), the first two tasks, 2 steps per task, in a temporary folder (benchmarks/smoke.py).
 """
 
 from __future__ import annotations
@@ -29,13 +33,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # also when imported from elsewhere (continual_captions.py, tests)
 
+import smoke  # noqa: E402  (benchmarks/smoke.py)
 from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 
 CONFIG = ROOT / "configs" / "continual-digits.yaml"
-DATA = ROOT / "data" / "digits-tasks"
-TASKS = [(a, a + 1) for a in range(0, 10, 2)]
+DATA = ROOT / "data" / "digits-tasks"  # the config's data.tokenizer points here; --work-dir moves it (main)
+ALL_TASKS = [(a, a + 1) for a in range(0, 10, 2)]
+TASKS = list(ALL_TASKS)  # the tasks trained: --smoke keeps the first two (main)
 METHODS = {
     "naive": [],
     "replay": ["{name: replay, args: {capacity: 500, ratio: 1.0}}"],
@@ -57,7 +63,7 @@ def prepare(image_size: int = 32) -> None:
         return
     shutil.rmtree(DATA, ignore_errors=True)
     counts = {}
-    for a, b in TASKS:
+    for a, b in ALL_TASKS:  # all of them whatever runs: the stamp says the folder is complete
         for split in ("train", "val"):
             counts[f"{a}{b}/{split}"] = write_digits_shards(DATA / f"{a}{b}" / split, split, [a, b], image_size,
                                                             samples_per_shard=40 if split == "train" else 20)
@@ -146,22 +152,38 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    global DATA
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--steps-per-task", type=int, default=120)
-    p.add_argument("--out", default=str(ROOT / "runs" / "continual-digits-bench"))
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--smoke: 0)")
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                   help="default all (--smoke: replay_distill)")
+    p.add_argument("--steps-per-task", type=int, default=None, help="default 120 (--smoke: 2)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per job")
     p.add_argument("--prepare-only", action="store_true")
     p.add_argument("--set", nargs="*", default=[], help="config overrides for every job (section.key=value)")
-    args = p.parse_args()
+    smoke.add_smoke_args(p, "continual_digits", work_dir="folder for the data (digits-tasks/) and the runs (runs/); "
+                         "default data/digits-tasks/ and runs/continual-digits-bench/")
+    args = p.parse_args(argv)
+    smoke.check_smoke_paths(p, args)
+    if args.out and Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a folder: --out names the JSON file (the runs go to --work-dir)")
+    args.seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
+    args.methods = args.methods or (["replay_distill"] if args.smoke else list(METHODS))
+    args.steps_per_task = args.steps_per_task or (2 if args.smoke else 120)
+    base = smoke.work_dir(args, "continual_digits", None)
+    if base is not None:
+        DATA = base / "digits-tasks"
+    EXTRA.append(f"data.tokenizer={DATA / 'tokenizer.model'}")  # the config's points at data/digits-tasks/
+    if args.smoke:
+        del TASKS[2:]
+        EXTRA.extend(["train.eval_batches=2", "train.checkpoint_every=0"])
     EXTRA.extend(args.set)
     prepare()
     if args.prepare_only:
         print(f"shards and tokenizer under {DATA}")
         return 0
-    out = Path(args.out)
+    out = base / "runs" if base is not None else ROOT / "runs" / "continual-digits-bench"
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
     for seed in args.seeds:
         for m in args.methods:
@@ -180,26 +202,30 @@ def main() -> int:
                       "seeds": args.seeds, "runs": rs}
         fg = f"{fgt:.3f} ± {fgt_sd:.3f}" if fgt is not None else "-"
         print(f"{m:16s} {acc:>12.3f} ± {acc_sd:.3f} {fg:>16s}")
-    headline = {}
+    headline: dict = {"benchmark": "continual_digits"}
     for m in ("naive", "replay", "ewc", "replay_distill"):
         if m in summary:
             headline[f"forgetting_{m}"] = round(summary[m]["forgetting"], 4)
     for m in ("naive", "replay", "ewc", "replay_distill", "joint"):
         if m in summary:
             headline[f"accuracy_{m}"] = round(summary[m]["accuracy"], 4)
+    # (None where the denominator is 0: a smoke run's few steps can leave joint at 0 accuracy or naive at 0 forgetting)
     if "replay" in summary and "joint" in summary:
-        headline["replay_over_joint"] = round(summary["replay"]["accuracy"] / summary["joint"]["accuracy"], 4)
+        headline["replay_over_joint"] = (round(summary["replay"]["accuracy"] / summary["joint"]["accuracy"], 4)
+                                         if summary["joint"]["accuracy"] else None)
     if "replay" in summary and "naive" in summary:
-        headline["replay_forgetting_over_naive"] = round(summary["replay"]["forgetting"] /
-                                                         summary["naive"]["forgetting"], 4)
-    results_dir = ROOT / "benchmarks" / "results"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "continual_digits.json").write_text(json.dumps(
+        headline["replay_forgetting_over_naive"] = (round(summary["replay"]["forgetting"] /
+                                                          summary["naive"]["forgetting"], 4)
+                                                    if summary["naive"]["forgetting"] else None)
+    headline["smoke"] = args.smoke
+    json_path = smoke.out_path(args, "continual_digits", base)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(
         {"benchmark": "continual_digits", "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
-         "config": str(CONFIG.relative_to(ROOT)),
+         "config": str(CONFIG.relative_to(ROOT)), "tasks": TASKS, "overrides": EXTRA,
          "steps_per_task": args.steps_per_task, "methods": {m: METHODS[m] for m in args.methods},
          "summary": summary, "headline": headline}, indent=2))
-    plot(results, results_dir / "continual_digits.png")
+    plot(results, json_path.with_suffix(".png"))
     print(json.dumps(headline))
     return 0
 

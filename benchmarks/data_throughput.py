@@ -2,7 +2,8 @@
 it, and the time to the first batch after a resume at 10% and at 90% of an epoch.
 
     python benchmarks/data_throughput.py [--workers 0 1 2] [--repeats 5] [--micro-batch 32]
-    python benchmarks/data_throughput.py --quick     # tiny shards and images, one repeat: checks the script only
+    python benchmarks/data_throughput.py --smoke --out /tmp/data_throughput.json   # tiny shards and images, one
+                                            # repeat, in a temporary folder: checks the script only (--quick: same)
 
 The data (made once under data/throughput-shards/, reused while its stamp matches): 224x224 JPEGs (q90) of two
 coloured shapes over a smooth colour texture with sensor-like noise, about 18 KB each like a web photo, so a decode
@@ -54,8 +55,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # also when imported from elsewhere
 
+import smoke  # noqa: E402  (benchmarks/smoke.py)
 from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 
 THROUGHPUT_TARGET = 0.95  # mmscale samples/s over the plain pipeline's, at every worker count
@@ -345,14 +347,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shuffle-buffer", type=int, default=1000)
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch threads of this process (the 0-worker runs decode here); a DataLoader worker has 1")
-    p.add_argument("--quick", action="store_true", help="tiny shards and images, one repeat: checks the script only")
-    p.add_argument("--data-dir", default=None, help="default: data/throughput-shards (-quick with --quick)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks/results/data_throughput.json"))
+    smoke.add_smoke_args(p, "data_throughput", quick_alias=True)
+    p.add_argument("--data-dir", "--work-dir", dest="work_dir", default=None,
+                   help="the shards' folder, made once and reused (default data/throughput-shards; with --smoke, a "
+                        "new temporary folder)")
     args = p.parse_args(argv)
-    if args.quick:
+    smoke.check_smoke_paths(p, args)
+    if args.smoke:  # tiny shards and images, one repeat
         args.repeats, args.micro_batch, args.warmup, args.batches = 1, 4, 2, 4
         args.samples, args.samples_per_shard, args.image_size, args.shuffle_buffer = 128, 16, 32, 16
-    data = Path(args.data_dir or ROOT / "data" / ("throughput-shards-quick" if args.quick else "throughput-shards"))
+    data = smoke.work_dir(args, "data_throughput", ROOT / "data" / "throughput-shards")
+    out = smoke.out_path(args, "data_throughput", data if args.smoke and not args.work_dir else None)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
     import PIL
@@ -425,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
             "resume": resume_ratio <= RESUME_TARGET,
         },
         "cpu_model": cpu_model(),
-        "quick": args.quick,
+        "smoke": args.smoke,
+        "quick": args.smoke,  # the name --smoke had here before
     })
 
     print(f"data throughput: micro batch {args.micro_batch}, {args.image_size}px JPEG (~{jpeg_bytes / 1024:.0f} KB), "
@@ -464,8 +470,8 @@ def main(argv: list[str] | None = None) -> int:
             **pipeline_provenance(),
         },
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(headline))
     return 0
 

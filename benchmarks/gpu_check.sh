@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU check of the Triton cross-attention: the GPU tests, then the kernel benchmark, in one call.
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR]      (repo root, CUDA machine; OUT_DIR defaults to $OUT, else
+# usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (CUDA machine, from any folder; OUT_DIR defaults to $OUT, else
 #                                                benchmarks/results)
 #
 # Writes OUT_DIR/gpu.txt (card, driver, versions), gpu_tests.log, kernels.log and kernels.json (copy that to
@@ -10,8 +10,14 @@
 # "gpu_check: FAILED: <parts>", and the exit status is 1 if either part fails (a test, a crashed benchmark backend,
 # a timeout), 2 without a GPU.
 set -uo pipefail
-out=${1:-${OUT:-benchmarks/results}}
-mkdir -p "$out"
+case "${1:-}" in
+    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "gpu_check: unknown option $1 (see --help)" >&2; exit 2 ;;
+esac
+out=${1:-${OUT:-}}
+[ -n "$out" ] && out=$(realpath -m -- "$out")  # before the cd: a relative OUT_DIR is the caller's
+cd "$(dirname "$0")/.." || exit 2  # the repository root
+out=${out:-$PWD/benchmarks/results}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
@@ -20,6 +26,7 @@ if ! command -v nvidia-smi >/dev/null || ! $py -c "import torch, sys; sys.exit(n
     echo "gpu_check: no CUDA device here; this script is for a GPU machine" >&2
     exit 2
 fi
+mkdir -p "$out"
 # mmscale.kernels is the kernels/xattn/ folder, mapped into the package by setup.py. Without installing anything
 # (the GPU machine has no network), lay the package out in a temporary folder of links instead.
 site=$(mktemp -d)

@@ -7,6 +7,7 @@ functions that only allocate their outputs, and the rest of the path runs as in 
 cost (about 4 launches per forward+backward) comes on top and is not measured here.
 
     python benchmarks/kernel_host_overhead.py          # CPU is fine: no kernel runs
+    python benchmarks/kernel_host_overhead.py --smoke --out /tmp/kernel_host_overhead.json   # checks the script
 
 Rows: the eager path (autograd.Function) and the custom-op path that torch.compile traces, for a forward under
 no_grad and a forward+backward. Median of interleaved rounds, microseconds per call.
@@ -18,22 +19,30 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors may enter the Triton path (nothing launches)
 
-import torch  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # also when imported from elsewhere
+
+import smoke  # noqa: E402  (benchmarks/smoke.py)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--calls", type=int, default=500, help="calls per round")
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "kernel_host_overhead.json"))
+    p.add_argument("--warmup", type=int, default=50, help="calls per path before the rounds")
+    smoke.add_smoke_args(p, "kernel_host_overhead")
     args = p.parse_args(argv)
+    smoke.check_smoke_paths(p, args)
+    if args.smoke:
+        args.calls, args.rounds, args.warmup = 20, 2, 5
+
+    import torch  # here, not at the top: --help and a refused argument answer without importing it
 
     import mmscale.kernels as mk
     from mmscale.kernels import triton_xattn as tx
@@ -77,7 +86,7 @@ def main(argv=None):
              "custom op fwd (no_grad)": op_fwd, "custom op fwd+bwd": op_fwd_bwd}
     samples = {name: [] for name in cases}
     for fn in cases.values():  # warm-up
-        for _ in range(50):
+        for _ in range(args.warmup):
             fn()
     for _ in range(args.rounds):
         for name, fn in cases.items():
@@ -93,8 +102,9 @@ def main(argv=None):
         result[name] = dict(median_us=round(med, 1), min_us=round(min(xs), 1), max_us=round(max(xs), 1))
         print(f"{name:<26}{med:>18.1f}{min(xs):>8.1f}{max(xs):>8.1f}")
     headline = dict(benchmark="kernel_host_overhead", date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
-                    device="cpu (host path only)", **{k: v["median_us"] for k, v in result.items()})
-    out = Path(args.out)
+                    device="cpu (host path only)", smoke=args.smoke, **{k: v["median_us"] for k, v in result.items()})
+    out = smoke.out_path(args, "kernel_host_overhead")
+    args.out = str(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(headline=headline, config=vars(args), results=result), indent=2) + "\n")
     print(json.dumps(headline))

@@ -1,6 +1,7 @@
 """Per-rank memory of full fine-tuning, LoRA and QLoRA side by side: same model, ZeRO-3, 2 ranks, bf16.
 
     deepspeed --num_gpus 2 benchmarks/peft_memory.py [--steps 100] [--smoke] [--out FILE]
+    deepspeed --num_gpus 2 benchmarks/peft_memory.py --smoke --out /tmp/peft_memory.json   # checks the script
 
 One job builds and trains the three variants in turn through mmscale's own code path (`load_config` over
 configs/tiny.yaml with a wider LM, `build_trainer`, `Trainer.train_step`, `Trainer.evaluate`), each from the same
@@ -20,7 +21,9 @@ counts the bytes the engine holds after training:
                reported, counted in no ratio
 
 and the median step time and the validation loss after the last step. Prints a table, writes
-benchmarks/results/peft_memory.json (rank 0) and prints the headline as one JSON object on its last line.
+benchmarks/results/peft_memory.json (`--out`; rank 0) and prints the headline as one JSON object on its last line.
+The data and base LM go to a temporary folder, removed at the end. `--smoke`: a 2-layer LM of width 128, 3 steps per
+variant; without `--out`, the JSON goes to a temporary folder (benchmarks/smoke.py).
 
 Headline ratios (targets from the issue):
     qlora_base_bytes_ratio   QLoRA's bytes for the LM weights it quantizes / the same weights' bf16 bytes (LoRA run),
@@ -37,12 +40,19 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from machine import cpu_model, native_bf16  # benchmarks/machine.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported from elsewhere
+
+import smoke  # noqa: E402  (benchmarks/smoke.py)
+from machine import cpu_model, native_bf16  # noqa: E402  (benchmarks/machine.py)
+
+if TYPE_CHECKING:  # the functions import torch themselves (main, after the arguments parse)
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("full", "lora", "qlora")
@@ -63,6 +73,8 @@ def _nbytes(t: torch.Tensor | None) -> int:
 
 def _quant_state_tensors(qs) -> list[torch.Tensor]:
     """Every tensor of a bitsandbytes QuantState, the nested one (double quantization) included."""
+    import torch
+
     out = [t for t in (getattr(qs, k, None) for k in ("absmax", "code", "offset")) if torch.is_tensor(t)]
     if getattr(qs, "state2", None) is not None:
         out += _quant_state_tensors(qs.state2)
@@ -72,6 +84,8 @@ def _quant_state_tensors(qs) -> list[torch.Tensor]:
 def measure(engine) -> dict:
     """This rank's bytes of parameters (trainable / frozen, per component), gradients, optimizer state and buffers.
     Call after a step: Adam's moments exist from the first one on."""
+    import torch
+
     module, opt = engine.ds.module, engine.ds.optimizer
     if not hasattr(opt, "fp32_partitioned_groups_flat"):
         raise RuntimeError(f"expected DeepSpeed's ZeRO-3 optimizer, got {type(opt).__name__}")
@@ -132,19 +146,20 @@ def measure(engine) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=100, help="optimizer steps per variant")
-    p.add_argument("--smoke", action="store_true", help="a few steps of a small LM: checks the script, not memory")
+    smoke.add_smoke_args(p, "peft_memory")  # a few steps of a small LM: checks the script, not memory
     p.add_argument("--lm-hidden", type=int, default=512)
     p.add_argument("--lm-layers", type=int, default=4)
     p.add_argument("--lm-intermediate", type=int, default=1376)
     p.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quantization")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--out", default=str(REPO / "benchmarks/results/peft_memory.json"))
     p.add_argument("--local_rank", type=int, default=None)
     args = p.parse_args(argv)
+    smoke.check_smoke_paths(p, args)
     if args.smoke:
         args.steps, args.lm_hidden, args.lm_layers, args.lm_intermediate = min(args.steps, 3), 128, 2, 256
 
-    import deepspeed
+    import deepspeed  # here, not at the top: --help and a refused argument answer without importing torch
+    import torch
 
     from mmscale.config import load_config
     from mmscale.data import make_shapes_dataset, train_sentencepiece
@@ -261,8 +276,9 @@ def main(argv: list[str] | None = None) -> None:
                       "torch": torch.__version__, "deepspeed": deepspeed.__version__,
                       "date": time.strftime("%Y-%m-%d"), "cpu_native_bf16": native_bf16()},
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(payload, indent=2))
+        out = smoke.out_path(args, "peft_memory")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(payload, indent=2))
         print(json.dumps(headline))
     torch.distributed.destroy_process_group()
 

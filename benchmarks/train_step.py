@@ -1,12 +1,14 @@
 """samples/s of the mmscale training step against a bare DeepSpeed loop: same model, same batches, ZeRO-3.
 
     deepspeed --num_gpus 2 benchmarks/train_step.py [--preset demo] [--steps 30] [--rounds 3]
+    deepspeed --num_gpus 2 benchmarks/train_step.py --smoke --out /tmp/train_step.json   # checks the script
 
 Both loops run in the same processes, interleaved in rounds (bare, mmscale, bare, mmscale, ...) so that machine
 noise hits both alike; each round times `--steps` optimizer steps after a warm-up. The batches come from the real
 data pipeline and are held in memory, so the ratio measures the step (token all-reduce, loss scaling, callbacks,
-metrics) and not the loader. Prints a table, writes benchmarks/results/train_step.json, and prints the headline
-figures as one JSON object on its last line.
+metrics) and not the loader. Prints a table, writes benchmarks/results/train_step.json (`--out`), and prints the
+headline figures as one JSON object on its last line. `--smoke`: the tiny preset, 32 px, one round of 2 steps, in a
+temporary folder (benchmarks/smoke.py).
 """
 
 from __future__ import annotations
@@ -15,42 +17,56 @@ import argparse
 import itertools
 import json
 import platform
+import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-from machine import cpu_model, native_bf16  # benchmarks/machine.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported from elsewhere
+
+import smoke  # noqa: E402  (benchmarks/smoke.py)
+from machine import cpu_model, native_bf16  # noqa: E402  (benchmarks/machine.py)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--preset", default="demo")
-    p.add_argument("--steps", type=int, default=30)
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None, help="model preset (default demo; --smoke: tiny)")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per round and loop")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results/train_step.json"))
+    smoke.add_smoke_args(p, "train_step", work_dir="folder for the shards and tokenizer, made once and reused "
+                         "(default $TMPDIR/mmscale_bench_train_step)")
     p.add_argument("--local_rank", type=int, default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    smoke.check_smoke_paths(p, args)
+    args.preset = args.preset or ("tiny" if args.smoke else "demo")
+    image_size, samples = (32, 64) if args.smoke else (64, 512)
+    if args.smoke:
+        args.steps, args.warmup, args.rounds, args.micro_batch = 2, 1, 1, 4
 
-    import deepspeed
+    import deepspeed  # here, not at the top: --help and a refused argument answer without importing torch
+    import torch
 
     from mmscale.config import config_from_dict
     from mmscale.data import TrainLoader, load_tokenizer, make_shapes_dataset, train_sentencepiece
     from mmscale.data.tokenizer import captions_from_shards
     from mmscale.model import build_model
     from mmscale.training.build import seed_everything
-    from mmscale.training.engine import barrier, build_ds_config, build_engine, build_optimizer, \
-        check_param_dtypes, init_distributed, lr_lambda, param_dtype
+    from mmscale.training.engine import barrier, broadcast_object, build_ds_config, build_engine, \
+        build_optimizer, check_param_dtypes, init_distributed, lr_lambda, param_dtype
     from mmscale.training.trainer import MODEL_INPUTS, Trainer
 
     rank, world = init_distributed()
-    tmp = Path(tempfile.gettempdir()) / "mmscale_bench_train_step"
+    # rank 0 picks the folder (a smoke run's is new) and tells the others
+    tmp = Path(broadcast_object(
+        str(smoke.work_dir(args, "train_step", Path(tempfile.gettempdir()) / "mmscale_bench_train_step"))
+        if rank == 0 else None))
     cfg = config_from_dict({
         "output_dir": str(tmp / "run"),
-        "data": {"train_shards": str(tmp / "data"), "tokenizer": "", "image_size": 64, "max_text_len": 16,
+        "data": {"train_shards": str(tmp / "data"), "tokenizer": "", "image_size": image_size, "max_text_len": 16,
                  "num_workers": 0},
         "model": {"preset": args.preset},
         "train": {"micro_batch_size": args.micro_batch, "global_batch_size": args.micro_batch * world,
@@ -58,9 +74,12 @@ def main() -> None:
         "deepspeed": {"zero_stage": 3},
         "logging": {"tensorboard": False, "progress_bar": False, "plot": False, "log_every": 10},
     }, world_size=world, check_paths=False)  # the shards are generated just below
-    if rank == 0 and not (tmp / "tok.model").exists():
-        make_shapes_dataset(tmp / "data", 512, samples_per_shard=128, image_size=64, seed=0)
+    stamp, made = tmp / "data.json", {"samples": samples, "image_size": image_size}  # reused only if the same
+    if rank == 0 and not (stamp.is_file() and json.loads(stamp.read_text()) == made):
+        shutil.rmtree(tmp / "data", ignore_errors=True)
+        make_shapes_dataset(tmp / "data", samples, samples_per_shard=samples // 4, image_size=image_size, seed=0)
         train_sentencepiece(captions_from_shards(str(tmp / "data")), tmp / "tok", vocab_size=64)
+        stamp.write_text(json.dumps(made))  # last: an interrupted generation is redone
     barrier()
     tok = load_tokenizer(tmp / "tok.model")
     loader = TrainLoader(cfg.data, tok, args.micro_batch, rank, world, seed=0)
@@ -128,23 +147,26 @@ def main() -> None:
         "target": 0.97,
         "bare_samples_per_s": bare_sps,
         "mmscale_samples_per_s": mm_sps,
+        "smoke": args.smoke,
     }
     if rank == 0:
         print(f"{'round':>5} {'bare samples/s':>15} {'mmscale samples/s':>18} {'ratio':>7}")
         for r in rows:
             print(f"{r['round']:>5} {r['bare_samples_per_s']:>15.2f} {r['mmscale_samples_per_s']:>18.2f} "
                   f"{r['mmscale_samples_per_s'] / r['bare_samples_per_s']:>7.3f}")
+        out = smoke.out_path(args, "train_step", tmp if args.smoke and not args.work_dir else None)
         result = {
             **headline,
             "rounds": rows,
-            "setup": {"preset": args.preset, "world_size": world, "zero_stage": 3, "micro_batch": args.micro_batch,
+            "setup": {"preset": args.preset, "image_size": image_size, "world_size": world, "zero_stage": 3,
+                      "micro_batch": args.micro_batch,
                       "steps_per_round": args.steps, "device": "cuda" if torch.cuda.is_available() else "cpu",
                       "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                       "deepspeed": deepspeed.__version__, "date": time.strftime("%Y-%m-%d"),
                       "param_dtypes": sorted(dtypes), "cpu_model": cpu_model(), "cpu_native_bf16": native_bf16()},
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
         print(json.dumps(headline))
     torch.distributed.destroy_process_group()
 

@@ -14,12 +14,14 @@ Timing: triton.testing.do_bench on CUDA. The JSON also carries flash-attn 2's pu
 for an indicative comparison (other shapes and card: not a side-by-side measurement).
 
     python benchmarks/xattn_kernels.py                       # GPU, full size
-    TRITON_INTERPRET=1 python benchmarks/xattn_kernels.py --smoke   # CPU: tiny shapes, proves the script runs
+    python benchmarks/xattn_kernels.py --smoke --out /tmp/kernels.json   # tiny shapes, proves the script runs (on a
+                                                  # CPU, Triton runs through its interpreter: TRITON_INTERPRET=1)
 
-Writes benchmarks/results/kernels.json; the last stdout line is one JSON object with the headline ratios
-(TFLOP/s of triton over each other backend, per case and the minimum over cases). A backend that cannot run here
-(not installed, CUDA only, wrong dtype) is skipped; one that raises is recorded as an error, the run goes on to
-the other cases, and the script exits 1 at the end, naming the failures on stderr.
+Writes benchmarks/results/kernels.json (`--out`; a smoke run without it, a temporary folder's); the last stdout
+line is one JSON object with the headline ratios (TFLOP/s of triton over each other backend, per case and the
+minimum over cases). A backend that cannot run here (not installed, CUDA only, wrong dtype) is skipped; one that
+raises is recorded as an error, the run goes on to the other cases, and the script exits 1 at the end, naming the
+failures on stderr.
 """
 
 from __future__ import annotations
@@ -38,15 +40,17 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # also when imported from elsewhere (tests load it by its path)
+
+import smoke  # noqa: E402  (benchmarks/smoke.py)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, fp32 by default, runs on CPU")
+    smoke.add_smoke_args(p, "kernels")  # tiny shapes, fp32 by default, runs on CPU
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="input dtype (default bf16; smoke fp32)")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "kernels.json"), help="JSON results path")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=None, help="GQA key/value heads (default = --heads)")
@@ -59,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--backends", nargs="+", default=["triton", "flash", "sdpa_flash", "flex", "sdpa"])
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    smoke.check_smoke_paths(p, args)
     if args.smoke:
         args.batch, args.heads, args.seqlen_q, args.head_dims = 2, 2, 64, [32]
         args.images, args.tokens = [2, 3], [8, 16]
@@ -336,6 +341,10 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("no CUDA device: run with --smoke (tiny CPU shapes; numbers are meaningless)")
+    if device.type != "cuda":
+        # Triton reads it when first imported (nothing has imported it yet): without it the Triton rows are skipped
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    args.out = str(smoke.out_path(args, "kernels"))
     names, skipped = backends_to_run(args, device)
     gen = torch.Generator().manual_seed(args.seed)
     if device.type != "cuda":

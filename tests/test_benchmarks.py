@@ -3,6 +3,13 @@
 The figures they print here are meaningless; only the output contract is checked: a table, a JSON file, the
 headline as one JSON object on the last stdout line, and an exit status that fails when a backend crashed (also
 through gpu_check.sh, run here with a fake python and nvidia-smi).
+
+Every script in benchmarks/ and launchers/ is found by globbing (a new one is covered without editing this file;
+helper modules are listed in NOT_SCRIPTS): each answers --help, and each benchmark keeps the smoke contract of
+benchmarks/smoke.py (--smoke, --out; a smoke run never writes into the repository). Fast tier: --help of all, the
+refusal of a smoke --out inside benchmarks/results/, and the CPU-only benchmarks at --smoke. Slow tier: the
+benchmarks that start DeepSpeed jobs, at --smoke (measured on the 2-core dev machine, shared: peft_memory ~50-80 s,
+train_step ~30-45 s, continual_digits with two methods ~50-110 s, continual_captions ~25-35 s).
 """
 
 import json
@@ -10,11 +17,102 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Python files of benchmarks/ and launchers/ that are modules the scripts import, not scripts: no --help, no smoke.
+NOT_SCRIPTS = {
+    "benchmarks/machine.py": "what the benchmarks record about the machine (CPU model, native bf16)",
+    "benchmarks/smoke.py": "the smoke contract's flags and where a benchmark writes",
+}
+BENCHMARKS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "benchmarks").glob("*.py")
+                    if p.relative_to(REPO).as_posix() not in NOT_SCRIPTS)
+LAUNCHERS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "launchers").glob("*.py")
+                   if p.relative_to(REPO).as_posix() not in NOT_SCRIPTS)
+SHELL_SCRIPTS = sorted(p.relative_to(REPO).as_posix() for folder in ("benchmarks", "launchers")
+                       for p in (REPO / folder).rglob("*.sh"))
+
+
+def _headline(stdout: str, name: str, last_line: bool = True) -> dict:
+    """The headline of a smoke run: the last stdout line (under the deepspeed launcher, which prints after the ranks
+    exit, the one line that starts with `{"benchmark": "<name>"`)."""
+    lines = stdout.strip().splitlines()
+    if last_line:
+        headline = json.loads(lines[-1])
+    else:
+        mine = [x for x in lines if x.startswith(f'{{"benchmark": "{name}"')]
+        assert len(mine) == 1, stdout[-3000:]
+        headline = json.loads(mine[0])
+    assert headline["benchmark"] == name and headline["smoke"] is True, headline
+    return headline
+
+
+def _check_payload(path: Path, headline: dict) -> dict:
+    """The JSON file holds the headline: at its top level or as its "headline"."""
+    assert path.is_file(), f"{path} was not written"
+    payload = json.loads(path.read_text())
+    doc = payload.get("headline", payload)
+    assert {k: doc.get(k) for k in headline} == headline, (doc, headline)
+    return payload
+
+
+def test_not_scripts_are_modules_and_the_rest_scripts():
+    """The exclusion list stays true: what it names exists and runs nothing as a script; every other file runs."""
+    for path in NOT_SCRIPTS:
+        text = (REPO / path).read_text()
+        assert "__main__" not in text, f"{path} has a main block: a script, remove it from NOT_SCRIPTS"
+    for path in BENCHMARKS + LAUNCHERS:
+        assert 'if __name__ == "__main__":' in (REPO / path).read_text(), (
+            f"{path} is no script: add it to NOT_SCRIPTS with what it is")
+    assert "benchmarks/xattn_kernels.py" in BENCHMARKS and "launchers/train.py" in LAUNCHERS
+    assert {"benchmarks/gpu_check.sh", "launchers/slurm/submit.sh"} <= set(SHELL_SCRIPTS)
+
+
+@pytest.mark.parametrize("script", BENCHMARKS + LAUNCHERS + SHELL_SCRIPTS)
+def test_help(script):
+    """`--help` from the repository root, in a fresh process: exit 0 and a usage; a benchmark names its smoke
+    contract's flags."""
+    cmd = ["bash", script, "--help"] if script.endswith(".sh") else [sys.executable, script, "--help"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "usage:" in res.stdout.lower(), res.stdout[-3000:]
+    if script in BENCHMARKS:
+        assert "--smoke" in res.stdout and "--out" in res.stdout, res.stdout[-3000:]
+
+
+@pytest.mark.parametrize("script", BENCHMARKS)
+def test_smoke_refuses_to_write_into_the_committed_results(script, tmp_path):
+    """A smoke run's figures mean nothing: an --out in benchmarks/results/ is refused before anything runs. Run from
+    another folder, so every script is also shown to import its neighbours wherever it starts."""
+    out = REPO / "benchmarks" / "results" / "smoke-refused.json"
+    res = subprocess.run([sys.executable, str(REPO / script), "--smoke", "--out", str(out)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "committed results" in res.stderr, res.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_kernel_host_overhead_smoke_writes_outside_the_repository(tmp_path):
+    """`--smoke` without --out, started from another folder: the JSON goes to a new temporary folder named on
+    stderr (here under TMPDIR=tmp_path), benchmarks/results/ is untouched, and the contract holds."""
+    results = REPO / "benchmarks" / "results"
+    before = {p.name: p.stat().st_mtime_ns for p in results.iterdir()}
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_host_overhead.py"), "--smoke"],
+                         cwd=tmp_path, env=dict(os.environ, TMPDIR=str(tmp_path)), capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    headline = _headline(res.stdout, "kernel_host_overhead")
+    written = list(tmp_path.glob("mmscale-smoke-kernel_host_overhead-*/kernel_host_overhead.json"))
+    assert len(written) == 1 and str(written[0].parent) in res.stderr, res.stderr[-3000:]
+    payload = _check_payload(written[0], headline)
+    assert set(payload["results"]) == {"eager fwd (no_grad)", "eager fwd+bwd", "custom op fwd (no_grad)",
+                                       "custom op fwd+bwd"}
+    assert "us/call (median)" in res.stdout  # the table
+    assert {p.name: p.stat().st_mtime_ns for p in results.iterdir()} == before
 
 
 def test_kernel_benchmark_smoke(tmp_path):
@@ -174,3 +272,47 @@ def test_peft_memory_benchmark_smoke(tmp_path):
     assert 0 < headline["trainable_state_ratio"] < 1
     assert 0.5 < headline["qlora_over_lora_loss"] < 2
     assert all(math.isfinite(x) for x in headline["val_loss"].values())
+
+
+# (script, ranks, extra arguments): the benchmarks that start DeepSpeed jobs. The continual ones launch their own
+# 2-rank jobs; continual_digits adds joint, whose results are read another way (per-class accuracy from metrics).
+DEEPSPEED_SMOKES = {
+    "train_step": (2, []),
+    "continual_digits": (1, ["--methods", "replay_distill", "joint"]),
+    "continual_captions": (1, []),
+}
+
+
+def test_every_benchmark_has_a_smoke_test():
+    """A new benchmark needs a smoke run here (or in a test of its own above)."""
+    covered = {*DEEPSPEED_SMOKES, "peft_memory", "xattn_kernels", "data_throughput", "kernel_host_overhead"}
+    assert {Path(p).stem for p in BENCHMARKS} == covered
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(DEEPSPEED_SMOKES))
+def test_deepspeed_benchmark_smoke(name, tmp_path):
+    """`--smoke --out --work-dir` in tmp_path: the table, the JSON and the headline agree, and the run's data and
+    runs stay in the work dir."""
+    from test_training import launch
+
+    nprocs, extra = DEEPSPEED_SMOKES[name]
+    out, work = tmp_path / f"{name}.json", tmp_path / "work"
+    t0 = time.perf_counter()
+    res = launch(REPO / "benchmarks" / f"{name}.py", ["--smoke", "--out", str(out), "--work-dir", str(work), *extra],
+                 nprocs=nprocs, timeout=600)
+    print(f"{name} --smoke: {time.perf_counter() - t0:.0f} s")
+    headline = _headline(res.stdout, name, last_line=nprocs == 1)
+    payload = _check_payload(out, headline)
+    assert work.is_dir() and any(work.iterdir())
+    if name == "train_step":
+        assert "mmscale samples/s" in res.stdout and headline["ratio_mmscale_over_bare"] > 0
+        assert payload["setup"]["world_size"] == 2 and payload["setup"]["preset"] == "tiny"
+    elif name == "continual_digits":
+        assert set(payload["summary"]) == {"replay_distill", "joint"} and out.with_suffix(".png").is_file()
+        assert 0 <= headline["accuracy_joint"] <= 1 and 0 <= headline["accuracy_replay_distill"] <= 1
+        assert len(payload["summary"]["replay_distill"]["runs"][0]["matrix"]) == 2  # the smoke's two tasks
+        assert "final avg accuracy" in res.stdout
+    else:
+        assert set(payload["results"]) == {"replay_distill"}
+        assert "shapes after counts" in res.stdout and headline["loss_shapes_after_counts_replay_distill"] > 0
