@@ -54,6 +54,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from mmscale.training import run_paths
+
 if TYPE_CHECKING:
     import torch
 
@@ -832,9 +834,8 @@ def _out_problems(out: Path, run: Path, overwrite: bool) -> list[str]:
 
 
 def _load_run_config(run: Path, problems: list[str]) -> Any:
-    import yaml
-
-    from mmscale.config import ConfigError, config_from_dict
+    """The run's config, its paths resolved against where the run is now (mmscale.training.run_paths)."""
+    from mmscale.config import ConfigError
 
     path = run / CONFIG_YAML
     if not run.is_dir():
@@ -845,7 +846,7 @@ def _load_run_config(run: Path, problems: list[str]) -> Any:
                         f"(launchers/train.py writes it there when the job starts)")
         return None
     try:
-        return config_from_dict(yaml.safe_load(path.read_text()), check_paths=False)
+        return run_paths.config_for_run(run)
     except ConfigError as e:
         problems.append(f"{path}: {e}")
         return None
@@ -972,7 +973,12 @@ def export_model(run_dir: str | Path, out: str | Path, checkpoint_dir: str | Pat
                                 {"mmscale_format": FORMAT, "mmscale_format_version": str(FORMAT_VERSION)})
         del source, model
 
-        (tmp / CONFIG_YAML).write_text(cfg_out.to_yaml())
+        # self-contained like a run's (mmscale.training.run_paths): the tokenizer, in this folder, relative to it
+        # and output_dir ".", every other path absolute
+        here = dataclasses.replace(cfg_out, output_dir=str(out),
+                                   data=dataclasses.replace(cfg_out.data, tokenizer=str(out / tok_name)))
+        (tmp / CONFIG_YAML).write_text(run_paths.portable_yaml(here, out))
+        changes.append(f"output_dir: {cfg.output_dir!r} -> '.' (this folder; the run is trained_by.run)")
         adapters_info = None
         if methods:
             callback = next(c for c in cfg.callbacks if c.name in LORA_METHODS)
@@ -1172,7 +1178,9 @@ def load_exported(directory: str | Path, dtype: Any = None, adapters: bool = Tru
     if info.get("format") != FORMAT or int(info.get("format_version", 0)) > FORMAT_VERSION:
         raise ValueError(f"{d / CONFIG_JSON}: format {info.get('format')!r} v{info.get('format_version')}; this "
                          f"mmscale reads {FORMAT!r} up to v{FORMAT_VERSION}")
-    cfg = config_from_dict(yaml.safe_load((d / CONFIG_YAML).read_text()), check_paths=False)
+    # relative paths against this folder where it is now (an export from before: as they were)
+    cfg = config_from_dict(run_paths.resolve_config(yaml.safe_load((d / CONFIG_YAML).read_text()), d, legacy=False),
+                           check_paths=False)
     tok_path = d / info["tokenizer"]
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(tok_path)))
     tokenizer = load_tokenizer(tok_path)

@@ -252,10 +252,10 @@ def test_qlora_fine_tunes_a_pretrained_run(source_run, tmp_path):
     import bitsandbytes as bnb
     from safetensors.torch import load_file
 
-    from mmscale.config import load_config
     from mmscale.data import load_tokenizer
     from mmscale.training.build import BASE_LM_DIR, build_from_checkpoint
     from mmscale.training.checkpoint import consolidated_state_dict, latest_checkpoint
+    from mmscale.training.run_paths import config_for_run
 
     tmp, data = source_run
     out = tmp_path / "run"
@@ -272,7 +272,7 @@ def test_qlora_fine_tunes_a_pretrained_run(source_run, tmp_path):
     train = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     # it trains: each step sees other batches, so the last two steps' mean against the first
     assert len(train) == 4 and (train[2] + train[3]) / 2 < train[0], train
-    cfg = load_config(out / "config.yaml")  # the resolved config names the exported base
+    cfg = config_for_run(out)  # the resolved config names the exported base (recorded relative to the run)
     assert cfg.model.lm.path == str(out / BASE_LM_DIR)
     model = build_from_checkpoint(cfg, latest_checkpoint(out / "checkpoints"),
                                   load_tokenizer(cfg.data.tokenizer).vocab_size)

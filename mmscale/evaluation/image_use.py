@@ -27,19 +27,17 @@ from typing import Any
 
 import torch
 
-from mmscale.config import config_from_dict
-
 
 def load_run(run_dir: str | Path, checkpoint_dir: str | Path | None = None):
-    """(cfg, model, tokenizer) of a finished or running job, on CPU, weights from its latest checkpoint."""
-    import yaml
-
+    """(cfg, model, tokenizer) of a finished or running job, on CPU, weights from its latest checkpoint. The run
+    may have moved: its paths are resolved against where it is now (mmscale.training.run_paths)."""
     from mmscale.data import load_tokenizer
     from mmscale.training.build import build_from_checkpoint
     from mmscale.training.checkpoint import latest_checkpoint
+    from mmscale.training.run_paths import config_for_run
 
     run_dir = Path(run_dir)
-    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), check_paths=False)  # the model only
+    cfg = config_for_run(run_dir)  # the model only (check_paths=False)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:

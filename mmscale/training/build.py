@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from mmscale.config import JobConfig
-from mmscale.training import checkpoint
+from mmscale.training import checkpoint, run_paths
 from mmscale.training.cluster import SharedDirError, shared_dir_problems
 from mmscale.training.engine import barrier, build_engine, init_distributed
 from mmscale.training.trainer import Trainer
@@ -61,10 +61,19 @@ def prepare_data(cfg: JobConfig, rank: int) -> tuple[str, str, str]:
                 ensure_synthetic_dataset(val, d.synthetic_val_samples, _val_samples_per_shard(d), d.image_size,
                                          seed=cfg.train.seed + 1, prefix="val", task=d.synthetic_task)
             stamp = Path(train) / f"train.{d.synthetic_task}.json"
-            if not d.tokenizer and (not Path(tok).exists() or Path(tok).stat().st_mtime < stamp.stat().st_mtime):
+            # the split the tokenizer was trained on, by content rather than mtime: a copied run (cp -r) keeps it
+            trained_on, split = root / "tokenizer.trained_on.json", f"{stamp.name} {stamp.read_text()}"
+            if d.tokenizer:
+                fresh = True
+            elif trained_on.is_file():
+                fresh = Path(tok).exists() and trained_on.read_text() == split
+            else:  # made before that record was kept
+                fresh = Path(tok).exists() and Path(tok).stat().st_mtime >= stamp.stat().st_mtime
+            if not fresh:
                 # + one line of every task's words: a word model then holds each as one piece
                 texts = [*captions_from_shards(train), " ".join(synthetic_words())]
                 train_sentencepiece(texts, str(root / "tokenizer"), d.tokenizer_vocab_size)
+                trained_on.write_text(split)
         barrier()
     return train, val, tok
 
@@ -108,7 +117,8 @@ def build_trainer(cfg: JobConfig, resume: str | None = None, overwrite: bool = F
         resolved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_shards=train_shards,
                                                                      val_shards=val_shards, tokenizer=tok_path))
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.output_dir) / "config.yaml").write_text(resolved.to_yaml())
+        # paths inside the run relative to it, the others absolute: the run works from anywhere, moved or copied
+        (Path(cfg.output_dir) / run_paths.RUN_CONFIG).write_text(run_paths.portable_yaml(resolved, cfg.output_dir))
         counts = engine.module.param_counts()
         log.info("model: %s parameters, %s trainable; world size %d, gradient accumulation %d",
                  f"{counts['total']:,}", f"{counts['trainable']:,}", world_size, engine.grad_accum)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from mmscale.config import JobConfig
 from mmscale.data.reading import BAD_KINDS, NETWORK_RETRY, BadDataError, BadInputMonitor
 from mmscale.training import checkpoint
-from mmscale.training import cluster
+from mmscale.training import cluster, run_paths
 from mmscale.training.callbacks import Callback
 from mmscale.training.engine import (
     Engine, all_gather_object, all_reduce_sum, barrier, broadcast_object, param_dtype, rendezvous_store,
@@ -401,8 +401,9 @@ class Trainer:
         names = broadcast_object(checkpoint.files_of(ckpt) if self.is_main else None)
         shares = all_gather_object(checkpoint.hash_share(ckpt, names, self.rank, self.world_size))
         if self.is_main:
-            meta = {"world_size": self.world_size, "config": self.cfg.to_dict(), "metrics": self._eval_at_step(),
-                    "frozen_fingerprint": frozen}
+            meta = {"world_size": self.world_size,
+                    "config": run_paths.portable_config(self.cfg.to_dict(), self.output_dir),  # see run_paths
+                    "metrics": self._eval_at_step(), "frozen_fingerprint": frozen}
             checkpoint.write_manifest(ckpt, self.step, {k: v for share in shares for k, v in share.items()}, meta)
             final = checkpoint.commit(self.ckpt_root, self.step, self.cfg.train.keep_checkpoints,
                                       self.cfg.train.keep_best, self.cfg.train.keep_best_mode)
@@ -426,7 +427,10 @@ class Trainer:
                 return [], [f"{ckpt.name} was saved by {saved_world} ranks, this run has {self.world_size}; "
                             f"resume with {saved_world} ranks"], None
             state = torch.load(ckpt / checkpoint.state_file(self.rank), map_location="cpu", weights_only=True)
-            mismatched = config_changes(manifest.get("config") or {}, self.cfg.to_dict())
+            # both portable for this output_dir: a moved run's relative paths are not a change
+            mismatched = config_changes(
+                run_paths.comparable_config(manifest.get("config") or {}, self.output_dir, recorded=True),
+                run_paths.comparable_config(self.cfg.to_dict(), self.output_dir, recorded=False))
             mismatched += frozen_problems(state.get("frozen_fingerprint", ""), self.engine.frozen_at_build,
                                           ckpt.name, self.cfg)
             if hasattr(self.train_data, "resume_problems"):
