@@ -141,7 +141,8 @@ def test_write_shards_bad_rows(digits_folder, tmp_path, capsys):
     assert write_shards_cli.main(args) == 1
     err = capsys.readouterr().err
     assert "pairs.jsonl:4" in err and "nope.jpg" in err and "--skip-bad-rows" in err
-    assert write_shards_cli.main(args + ["--skip-bad-rows"]) == 0
+    # the stopped run left its complete shard: a rerun into the same folder must say --overwrite (finding 10)
+    assert write_shards_cli.main(args + ["--skip-bad-rows", "--overwrite"]) == 0
     captured = capsys.readouterr()
     assert "skipped 2 rows" in captured.out and "pairs.jsonl:5: empty caption" in captured.err
     assert sum(json.loads((tmp_path / "s" / "sizes.json").read_text()).values()) == 3

@@ -21,7 +21,7 @@ from mmscale.config import DataConfig
 from mmscale.data.collate import IGNORE_INDEX
 from mmscale.data.reading import (
     BAD_ENCODING, BAD_LABEL, EMPTY_CAPTION, IMAGE_TOO_LARGE, MISSING_CAPTION, MISSING_IMAGE, UNDECODABLE_IMAGE,
-    SampleError,
+    SampleError, refuse_oversized,
 )
 from mmscale.data.shards import IMAGE_EXTS
 from mmscale.data.tokenizer import Tokenizer
@@ -145,13 +145,17 @@ def decode_sample(
     mean: Sequence[float],
     std: Sequence[float],
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    num_classes: int = 0,
 ) -> dict[str, Any]:
     """Raw tar sample -> {"__key__", "images": [(3, S, S)], "caption": str, "class_label": int}; raises SampleError
     (with its kind) if unusable. `class_label` is the `.cls` member (an integer, as webdataset writes it), -100
-    without one; a sample with a label may have no caption (classification data). The image is the first member of
-    IMAGE_EXTS present, opened by `load_image` (`max_pixels`: `data.max_image_pixels`)."""
+    without one; a sample with a label may have no caption (classification data). A label must be in
+    [0, `num_classes`) (`model.num_classes`; 0: no head, no upper bound): one outside would make the loss index out
+    of range, on one rank. The image is the first member of IMAGE_EXTS present, opened by `load_image`
+    (`max_pixels`: `data.max_image_pixels`)."""
     key = raw.get("__key__", "?")
     where = f"{key} in {raw.get('__url__', '?')}"
+    refuse_oversized(raw, where)
     label = IGNORE_INDEX
     if raw.get("cls") is not None:
         text = _utf8(raw["cls"], where, "class label (.cls member)", BAD_LABEL)
@@ -163,6 +167,10 @@ def decode_sample(
             ) from None
         if label < 0:
             raise SampleError(f"{where}: class label (.cls member) {label} is negative", BAD_LABEL)
+        if num_classes > 0 and label >= num_classes:
+            raise SampleError(
+                f"{where}: class label (.cls member) {label} is not below model.num_classes ({num_classes})", BAD_LABEL
+            )
     caption = raw.get("txt")
     if caption is None and label == IGNORE_INDEX:
         raise SampleError(f"{where}: no caption (.txt member) and no class label (.cls member)", MISSING_CAPTION)
@@ -193,13 +201,17 @@ def raw_members(raw: dict[str, Any]) -> dict[str, Any]:
     return {"__key__": raw.get("__key__", "?"), **{k: raw[k] for k in RAW_MEMBERS if k in raw}}
 
 
-def decode_for_training(raw: dict[str, Any], cfg: DataConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """Stages 6-7 for one raw sample, as the training stream does them (a replayed sample goes through these)."""
+def decode_for_training(
+    raw: dict[str, Any], cfg: DataConfig, tokenizer: Tokenizer, num_classes: int = 0
+) -> dict[str, Any]:
+    """Stages 6-7 for one raw sample, as the training stream does them (a replayed sample goes through these).
+    `num_classes`: `model.num_classes`, the bound on class labels (0: none)."""
     from mmscale.data.interleaved import decode_document, is_document  # (it imports this module)
 
+    refuse_oversized(raw, f"{raw.get('__key__', '?')} in {raw.get('__url__', '?')}")
     if is_document(raw):  # an interleaved image-text document: several images at their places in the text
         return decode_document(raw, cfg, tokenizer)
-    s = decode_sample(raw, cfg.image_size, cfg.image_mean, cfg.image_std, cfg.max_image_pixels)
+    s = decode_sample(raw, cfg.image_size, cfg.image_mean, cfg.image_std, cfg.max_image_pixels, num_classes)
     s["input_ids"] = caption_to_ids(s.pop("caption"), tokenizer, cfg.max_text_len)
     return s
 

@@ -8,11 +8,12 @@ Per rank, per data-loader worker ("slot"), per epoch (`_SlotStream._epoch_sample
                       torch.distributed); with fewer shards than ranks x workers, every slot reads all shards and
                       keeps every (ranks x workers)-th sample of each
 4. tar -> samples     `tar_samples` (mmscale.data.reading), one shard ("piece") at a time: members grouped by key;
-                      a broken tar is counted once, reading goes on
+                      a broken tar is counted once, reading goes on; a member over `data.max_member_bytes` is
+                      passed over unread
 5. block shuffle      the slot's raw samples are cut into consecutive blocks of `shuffle_buffer`; each block is
                       permuted by an RNG seeded by (seed, epoch, rank, worker, pass, block)
 6. decode + transform `decode_sample` (mmscale.data.decode): image -> resize shorter side, centre crop, normalise;
-                      caption checked
+                      caption and label checked (a label must be below `num_classes`, model.num_classes)
 7. tokenize           `caption_to_ids`: [<image>] + caption tokens (truncated) + [eos]
 8. batch + collate    `mmscale.data.collate.collate_samples`, inside the worker, so only tensors cross processes
 
@@ -361,7 +362,8 @@ class _Reader:
             self.opened[url] += 1
             skip, m = set(skip), 0
             raw = tar_samples([url], self.counter, split, allow_pipe=self.cfg.allow_pipe,
-                              http_retries=self.cfg.http_retries, http_backoff_s=self.cfg.http_backoff_s)
+                              http_retries=self.cfg.http_retries, http_backoff_s=self.cfg.http_backoff_s,
+                              max_member_bytes=self.cfg.max_member_bytes)
             try:
                 for i, s in enumerate(raw):
                     if stop is not None and i >= stop:
@@ -429,7 +431,8 @@ class _SlotStream(IterableDataset):
 
     `positions`: each logical worker's position at the start (for epoch `epoch` in epoch mode; None, or a None
     entry: read and decode the batches before `start_batch` again). `plan`: the pieces that replace a slot's shards
-    in one epoch (of a source, in a mixture) after a resume on another layout."""
+    in one epoch (of a source, in a mixture) after a resume on another layout. `num_classes`: `model.num_classes`,
+    the bound on class labels (0: none), a label at or above it is skipped as bad_label."""
 
     def __init__(
         self,
@@ -451,8 +454,10 @@ class _SlotStream(IterableDataset):
         positions: list[dict[str, Any] | None] | None = None,
         plan: dict[str, Any] | None = None,
         keep_raw: bool = False,
+        num_classes: int = 0,
     ):
         self.sources, self.sizes, self.cfg, self.tokenizer = sources, sizes, cfg, tokenizer
+        self.num_classes = num_classes
         self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
         self.num_batches, self.start_batch, self.num_epochs = num_batches, start_batch, num_epochs
@@ -468,7 +473,7 @@ class _SlotStream(IterableDataset):
             return None
         reader.decoded += 1
         try:
-            s = decode_for_training(raw, self.cfg, self.tokenizer)
+            s = decode_for_training(raw, self.cfg, self.tokenizer, self.num_classes)
         except SampleError as e:
             counter.skip(e)
             return None
@@ -735,6 +740,8 @@ class TrainLoader(_WorkerOwner):
     position, so it has one stream: `iter()` closes the previous iterator.
 
     `num_decoded` and `shards_opened` (a Counter of shard names) sum the work behind the batches yielded so far.
+    `num_classes`: `model.num_classes` (0: no classification head); a `.cls` label at or above it is skipped and
+    counted as bad_label, never reaches the loss.
     """
 
     def __init__(
@@ -748,6 +755,7 @@ class TrainLoader(_WorkerOwner):
         shards: str | None = None,
         pin_memory: bool = False,
         keep_raw: bool = False,
+        num_classes: int = 0,
     ):
         super().__init__()
         if not 0 <= rank < world_size:
@@ -759,6 +767,7 @@ class TrainLoader(_WorkerOwner):
         # batches carry each sample's raw members (`__raw__`) only when asked (a replay buffer stores them): the
         # bytes cost a copy across the worker boundary (~2 ms per batch of 32 224-px JPEGs)
         self.keep_raw = keep_raw
+        self.num_classes = num_classes
         self.num_workers = max(1, cfg.num_workers)
         self.block = max(1, cfg.shuffle_buffer)
         spec = shards or cfg.train_shards
@@ -1056,7 +1065,7 @@ class TrainLoader(_WorkerOwner):
             micro_batch_size=self.micro_batch_size, rank=self.rank, world_size=self.world_size, seed=self.seed,
             epoch=self.epoch, num_batches=self.steps_per_epoch, start_batch=self.batch_in_epoch, shuffle=True,
             num_epochs=None, endless=self.endless, positions=copy.deepcopy(self._positions),
-            plan=copy.deepcopy(self._plan), keep_raw=self.keep_raw,
+            plan=copy.deepcopy(self._plan), keep_raw=self.keep_raw, num_classes=self.num_classes,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -1104,7 +1113,7 @@ class EvalLoader(_WorkerOwner):
     Every rank yields `num_batches` = min(max_batches, samples // (micro_batch_size * world_size)) batches (at
     least 1; `max_batches` when the shards have no sizes.json). A rank whose shards hold fewer samples wraps
     around them, so all ranks step together. Each pass starts its workers and stops them at its end; `close()`
-    stops those of unfinished passes.
+    stops those of unfinished passes. `num_classes`: as for TrainLoader.
     """
 
     def __init__(
@@ -1117,12 +1126,14 @@ class EvalLoader(_WorkerOwner):
         shards: str,
         max_batches: int,
         pin_memory: bool = False,
+        num_classes: int = 0,
     ):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank ({rank}) must be in [0, world_size ({world_size}))")
         self.cfg, self.tokenizer, self.micro_batch_size = cfg, tokenizer, micro_batch_size
         self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
+        self.num_classes = num_classes
         self.shards = resolve_shards(shards, cfg.allow_pipe)
         self.sizes = read_sizes(self.shards)
         self.num_batches = max_batches
@@ -1142,7 +1153,7 @@ class EvalLoader(_WorkerOwner):
             sources=[_Source("eval", self.shards, 1.0, 0, False)], sizes=self.sizes, cfg=self.cfg,
             tokenizer=self.tokenizer, micro_batch_size=self.micro_batch_size, rank=self.rank,
             world_size=self.world_size, seed=0, epoch=0, num_batches=self.num_batches, start_batch=0, shuffle=False,
-            num_epochs=1,
+            num_epochs=1, num_classes=self.num_classes,
         )
         batches = _load_batches(stream, self.cfg.num_workers, self.pin_memory)
         try:

@@ -20,6 +20,11 @@ Where shards come from:
   fraction of the data.
 - `pipe:COMMAND`: runs COMMAND in a shell, so it is refused unless `data.allow_pipe` is set.
 - other URLs (`gs://`, ...): webdataset's `gopen`.
+
+Every tar is read as a stream, member by member. A member over `data.max_member_bytes` (its size from the tar
+header) is never read into memory: its bytes are passed over in small blocks, and its sample comes out marked
+(`OVERSIZED`) so that decoding skips and counts it as `member_too_large` (the sample keeps its place in the shard,
+so positions and per-slot sample splits still count the shard's samples as sizes.json does).
 """
 
 from __future__ import annotations
@@ -62,12 +67,15 @@ EMPTY_CAPTION = "empty_caption"
 BAD_ENCODING = "bad_encoding"
 """A caption or label that is not valid UTF-8."""
 BAD_LABEL = "bad_label"
-"""A class label (`.cls`) that is not a non-negative integer."""
+"""A class label (`.cls`) that is not an integer in [0, model.num_classes) (no upper bound without a head)."""
+MEMBER_TOO_LARGE = "member_too_large"
+"""A sample with a tar member over `data.max_member_bytes`, passed over unread (one huge member would otherwise
+exhaust a worker's memory)."""
 OTHER = "other"
 """A skip whose reporter named no kind."""
 BAD_KINDS = (
     BROKEN_TAR, UNREADABLE_SHARD, UNDECODABLE_IMAGE, IMAGE_TOO_LARGE, MISSING_IMAGE, MISSING_CAPTION, EMPTY_CAPTION,
-    BAD_ENCODING, BAD_LABEL, OTHER,
+    BAD_ENCODING, BAD_LABEL, MEMBER_TOO_LARGE, OTHER,
 )
 """The kinds of bad input mmscale's reader and decoder report (each one sample, or one shard, skipped)."""
 
@@ -81,6 +89,18 @@ class SampleError(ValueError):
     def __init__(self, message: str, kind: str = OTHER):
         super().__init__(message)
         self.kind = kind
+
+
+OVERSIZED = "__oversized__"
+"""The raw-sample entry that lists (as text) the members over `data.max_member_bytes` that the reader passed over
+unread; `refuse_oversized` turns it into a SampleError."""
+
+
+def refuse_oversized(raw: Mapping[str, Any], where: str) -> None:
+    """Raise SampleError(MEMBER_TOO_LARGE) for a raw sample the reader marked `OVERSIZED` (`where`: the sample,
+    for the message); every decoder calls this first."""
+    if raw.get(OVERSIZED):
+        raise SampleError(f"{where}: {raw[OVERSIZED]}", MEMBER_TOO_LARGE)
 
 
 class RemoteShardError(RuntimeError):
@@ -208,9 +228,11 @@ class BadInputMonitor:
 # ----------------------------------------------------------------------------------------------- tar -> samples
 
 
-def _tar_to_samples(stream: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
+def _tar_to_samples(stream: IO[bytes], url: str, max_member_bytes: int) -> Iterator[dict[str, Any]]:
     """Samples of one tar stream: members grouped by key (`dir/000042.jpg` + `dir/000042.txt` -> one dict).
 
+    A member over `max_member_bytes` (by its header) is not read: tarfile's stream passes over its bytes in blocks
+    of 10 kB when the next member is asked for, and the sample gets `OVERSIZED` (see the module doc).
     Raises whatever the stream or tarfile raise; a sample is yielded only once its last member has been read.
     (webdataset's own reader reports one break through its handler up to twice, so the stream is read here with
     tarfile and webdataset's `base_plus_ext`.)
@@ -228,12 +250,20 @@ def _tar_to_samples(stream: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
                 sample = None
             if sample is None:
                 sample = {"__key__": key, "__url__": url}
+            if member.size > max_member_bytes:
+                sample[OVERSIZED] = "; ".join(filter(None, [sample.get(OVERSIZED), (
+                    f"member {Path(member.name).name} is {member.size} bytes, over data.max_member_bytes "
+                    f"({max_member_bytes}); passed over unread"
+                )]))
+                continue
             sample[ext.lower()] = tar.extractfile(member).read()
     if sample is not None:
         yield sample
 
 
-def _read_stream_tar(url: str, counter: SkipCounter, opener: Callable[[], IO[bytes]]) -> Iterator[dict[str, Any]]:
+def _read_stream_tar(
+    url: str, counter: SkipCounter, opener: Callable[[], IO[bytes]], max_member_bytes: int
+) -> Iterator[dict[str, Any]]:
     """A local file, pipe or gopen URL: one that cannot be opened counts as an unreadable shard, a tar that breaks
     part-way as a broken one (the samples before the break are kept, the one being read is dropped)."""
     try:
@@ -243,7 +273,7 @@ def _read_stream_tar(url: str, counter: SkipCounter, opener: Callable[[], IO[byt
         return
     try:
         with stream:
-            yield from _tar_to_samples(stream, url)
+            yield from _tar_to_samples(stream, url, max_member_bytes)
     except Exception as e:  # tarfile.ReadError, OSError, EOFError, zlib errors, a pipe's exit status...
         counter.skip(f"broken tar {url}: {e!r}"[:300], BROKEN_TAR)
 
@@ -280,7 +310,7 @@ class _HttpBody(io.RawIOBase):
 
 
 def _read_http_tar(
-    url: str, counter: SkipCounter, retries: int, backoff_s: float, timeout_s: float
+    url: str, counter: SkipCounter, retries: int, backoff_s: float, timeout_s: float, max_member_bytes: int
 ) -> Iterator[dict[str, Any]]:
     """An http(s) shard with retries (see the module doc); a tar that breaks part-way counts as a broken one."""
     done = 0  # samples of this shard yielded so far: a reopened stream skips them
@@ -292,7 +322,7 @@ def _read_http_tar(
             request = urllib.request.Request(url, headers={"User-Agent": "mmscale"})
             with urllib.request.urlopen(request, timeout=timeout_s) as response:
                 body = io.BufferedReader(_HttpBody(response), 1 << 20)
-                for i, sample in enumerate(_tar_to_samples(body, url)):
+                for i, sample in enumerate(_tar_to_samples(body, url, max_member_bytes)):
                     if i < done:
                         if i == done - 1 and sample["__key__"] != last_key:
                             raise RemoteShardError(
@@ -340,15 +370,16 @@ def _read_tar(
     http_retries: int = _DEFAULTS.http_retries,
     http_backoff_s: float = _DEFAULTS.http_backoff_s,
     http_timeout_s: float = HTTP_TIMEOUT_S,
+    max_member_bytes: int = _DEFAULTS.max_member_bytes,
 ) -> Iterator[dict[str, Any]]:
     """Samples of one shard, wherever it is (see the module doc)."""
     if url.startswith(("http://", "https://")):
-        return _read_http_tar(url, counter, http_retries, http_backoff_s, http_timeout_s)
+        return _read_http_tar(url, counter, http_retries, http_backoff_s, http_timeout_s, max_member_bytes)
     if is_pipe(url) and not allow_pipe:
         raise ShardSpecError(pipe_refused(url))  # config validation refuses it first: reaching here is a bug
     if is_pipe(url) or "://" in url:
-        return _read_stream_tar(url, counter, lambda: wds.gopen(url, "rb"))
-    return _read_stream_tar(url, counter, lambda: open(url, "rb"))
+        return _read_stream_tar(url, counter, lambda: wds.gopen(url, "rb"), max_member_bytes)
+    return _read_stream_tar(url, counter, lambda: open(url, "rb"), max_member_bytes)
 
 
 def tar_samples(
@@ -360,17 +391,19 @@ def tar_samples(
     http_retries: int = _DEFAULTS.http_retries,
     http_backoff_s: float = _DEFAULTS.http_backoff_s,
     http_timeout_s: float = HTTP_TIMEOUT_S,
+    max_member_bytes: int = _DEFAULTS.max_member_bytes,
 ) -> Iterator[dict[str, Any]]:
     """Raw samples ({"__key__", "__url__", "jpg": bytes, "txt": bytes, ...}) of the shards in order.
 
     `sample_split=(slot, num_slots)` keeps only samples `slot::num_slots` of the whole stream. `allow_pipe`,
-    `http_retries`, `http_backoff_s`: the `data.` fields of those names. Unreadable and broken shards are counted
-    in `counter`; a RemoteShardError (an http shard failing past its retries) propagates.
+    `http_retries`, `http_backoff_s`, `max_member_bytes`: the `data.` fields of those names (a sample with a member
+    over `max_member_bytes` comes without it, marked `OVERSIZED`: decoding skips it). Unreadable and broken shards
+    are counted in `counter`; a RemoteShardError (an http shard failing past its retries) propagates.
     """
     samples = (
         s
         for url in shards
-        for s in _read_tar(url, counter, allow_pipe, http_retries, http_backoff_s, http_timeout_s)
+        for s in _read_tar(url, counter, allow_pipe, http_retries, http_backoff_s, http_timeout_s, max_member_bytes)
     )
     if sample_split is None:
         yield from samples

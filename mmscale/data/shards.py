@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -76,8 +77,8 @@ def resolve_shards(spec: str | os.PathLike | Iterable[str], allow_pipe: bool = F
     `*.tar` in it, sorted), a text file listing one shard path or pattern per line (relative paths are taken
     against the list file's folder; blank lines and `#` comments are ignored), or a list of any of these.
     URLs (`http://`, `s3://`, ...) are passed through unchecked; `pipe:` URLs (they run a shell command) only
-    with `allow_pipe` (`data.allow_pipe`). Raises ShardSpecError when nothing matches, when listed local shards do
-    not exist, or for a `pipe:` URL not allowed.
+    with `allow_pipe` (`data.allow_pipe`), checked after brace expansion (`{pipe:CMD,x.tar}` names one). Raises
+    ShardSpecError when nothing matches, when listed local shards do not exist, or for a `pipe:` URL not allowed.
     """
     if not isinstance(spec, (str, os.PathLike)):
         shards = [s for item in spec for s in resolve_shards(item, allow_pipe)]
@@ -102,9 +103,11 @@ def resolve_shards(spec: str | os.PathLike | Iterable[str], allow_pipe: bool = F
             line = line.split("#", 1)[0].strip()
             if not line:
                 continue
-            if not allow_pipe and is_pipe(line):
-                raise ShardSpecError(pipe_refused(line, f"list file {spec!r} line {lineno}"))
-            shards.extend(_expand_one(line, base=path.parent))
+            expanded = _expand_one(line, base=path.parent)
+            piped = [s for s in expanded if is_pipe(s)]  # after expansion: a line `{pipe:CMD,x.tar}` names one too
+            if piped and not allow_pipe:
+                raise ShardSpecError(pipe_refused(piped[0], f"list file {spec!r} line {lineno}"))
+            shards.extend(expanded)
         if not shards:
             raise ShardSpecError(f"shard spec {spec!r}: the list file names no shards")
         source = f"list file {spec!r}"
@@ -189,6 +192,52 @@ def read_sizes(shards: list[str]) -> dict[str, int] | None:
 
 def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
+
+
+def _is_shard_of(name: str, prefix: str) -> bool:
+    return re.fullmatch(rf"{re.escape(prefix)}-\d{{6,}}\.tar", name) is not None
+
+
+def existing_shards(out_dir: str | os.PathLike, prefix: str) -> list[str]:
+    """Names of the shards `{prefix}-NNNNNN.tar` that `out_dir` holds or its `sizes.json` records, sorted: what a
+    new write with `prefix` into `out_dir` would mix with (it replaces only as many as it writes)."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    names = {p.name for p in out.iterdir() if _is_shard_of(p.name, prefix)}
+    sizes_file = out / SIZES_FILE
+    if sizes_file.is_file():
+        try:
+            recorded = json.loads(sizes_file.read_text())
+        except ValueError:  # not JSON: whatever it recorded cannot be told apart
+            recorded = {}
+        if isinstance(recorded, dict):
+            names.update(n for n in recorded if _is_shard_of(n, prefix))
+    return sorted(names)
+
+
+def remove_shards(out_dir: str | os.PathLike, prefix: str) -> list[str]:
+    """Delete the shards `{prefix}-NNNNNN.tar` from `out_dir` (and any `.tmp` a killed write left) and their
+    entries from its `sizes.json`; shards of other prefixes stay. Returns the names `existing_shards` gave."""
+    out = Path(out_dir)
+    names = existing_shards(out, prefix)
+    sizes_file = out / SIZES_FILE
+    if sizes_file.is_file():
+        try:
+            recorded = json.loads(sizes_file.read_text())
+        except ValueError:
+            recorded = None
+        if isinstance(recorded, dict):  # rewritten first: sizes.json never names a shard that is gone
+            kept = {n: c for n, c in recorded.items() if not _is_shard_of(n, prefix)}
+            tmp = out / f"{SIZES_FILE}.tmp"
+            tmp.write_text(json.dumps(dict(sorted(kept.items())), indent=1) + "\n")
+            os.replace(tmp, sizes_file)
+        else:
+            sizes_file.unlink()
+    for p in out.iterdir():
+        if _is_shard_of(p.name, prefix) or (p.name.endswith(".tar.tmp") and _is_shard_of(p.name[:-4], prefix)):
+            p.unlink()
+    return names
 
 
 def write_tar_shards(

@@ -13,9 +13,13 @@ keys numbered in input order. Any image PIL opens is accepted (whatever its file
   since such files are usually scans, screenshots or measurements whose exact pixels matter.
 
 A row whose image file is missing, cannot be opened by PIL or is over `--max-image-pixels`, or whose caption is
-empty, stops the run with an error naming the row, unless `--skip-bad-rows` is given: then such rows are skipped,
-counted, and the count is printed at the end. A stopped run leaves no part of the shard it was writing; the
-complete shards before it stay, recorded in sizes.json.
+missing, null, not text or empty, stops the run with an error naming the row, unless `--skip-bad-rows` is given:
+then such rows are skipped, counted, and the count is printed at the end. A stopped run leaves no part of the shard
+it was writing; the complete shards before it stay, recorded in sizes.json.
+
+An `--out` that already holds shards of the same `--prefix` is refused: a new run would replace only as many as it
+writes and the older ones, still in the folder and in sizes.json, would be read with it. `--overwrite` deletes them
+(and their sizes.json entries) first; shards of other prefixes (a validation split beside the training one) stay.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from PIL import Image
 
 from mmscale.data.decode import DEFAULT_MAX_PIXELS, load_image
 from mmscale.data.reading import SampleError
-from mmscale.data.shards import write_tar_shards
+from mmscale.data.shards import existing_shards, remove_shards, write_tar_shards
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +52,9 @@ class BadRowError(ValueError):
     pass
 
 
-def read_pairs(path: str | Path) -> Iterator[tuple[str, str, str]]:
-    """(row description, image path, caption) for each row of a JSONL or CSV pairs file."""
+def read_pairs(path: str | Path) -> Iterator[tuple[str, str, object]]:
+    """(row description, image path, caption) for each row of a JSONL or CSV pairs file. The caption is as the row
+    gives it: None when the key is missing or null, possibly not a str in JSONL (`pairs_to_samples` refuses both)."""
     path = Path(path)
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
@@ -67,12 +72,12 @@ def read_pairs(path: str | Path) -> Iterator[tuple[str, str, str]]:
                     continue
                 try:
                     row = json.loads(line)
-                    image, caption = row["image"], row["caption"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    image, caption = row["image"], row.get("caption")  # no caption: a bad row, not a bad file
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                     raise BadRowError(
                         f"{path}:{lineno}: expected a JSON object with keys image and caption ({e!r})"
                     ) from None
-                yield f"{path}:{lineno}", str(image).strip(), str(caption)
+                yield f"{path}:{lineno}", "" if image is None else str(image).strip(), caption
 
 
 def image_member(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, bytes, bool]:
@@ -114,6 +119,10 @@ def pairs_to_samples(
             problem = "no image path"
         elif not image_path.is_file():
             problem = f"image file {str(image_path)!r} does not exist"
+        elif caption is None:  # (str(None) would store the caption "None")
+            problem = "no caption (missing or null)"
+        elif not isinstance(caption, str):
+            problem = f"caption {caption!r} is not text"
         elif not caption.strip():
             problem = "empty caption"
         else:
@@ -134,16 +143,33 @@ def pairs_to_samples(
         index += 1
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad value is a usage error, exit 2, naming the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="pairs file: .jsonl ({image, caption} per line) or .csv")
     parser.add_argument("--images", required=True, help="folder the image paths in --input are relative to")
     parser.add_argument("--out", required=True, help="output folder for the shards and sizes.json")
-    parser.add_argument("--samples-per-shard", type=int, default=500)
+    parser.add_argument("--samples-per-shard", type=_positive_int, default=500, help="samples per shard (>= 1)")
     parser.add_argument("--prefix", default="train", help="shard names: {prefix}-000000.tar, ...")
     parser.add_argument(
+        "--overwrite", action="store_true",
+        help="delete the shards of this --prefix that --out already holds (and their sizes.json entries) first; "
+             "without it such an --out is refused",
+    )
+    parser.add_argument(
         "--skip-bad-rows", action="store_true",
-        help="skip (and count) rows with a missing, undecodable or too large image, or an empty caption",
+        help="skip (and count) rows with a missing, undecodable or too large image, or a missing, null or empty "
+             "caption",
     )
     parser.add_argument(
         "--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -151,6 +177,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for flag, path, is_ok in (("--input", args.input, Path.is_file), ("--images", args.images, Path.is_dir)):
+        if not is_ok(Path(path)):  # checked before --overwrite deletes anything
+            print(f"error: {flag} {path}: no such {'file' if flag == '--input' else 'folder'}", file=sys.stderr)
+            return 1
+    old = existing_shards(args.out, args.prefix)
+    if old and not args.overwrite:
+        print(f"error: {args.out} already holds {len(old)} shard(s) named {args.prefix}-NNNNNN.tar (e.g. {old[0]}); "
+              f"a new run would replace only as many as it writes and leave the rest mixed in (in the folder and in "
+              f"sizes.json). Pass --overwrite to delete them first, or give another --out or --prefix",
+              file=sys.stderr)
+        return 1
+    if old:
+        remove_shards(args.out, args.prefix)
+        print(f"--overwrite: deleted {len(old)} earlier shard(s) {args.prefix}-NNNNNN.tar from {args.out}",
+              file=sys.stderr)
     skipped: list[str] = []
     reencoded: list[str] = []
     try:
@@ -162,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (BadRowError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        kept = existing_shards(args.out, args.prefix)
+        if kept:
+            print(f"note: the {len(kept)} complete shard(s) written before it stay in {args.out}; run again with "
+                  f"--overwrite to replace them", file=sys.stderr)
         return 1
     for line in skipped[:10]:
         print(f"skipped {line}", file=sys.stderr)
