@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -97,6 +98,10 @@ class DataConfig:
     """Images with more pixels (width x height, read from the file's header before any pixel is decoded) are
     skipped and counted as `image_too_large`: a decompression bomb (a small file declaring a huge image) cannot
     exhaust a worker's memory. 50 M is a 50-megapixel photo (~150 MB decoded as RGB)."""
+    max_member_bytes: int = 256 << 20
+    """A sample with a tar member larger than this many bytes (from the tar header, local or streamed over http) is
+    skipped and counted as `member_too_large`; the member is passed over, never read into memory, so one multi-GB
+    member cannot exhaust a worker's memory. 256 MiB is far above any image or caption a sample needs."""
     max_bad_fraction: float = 0.05
     """The run stops (BadDataError, naming the kinds of bad input) when more than this fraction of the last
     `bad_window` samples were skipped as bad (corrupt, undecodable, missing members...). 1 = never stop."""
@@ -344,54 +349,88 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
-    """Check `value` against the annotation `tp`; build nested dataclasses. Appends problems, returns value."""
+INVALID: Any = object()
+"""What `_coerce` returns for a value that does not match its annotation: the caller keeps the value it had (the
+default, the preset's or the YAML's), so that validation never compares a wrong type."""
+
+_KINDS = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+_PLURAL = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+
+
+def _kind(tp: Any) -> str:
+    """How a report names what an annotation expects: `an integer`, `a list of numbers`, `an integer or null`."""
     origin = typing.get_origin(tp)
+    if tp in _KINDS:
+        return _KINDS[tp]
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    if origin is list:
+        item = typing.get_args(tp)[0]
+        return f"a list of {_PLURAL[item]}" if item in _PLURAL else "a list"
+    if origin is dict:
+        return "a mapping"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _kind(a) for a in typing.get_args(tp))
+    return _type_name(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check `value` against the annotation `tp`, recursing into lists, dicts, Optional/unions and dataclasses
+    (built here): the checked value, or INVALID after appending one problem per mismatch (field, value, what was
+    expected). A list or dict with one bad element is INVALID as a whole; so is a dataclass in a list with a bad
+    field (the surrounding section keeps the fields that checked)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            problems.append(f"{where}: expected a mapping for section {tp.__name__}, got {value!r}")
-            return tp()
-        return _build(tp, value, where, problems)
+            problems.append(f"{where}: expected a mapping of {tp.__name__}'s keys, got {value!r}")
+            return INVALID
+        before = len(problems)
+        built = _build(tp, value, where, problems)
+        return built if len(problems) == before else INVALID
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        tp = next(a for a in args if a is not type(None))
-        return _coerce(value, tp, where, problems)
+        arms = [a for a in args if a is not type(None)]
+        for arm in arms:
+            trial: list[str] = []
+            out = _coerce(value, arm, where, trial)
+            if not trial:
+                return out
+        if len(arms) == 1:  # Optional[X]: X's own problems say more (e.g. which element of a list)
+            problems += trial
+        else:
+            problems.append(f"{where}: expected {_kind(tp)}, got {value!r}")
+        return INVALID
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            problems.append(f"{where}: expected a list, got {value!r}")
-            return []
-        return [_coerce(v, item_tp, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+            problems.append(f"{where}: expected {_kind(tp)}, got {value!r}")
+            return INVALID
+        items = [_coerce(v, item_tp, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return INVALID if any(v is INVALID for v in items) else items
     if origin is dict:
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
         if not isinstance(value, dict):
             problems.append(f"{where}: expected a mapping, got {value!r}")
-            return {}
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            problems.append(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{where}: expected a number, got {value!r}")
-            return value
+            return INVALID
+        out = {_coerce(k, key_tp, f"{where} (key {k!r})", problems): _coerce(v, value_tp, f"{where}.{k}", problems)
+               for k, v in value.items()}
+        return INVALID if any(k is INVALID or v is INVALID for k, v in out.items()) else out
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            problems.append(f"{where}: expected a string, got {value!r}")
-        return value
-    return value  # Any
+    # (bool is an int in Python, but `true` is no integer, number or string here)
+    if isinstance(tp, type) and (not isinstance(value, tp) or (tp is not bool and isinstance(value, bool))):
+        problems.append(f"{where}: expected {_kind(tp)}, got {value!r}")
+        return INVALID
+    return value
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str], base: Any = None) -> Any:
@@ -408,13 +447,15 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str], ba
         current = getattr(obj, key)
         if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
             setattr(obj, key, _build(hints[key], value, where, problems, base=current))
-        elif typing.get_origin(hints[key]) is dict and isinstance(current, dict) and isinstance(value, dict):
+            continue
+        if typing.get_origin(hints[key]) is dict and isinstance(current, dict) and isinstance(value, dict):
             # A dict field (model.lm.config, model.vision.config, deepspeed.extra) merges key by key into what the
             # preset or the YAML gave: `model.lm.config.num_hidden_layers=8` changes one key of the preset's LM,
             # it does not replace the preset's whole LM config with one key.
-            setattr(obj, key, _merge_dict_field(current, value))
-        else:
-            setattr(obj, key, _coerce(value, hints[key], where, problems))
+            value = _merge_dict_field(current, value)
+        checked = _coerce(value, hints[key], where, problems)
+        if checked is not INVALID:  # a value of the wrong type leaves the field as it was (named in the report)
+            setattr(obj, key, checked)
     return obj
 
 
@@ -428,11 +469,24 @@ def _merge_dict_field(base: dict[str, Any], update: dict[str, Any]) -> dict[str,
     return out
 
 
+def _yaml_error(e: yaml.YAMLError) -> str:
+    """PyYAML's own words, on one line, with where it happened (1-based line and column)."""
+    words = ": ".join(w for w in (getattr(e, "context", None), getattr(e, "problem", None)) if w) or str(e)
+    mark = getattr(e, "problem_mark", None)
+    return words + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "")
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
+    """`section.key=value` -> (["section", "key"], the value read as YAML). Raises ConfigError for one item."""
+    key, eq, raw = item.partition("=")
+    path = key.strip().split(".")
+    if not eq or not all(part.strip() for part in path):
         raise ConfigError([f"override {item!r}: expected section.key=value, e.g. train.lr=3e-4"])
-    key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return [part.strip() for part in path], yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError([f"override {item!r}: the value {raw!r} is not valid YAML ({_yaml_error(e)}); if you "
+                           f"mean a string, quote it: {key}='\"{raw}\"'"]) from None
 
 
 def _nest(path: list[str], value: Any) -> dict[str, Any]:
@@ -458,25 +512,42 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     Raises ConfigError listing every problem found.
     """
     raw: dict[str, Any] = {}
+    problems: list[str] = []  # every override that does not parse, with the rest of the report
+    for item in overrides or []:
+        try:
+            key_path, value = _parse_override(item)
+        except ConfigError as e:
+            problems += e.problems
+            continue
+        raw = _merge(raw, _nest(key_path, value))
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError([f"--config {path}: no such file"])
-        loaded = yaml.safe_load(path.read_text()) or {}
+            raise ConfigError([f"--config {path}: no such file"] + problems)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"{path}: not valid YAML: {_yaml_error(e)}"] + problems) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError([f"{path}: cannot be read as a UTF-8 text file ({e})"] + problems) from None
         if not isinstance(loaded, dict):
-            raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}"])
-        raw = loaded
-    for item in overrides or []:
-        key_path, value = _parse_override(item)
-        raw = _merge(raw, _nest(key_path, value))
-    return config_from_dict(raw, world_size, check_paths)
+            raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}"]
+                              + problems)
+        raw = _merge(loaded, raw)  # the overrides beat the file
+    try:
+        cfg = config_from_dict(raw, world_size, check_paths)
+    except ConfigError as e:
+        raise ConfigError(problems + e.problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
 
 def config_from_dict(raw: dict[str, Any], world_size: int | None = None, check_paths: bool = True) -> JobConfig:
     problems: list[str] = []
     cfg = JobConfig()
     preset = (raw.get("model") or {}).get("preset", "") if isinstance(raw.get("model"), dict) else ""
-    if preset:
+    if preset and isinstance(preset, str):  # (another type is reported with the other fields' types)
         from mmscale.model.presets import PRESETS
 
         if preset not in PRESETS:
@@ -484,7 +555,10 @@ def config_from_dict(raw: dict[str, Any], world_size: int | None = None, check_p
         else:
             cfg.model = PRESETS[preset]()
     cfg = _build(JobConfig, raw, "", problems, base=cfg)
-    problems += validate(cfg, world_size, check_paths)
+    # A field whose value was refused above kept its previous value; what validation then says about that field
+    # would be about a value nobody gave: left out (the report names the field already).
+    refused = [re.compile(re.escape(p.split(":", 1)[0].split("[", 1)[0]) + r"(?!\w)") for p in problems]
+    problems += [p for p in validate(cfg, world_size, check_paths) if not any(r.search(p) for r in refused)]
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -573,6 +647,7 @@ def _bad_input_problems(d: DataConfig) -> list[str]:
 
     p: list[str] = []
     _positive(p, "data.max_image_pixels", d.max_image_pixels)
+    _positive(p, "data.max_member_bytes", d.max_member_bytes)
     # PIL refuses to open images over twice its own limit whatever ours says (DecompressionBombError)
     pil_cap = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
     if pil_cap and d.max_image_pixels > pil_cap:
@@ -643,6 +718,27 @@ def _data_problems(d: DataConfig) -> list[str]:
             f"data.tokenizer=tok.model"
         )
     return p
+
+
+VALIDATION_METRICS = ("val_loss",)
+"""The metric every validation reports (Trainer.measure in mmscale.training.trainer), which train.keep_best and a
+callback's metric may name (it also reports `val_tokens`, a count: nothing to rank by)."""
+CLASSIFICATION_METRICS = ("val_acc", "val_cls_loss")
+"""... and those it adds with a classification head (model.num_classes > 0)."""
+
+
+def metric_problems(where: str, metric: str, cfg: JobConfig, fix: str) -> list[str]:
+    """`metric` (train.keep_best, a callback's metric) is one that validation reports with this config; else one
+    problem naming `where`, the value, the metrics there are and `fix` (e.g. `keep_best=val_loss`)."""
+    head = isinstance(cfg.model.num_classes, int) and cfg.model.num_classes > 0
+    if metric in VALIDATION_METRICS or (head and metric in CLASSIFICATION_METRICS):
+        return []
+    have = ", ".join(VALIDATION_METRICS + (CLASSIFICATION_METRICS if head else ()))
+    if metric in CLASSIFICATION_METRICS:
+        return [f"{where}: {metric!r} is reported only with a classification head, and model.num_classes is "
+                f"{cfg.model.num_classes}: set model.num_classes (the number of classes in the shards' .cls labels), "
+                f"or {fix}"]
+    return [f"{where}: {metric!r} is not a validation metric; validation reports {have} here: e.g. {fix}"]
 
 
 def validate(cfg: JobConfig, world_size: int | None = None, check_paths: bool = True) -> list[str]:
@@ -735,6 +831,8 @@ def validate(cfg: JobConfig, world_size: int | None = None, check_paths: bool = 
     if t.keep_best and not (d.val_shards or d.synthetic_val_samples > 0):
         p.append(f"train.keep_best: {t.keep_best!r} needs validation data (data.val_shards or "
                  "data.synthetic_val_samples) to rank checkpoints by")
+    if t.keep_best:
+        p += metric_problems("train.keep_best", t.keep_best, cfg, "keep_best=val_loss")
     if isinstance(t.global_batch_size, int) and isinstance(t.micro_batch_size, int) and t.micro_batch_size > 0:
         if t.global_batch_size % t.micro_batch_size:
             p.append(

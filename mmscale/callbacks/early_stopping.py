@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from mmscale.callbacks import register_callback
+from mmscale.config import metric_problems
 from mmscale.training.callbacks import Callback
 
 log = logging.getLogger("mmscale.callbacks")
@@ -21,13 +22,23 @@ class EarlyStopping(Callback):
             raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
         if not isinstance(min_delta, (int, float)) or min_delta < 0:
             raise ValueError(f"min_delta must be a number >= 0, got {min_delta!r}")
+        if not isinstance(metric, str):
+            raise ValueError(f"metric must be a validation metric's name (e.g. val_loss), got {metric!r}")
         self.metric, self.patience, self.min_delta, self.mode = metric, patience, min_delta, mode
         self.best = math.inf if mode == "min" else -math.inf
         self.bad_evals = 0
+        self._warned = False
+
+    def config_problems(self, cfg: Any) -> list[str]:
+        return metric_problems("args.metric", self.metric, cfg, "metric: val_loss")
 
     def on_eval_end(self, trainer: Any, metrics: dict[str, float]) -> None:
-        if self.metric not in metrics:
-            raise KeyError(f"early_stopping: metric {self.metric!r} not in eval metrics {sorted(metrics)}")
+        if self.metric not in metrics:  # e.g. val_acc when no validation sample had a label: nothing to judge by
+            if not self._warned:
+                log.warning("early_stopping: no %r in this validation's metrics %s; not stopping on it",
+                            self.metric, sorted(metrics))
+                self._warned = True
+            return
         value = metrics[self.metric]
         better = value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
         if better:

@@ -143,6 +143,12 @@ def dry_run(cfg: JobConfig, world_size: int, vocab_size: int | None, gpu_tflops:
     from mmscale.config import validate
     from mmscale.model import build_model
 
+    # every figure below divides by these: a meaningless size is an error, not a table of negative numbers
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size: {world_size!r} must be an integer >= 1 (the number of ranks, e.g. 64)")
+    for name, value in (("gpu_tflops", gpu_tflops), ("link_gbytes_per_s", link_gbytes_per_s)):
+        if not value > 0:
+            raise ValueError(f"{name}: {value!r} must be > 0")
     problems = validate(cfg, world_size=world_size, check_paths=False)  # sizing needs no data
     model = build_model(cfg.model, vocab_size=vocab_size, meta=True)
     patches = patches_per_image(model, cfg.data.image_size)
