@@ -5,19 +5,24 @@ Layout under `{output_dir}/checkpoints`::
     step_00000100/            complete: DeepSpeed shards, trainer_state_rank{r}.pt for every rank, manifest.json
     step_00000200.partial/    being written (or a crash mid-save): never loaded, removed by the next save
     step_00000300.corrupt/    failed its manifest on a resume: set aside, never loaded, never pruned
+    step_00000400.replaced/   the earlier save of a step being saved again: a complete checkpoint until the new
+                              one is published, then deleted (loaded only if a crash left no `step_00000400`)
     latest                    name of the newest complete checkpoint, replaced atomically
 
-A save is: every rank writes into `step_N.partial`; every rank hashes a share of the files; rank 0 writes
-`manifest.json` (every file's size and SHA-256, the step, the run's metrics at that step) last, then renames the
-directory to `step_N` and points `latest` at it. A crash or `kill -9` at any point of that leaves the previous
-checkpoint and `latest` as they were. On resume a checkpoint whose files do not match its manifest (a truncated or
-flipped file, a missing file, no manifest) is skipped with a warning and the one before it is used.
+A save is: every rank writes into `step_N.partial`; every rank hashes a share of the files and fsyncs them; rank 0
+writes `manifest.json` (every file's size and SHA-256, the step, the run's metrics at that step) last, fsyncs it and
+the directory, renames the directory to `step_N`, fsyncs `checkpoints/`, points `latest` at it (a temporary file,
+fsynced, renamed, the directory fsynced) and only then deletes anything older. A crash, a `kill -9` or a power loss
+at any point of that leaves a complete checkpoint, the new one or the one before it (where `latest` names none,
+the newest is used). On resume a checkpoint whose files do not match its manifest (a truncated or flipped
+file, a missing file, no manifest) is skipped with a warning and the one before it is used.
 
 Pruning keeps the newest `keep` checkpoints and, when a metric is named, the best one by it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -32,8 +37,10 @@ log = logging.getLogger("mmscale.checkpoint")
 
 PARTIAL = ".partial"
 CORRUPT = ".corrupt"
+REPLACED = ".replaced"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_REPLACED_DIR = re.compile(r"^step_(\d{8})\.replaced$")
 
 
 def tag_for(step: int) -> str:
@@ -41,7 +48,7 @@ def tag_for(step: int) -> str:
 
 
 def step_of(ckpt: Path) -> int:
-    return int(_STEP_DIR.match(ckpt.name).group(1))
+    return int((_STEP_DIR.match(ckpt.name) or _REPLACED_DIR.match(ckpt.name)).group(1))
 
 
 def state_file(rank: int) -> str:
@@ -49,11 +56,17 @@ def state_file(rank: int) -> str:
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete (renamed) checkpoints, oldest first. Their manifests are checked by `verify`, not here."""
+    """Complete (renamed) checkpoints, oldest first. Their manifests are checked by `verify`, not here.
+
+    A `step_N.replaced` counts only where no `step_N` exists: a crash in the middle of saving step N again."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-    return sorted(found, key=step_of)
+    dirs = [p for p in root.iterdir() if p.is_dir()]
+    found = {step_of(p): p for p in dirs if _STEP_DIR.match(p.name)}
+    for p in dirs:
+        if _REPLACED_DIR.match(p.name):
+            found.setdefault(step_of(p), p)
+    return [found[step] for step in sorted(found)]
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -74,6 +87,43 @@ def candidates(root: Path) -> list[Path]:
     return found
 
 
+# ----------------------------------------------------------------------------------------------- durability
+# A rename is atomic but not durable until its directory is fsynced, and a file's data until the file is: after a
+# power loss a renamed checkpoint could come back empty or not at all. Nothing older is deleted before the new
+# checkpoint's files, its directory, the rename and `latest` are on disk.
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory `path` (files created, renamed or removed in it) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems (a few FUSE and network ones) cannot fsync a directory: nothing to do
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every directory under `path`, deepest first, then `path` itself (the files are fsynced elsewhere)."""
+    for sub in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        fsync_dir(sub)
+    fsync_dir(path)
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Replace `path` with `text` atomically and durably: a temporary file, fsynced, renamed, the directory fsynced.
+    After a crash `path` holds the old text or the new one, never an empty or partial one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 # ----------------------------------------------------------------------------------------------- manifest
 
 
@@ -91,9 +141,21 @@ def files_of(ckpt: Path) -> list[str]:
 
 
 def hash_share(ckpt: Path, names: list[str], rank: int, world_size: int) -> dict[str, dict[str, Any]]:
-    """Size and SHA-256 of this rank's share of `names` (every world_size-th file): ranks hash in parallel."""
-    return {n: {"size": (ckpt / n).stat().st_size, "sha256": sha256_file(ckpt / n)}
-            for n in names[rank::world_size]}
+    """Size and SHA-256 of this rank's share of `names` (every world_size-th file): ranks hash in parallel. Each
+    file is fsynced once hashed, so every file of the checkpoint is on disk before the manifest that lists it.
+
+    The fsync is on the reader's descriptor, not the writer's: on a local filesystem the page cache is shared (any
+    descriptor flushes it); NFS writes back and commits on the writer's close; on Lustre reading the file whole
+    makes the writer's node flush it first, and the fsync then commits it on the servers."""
+    out = {}
+    for n in names[rank::world_size]:
+        h = hashlib.sha256()
+        with (ckpt / n).open("rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+            os.fsync(f.fileno())
+            out[n] = {"size": os.fstat(f.fileno()).st_size, "sha256": h.hexdigest()}
+    return out
 
 
 def write_manifest(ckpt: Path, step: int, files: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
@@ -148,20 +210,28 @@ def begin(root: Path, step: int) -> str:
     partial = root / (tag_for(step) + PARTIAL)
     if partial.exists():
         shutil.rmtree(partial)
-    root.mkdir(parents=True, exist_ok=True)
+    if not root.is_dir():
+        root.mkdir(parents=True)
+        fsync_dir(root.parent)
     return partial.name
 
 
 def commit(root: Path, step: int, keep: int, best_metric: str = "", best_mode: str = "min") -> Path:
-    """Rank 0, after every rank has written and the manifest is in place: publish the checkpoint, point `latest`
-    at it, prune old ones."""
+    """Rank 0, after every rank has written (and fsynced, see `hash_share`) and the manifest is in place: make the
+    directory durable, publish it, point `latest` at it, and only then delete what it supersedes.
+
+    Saving a step again (after a resume or a rollback): the old `step_N` is renamed `step_N.replaced` first, the
+    new one published, then the old one deleted, so that a crash at any point leaves a complete step N."""
     partial, final = root / (tag_for(step) + PARTIAL), root / tag_for(step)
-    if final.exists():  # a re-save of the same step (e.g. after a resume): the new one wins
-        shutil.rmtree(final)
+    replaced = root / (tag_for(step) + REPLACED)
+    fsync_tree(partial)  # its entries (the files' data was fsynced as the ranks hashed them; the manifest's too)
+    if final.exists():
+        if replaced.exists():  # left by a crash after an earlier re-save had published `final`: stale
+            shutil.rmtree(replaced)
+        os.replace(final, replaced)
     os.replace(partial, final)
-    tmp = root / "latest.tmp"
-    tmp.write_text(final.name)
-    os.replace(tmp, root / "latest")
+    fsync_dir(root)  # the rename: from here on, after a power loss too, `final` is the checkpoint of this step
+    write_durably(root / "latest", final.name)
     prune(root, keep, best_metric, best_mode, protect=final)
     return final
 
@@ -190,7 +260,9 @@ def prune(root: Path, keep: int, best_metric: str = "", best_mode: str = "min", 
             kept.add(best)
     if protect is not None:
         kept.add(protect)
-    for old in ckpts:
+    # an earlier save of a step that was saved again (its new one is published): never a checkpoint to keep
+    stale = [p for p in root.iterdir() if p.is_dir() and _REPLACED_DIR.match(p.name) and p not in ckpts]
+    for old in [*stale, *ckpts]:
         if old not in kept:
             try:
                 shutil.rmtree(old)

@@ -19,10 +19,19 @@ Preemption: `StopSignals` turns SIGUSR1 (sbatch `--signal=B:USR1@120`, forwarded
 and SIGTERM (scancel, SLURM's preemption) into a flag the trainer reads once per step; the ranks agree on it in the
 step's first all-reduce, finish that step, write one checkpoint and exit with EXIT_REQUEUE. Data-loader workers
 ignore both signals (srun signals every process of a task): their parent stops them.
+
+A dead peer is told by where an error came from, never by its words: mmscale's collectives and the engine's
+DeepSpeed verbs run inside `collective(...)`, which turns only an error raised by a collective (gloo, NCCL, a
+timeout) into CollectiveError; the trainer then names the rank that is gone (`find_dead_ranks`). Any other error (a
+data error, a full disk, the model's) takes the normal error path with its own message and exit status.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dis
+import functools
+import importlib.util
 import logging
 import os
 import re
@@ -32,7 +41,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger("mmscale.cluster")
 
@@ -251,15 +260,77 @@ def shared_dir_problems(output_dir: str | Path) -> list[str]:
 # ----------------------------------------------------------------------------------------------- who died
 
 
-def is_peer_failure(e: BaseException) -> bool:
-    """An error raised by a collective because another rank died or never answered (gloo, NCCL, the store)."""
+class CollectiveError(RuntimeError):
+    """A collective failed (an all-reduce, all-gather, broadcast or barrier of mmscale's, or one DeepSpeed runs in
+    forward, backward, step or a checkpoint write): another rank died, or did not answer within the collective
+    timeout. Raised by `collective` from the collective's own error (its `__cause__`)."""
+
+    def __init__(self, op: str, cause: BaseException):
+        super().__init__(f"{op}: {type(cause).__name__}: {cause}")
+        self.op = op
+
+
+@contextlib.contextmanager
+def collective(op: str, deepspeed: bool = False) -> Iterator[None]:
+    """Around code that runs collectives (`op` names it in the message): an error raised inside one of them (see
+    `raised_by_collective`) leaves as CollectiveError; any other (the model's, the data's, a full disk's) leaves as
+    it came, to take the normal error path. `deepspeed`: the section runs DeepSpeed, whose ZeRO-3 code waits on
+    its own collectives' handles (a failed gather surfaces there, not in torch.distributed)."""
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except Exception as e:
+        if raised_by_collective(e, deepspeed=deepspeed):
+            raise CollectiveError(op, e) from e
+        raise
+
+
+@functools.lru_cache(maxsize=None)
+def _package_dir(name: str) -> str | None:
+    """The folder of an importable package, found without importing it (DeepSpeed's import takes seconds)."""
+    spec = importlib.util.find_spec(name)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return os.path.join(os.path.realpath(locations[0]), "") if locations else None
+
+
+def _at_raise_statement(tb: Any) -> bool:
+    """Whether a traceback entry stopped at a Python `raise` (the code's own error), not at a call into native code
+    that failed (a gloo or NCCL operation, `Work.wait()`)."""
+    try:
+        return dis.opname[tb.tb_frame.f_code.co_code[tb.tb_lasti]] in ("RAISE_VARARGS", "RERAISE")
+    except (IndexError, AttributeError):
+        return False
+
+
+def raised_by_collective(e: BaseException, deepspeed: bool = False) -> bool:
+    """Whether `e` came out of a collective, judged by where it was raised, never by its words: a CollectiveError;
+    one of torch.distributed's own error types (DistBackendError, DistNetworkError, DistStoreError: NCCL, the
+    rendezvous store); or a plain RuntimeError (what gloo raises for a closed connection or a timeout) raised by
+    native code that torch.distributed's Python called (with `deepspeed`, DeepSpeed's Python too), not by one of
+    that code's own `raise` statements. A data error, an OSError from a write, a model's error: False, whatever
+    their messages say ("timed out", "socket", "connection refused")."""
     import torch.distributed as dist
 
-    text = f"{type(e).__name__}: {e}".lower()
+    if isinstance(e, CollectiveError):
+        return True
     if isinstance(e, getattr(dist, "DistError", ())) and not isinstance(e, ValueError):
         return True
-    return any(s in text for s in ("connection closed by peer", "connection reset", "timed out", "timeout",
-                                   "broken pipe", "gloo", "nccl", "socket", "connection refused"))
+    if type(e) is not RuntimeError or e.__traceback__ is None:  # (a subclass is someone's own error type)
+        return False
+    tb = e.__traceback__
+    while tb.tb_next is not None:  # the innermost entry: where it was raised
+        tb = tb.tb_next
+    where = os.path.realpath(tb.tb_frame.f_code.co_filename)
+    code = [_package_dir("torch.distributed")] + ([_package_dir("deepspeed")] if deepspeed else [])
+    return any(d and where.startswith(d) for d in code) and not _at_raise_statement(tb)
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """An error raised inside a collective because another rank died or never answered (gloo, NCCL, the store):
+    the trainer then names the rank that is gone. mmscale's collectives and the engine's DeepSpeed verbs mark
+    theirs (`collective`); anything else takes the normal error path with its own message and exit status."""
+    return raised_by_collective(e)
 
 
 def find_dead_ranks(store: Any, rank: int, world_size: int, grace_s: float) -> tuple[list[int] | None, str]:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from mmscale.config import JobConfig
+from mmscale.training.cluster import collective
 
 log = logging.getLogger("mmscale.engine")
 
@@ -101,13 +102,15 @@ def all_reduce_sum(values: list[float] | torch.Tensor) -> torch.Tensor:
     t = torch.as_tensor(values, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
         t = t.to(device())
-        dist.all_reduce(t)
+        with collective("all_reduce"):  # an error inside it is a peer's failure (cluster.raised_by_collective)
+            dist.all_reduce(t)
     return t.cpu()
 
 
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+        with collective("barrier"):
+            dist.barrier()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -115,7 +118,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with collective("broadcast"):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -124,7 +128,8 @@ def all_gather_object(obj: Any) -> list[Any]:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    with collective("all_gather"):
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -271,17 +276,24 @@ class Engine:
     def train(self, mode: bool = True) -> None:
         self.ds.train(mode)
 
+    # forward, backward, step and save run DeepSpeed's collectives (ZeRO-3 gathers parameters in forward and
+    # backward, reduces gradients in backward and step): only an error raised inside one of those becomes a
+    # cluster.CollectiveError; the model's, the data's or a write's own errors pass through as they are.
+
     def forward(self, **batch: torch.Tensor) -> Any:
-        return self.ds(**batch)
+        with collective("forward", deepspeed=True):
+            return self.ds(**batch)
 
     def backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed divides by grad_accum here and averages gradients over ranks at the boundary; the trainer
         # pre-scales the loss so that the net effect is sum(loss) / global_tokens (see Trainer.train_step).
-        self.ds.backward(loss)
+        with collective("backward", deepspeed=True):
+            self.ds.backward(loss)
 
     def step(self) -> None:
         """Called after every micro batch; DeepSpeed updates weights only at the accumulation boundary."""
-        self.ds.step()
+        with collective("step", deepspeed=True):
+            self.ds.step()
 
     @property
     def at_boundary(self) -> bool:
@@ -320,11 +332,20 @@ class Engine:
 
     def save(self, directory: str, tag: str) -> None:
         """Every rank writes its shard of weights, optimizer and schedule into `directory/tag`."""
-        self.ds.save_checkpoint(directory, tag=tag, save_latest=False, exclude_frozen_parameters=not self.save_frozen)
+        with collective("save_checkpoint", deepspeed=True):
+            self.ds.save_checkpoint(directory, tag=tag, save_latest=False,
+                                    exclude_frozen_parameters=not self.save_frozen)
 
     def load(self, directory: str, tag: str) -> None:
-        path, _ = self.ds.load_checkpoint(directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
-                                          load_module_strict=self.save_frozen)
+        """Every rank reads its shard of `directory/tag` (a resume, a rollback). Only tensors and plain data are
+        unpickled: DeepSpeed's checkpoint engine was made safe at build (`make_loads_safe`), and the few readers
+        that call `torch.load` directly (universal checkpoints) are redirected while this runs. A file that names
+        anything else raises UnsafeCheckpointError, and nothing of it runs."""
+        from mmscale.training.zero_checkpoint import loads_are_safe
+
+        with loads_are_safe(), collective("load_checkpoint", deepspeed=True):
+            path, _ = self.ds.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True, load_module_strict=self.save_frozen)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {directory}/{tag}")
 
@@ -413,7 +434,7 @@ class Engine:
             raise RuntimeError(f"Engine.grads_of in the middle of an optimizer step (micro step "
                                f"{self.ds.micro_steps}, {self.grad_accum} per step): it would mix into the step's "
                                f"gradients; call it between steps")
-        with torch.enable_grad():
+        with torch.enable_grad(), collective("grads_of", deepspeed=True):
             return self._grads_partitioned(inputs, loss_fn) if self.partitioned else \
                 self._grads_whole(inputs, loss_fn)
 
@@ -504,7 +525,8 @@ def frozen_fingerprint(model: torch.nn.Module, dtype: torch.dtype) -> str:
         rows.append(row)
     table = torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.int64)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(table)
+        with collective("all_reduce"):
+            dist.all_reduce(table)
     digest = hashlib.sha256()
     for name, row in zip(names, table.tolist()):
         digest.update(f"{name}:{row}\n".encode())
@@ -559,6 +581,19 @@ def load_initial_weights(model: torch.nn.Module, source: str, rank: int) -> dict
     return report
 
 
+def make_loads_safe(ds_engine: Any) -> None:
+    """DeepSpeed 0.19's checkpoint engine (made in DeepSpeedEngine._configure_checkpointing) reads every model and
+    optimizer file with `torch.load(weights_only=False)`, which runs any code a pickle names. Its `load` becomes
+    `weights_only=True` with DeepSpeed's few data classes allowed (mmscale.training.zero_checkpoint holds the list);
+    saving is untouched."""
+    from mmscale.training.zero_checkpoint import safe_load
+
+    def load(path: str, map_location: Any = None) -> Any:
+        return safe_load(path, map_location=map_location)
+
+    ds_engine.checkpoint_engine.load = load
+
+
 def build_engine(cfg: JobConfig, build_model: Callable[[], torch.nn.Module], world_size: int, rank: int,
                  on_model_built: Callable[[torch.nn.Module], None] | None = None, sharded_build: bool = True,
                  save_frozen: bool = True) -> Engine:
@@ -597,6 +632,7 @@ def build_engine(cfg: JobConfig, build_model: Callable[[], torch.nn.Module], wor
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
     ds_engine._mmscale_hf_ds = hf_ds  # keep alive for the engine's lifetime
+    make_loads_safe(ds_engine)
     check_param_dtypes(ds_engine.module, param_dtype(cfg))
     engine = Engine(ds=ds_engine, world_size=world_size, rank=rank, grad_accum=grad_accum_steps(cfg, world_size),
                     save_frozen=save_frozen, dtype=param_dtype(cfg))

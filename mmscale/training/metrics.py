@@ -1,11 +1,19 @@
-"""Rank 0's metric sinks: `{output_dir}/metrics.jsonl` (one JSON object per logged step), TensorBoard, a loss plot."""
+"""Rank 0's metric sinks: `{output_dir}/metrics.jsonl` (one JSON object per logged step), TensorBoard, a loss plot.
+
+Each record is fsynced as it is appended, so every record up to a checkpoint survives a power loss with it. A crash
+in the middle of an append can still leave a torn last line: readers drop it with a warning (and any other line
+that is not a record, naming its line number), and the next append starts on a line of its own.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
+
+from mmscale.training.checkpoint import write_durably
 
 log = logging.getLogger("mmscale.metrics")
 
@@ -14,6 +22,7 @@ class MetricsWriter:
     def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool = True):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.enabled = enabled
+        self._tail_checked = False  # whether the file's last line was checked for a torn append (once per run)
         self.tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,7 +36,13 @@ class MetricsWriter:
             return
         record = {"step": step, **metrics}
         with self.path.open("a") as f:  # appended: a resumed run continues the same file
+            if not self._tail_checked:
+                self._tail_checked = True
+                if _ends_torn(self.path):  # a crash mid-append: the torn line stays alone (readers drop it)
+                    f.write("\n")
             f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # a few ms per logged step: the record survives a power loss
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
@@ -38,15 +53,18 @@ class MetricsWriter:
         about to be logged again, by this run). Rewritten atomically. Returns how many records were dropped."""
         if not (self.enabled and self.path.is_file()):
             return 0
-        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-        keep = [line for line in lines if json.loads(line)["step"] <= step]
-        if len(keep) != len(lines):
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            tmp.replace(self.path)
-            log.info("metrics.jsonl: dropped %d record(s) logged after step %d by the interrupted run",
-                     len(lines) - len(keep), step)
-        return len(lines) - len(keep)
+        text = self.path.read_text(errors="replace")
+        records = parse_records(text, self.path)
+        keep = [line for _, line, r in records if r["step"] <= step]
+        dropped = len(records) - len(keep)
+        if dropped or len(records) != sum(1 for line in text.splitlines() if line.strip()) or \
+                (text and not text.endswith("\n")):
+            write_durably(self.path, "".join(line + "\n" for line in keep))
+            self._tail_checked = True  # rewritten whole: it ends with a newline
+            if dropped:
+                log.info("metrics.jsonl: dropped %d record(s) logged after step %d by the interrupted run",
+                         dropped, step)
+        return dropped
 
     def close(self) -> None:
         if self.tb is not None:
@@ -54,13 +72,48 @@ class MetricsWriter:
             self.tb.close()
 
 
+def _ends_torn(path: Path) -> bool:
+    """Whether the file's last line lacks its newline (an append that did not finish)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
+
+
+def parse_records(text: str, where: str | Path = "metrics.jsonl") -> list[tuple[int, str, dict[str, Any]]]:
+    """(line number, line, record) of every well-formed record. A torn last line (a crash or a full disk in the
+    middle of an append) and any other line that is not a JSON object with an integer `step` are dropped with a
+    warning that names the line: never a crash, which on resume would stop rank 0 alone."""
+    lines = text.splitlines()
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            if not (isinstance(r, dict) and isinstance(r.get("step"), int)):
+                raise ValueError("not a record with an integer step")
+        except ValueError as e:
+            if i == len(lines) and not text.endswith("\n"):
+                log.warning("%s: dropped a torn last line %d (an append that did not finish: a crash or a full "
+                            "disk): %.80r", where, i, line)
+            else:
+                log.warning("%s: dropped line %d, not a metrics record (%s): %.80r", where, i, e, line)
+            continue
+        out.append((i, line, r))
+    return out
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Records of a metrics.jsonl; after a resume, the last record of each step wins."""
     by_step: dict[tuple[int, bool], dict[str, Any]] = {}
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            by_step[(r["step"], "val_loss" not in r)] = r  # a training record may lack `loss` (a skipped step)
+    for _, _, r in parse_records(Path(path).read_text(errors="replace"), path):
+        by_step[(r["step"], "val_loss" not in r)] = r  # a training record may lack `loss` (a skipped step)
     return [by_step[k] for k in sorted(by_step)]
 
 

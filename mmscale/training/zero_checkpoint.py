@@ -1,18 +1,26 @@
-"""Read DeepSpeed checkpoint files in one process without unpickling anything but tensors and plain data.
+"""Read DeepSpeed checkpoint files without unpickling anything but tensors and plain data.
 
-DeepSpeed's own readers call `torch.load(..., weights_only=False)`, which runs whatever code a pickle names. Here
-every load is `weights_only=True`, with exactly two DeepSpeed classes allowed (the ZeRO stage enum and the loss
-scaler's plain attributes, which DeepSpeed stores in its optimizer files). DeepSpeed's consolidation logic is reused
-as it is, with its `torch.load` calls redirected through `safe_load` while it runs.
+DeepSpeed's own readers call `torch.load(..., weights_only=False)`, which runs whatever code a pickle names: a
+crafted file in a shared or copied run directory would run it on `--resume`, on a rollback, on export. Every load
+here is `weights_only=True`, with exactly the few DeepSpeed classes its files hold allowed (`_safe_globals`: the ZeRO
+stage enum, the loss scalers' plain attributes, ZeRO-1/2's fragment addresses); this is the one allow-list, used by
+the engine's resume and rollback (mmscale.training.engine), export and init_from alike. DeepSpeed's own reading logic
+is reused as it is, with its `torch.load` calls redirected through `safe_load` while it runs (`loads_are_safe`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import pickle
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint file names a Python object that is not a tensor, plain data or one of DeepSpeed's allowed
+    classes: loading it with `weights_only=False` would have run code. Never treated as mere damage."""
 
 
 def _safe_globals() -> list[Any]:
@@ -26,15 +34,30 @@ def _safe_globals() -> list[Any]:
 _torch_load = torch.load
 
 
-def safe_load(path: str | Path, map_location: Any = "cpu", **_ignored: Any) -> Any:
-    """`torch.load` that unpickles tensors, plain containers and DeepSpeed's few data classes only."""
-    with torch.serialization.safe_globals(_safe_globals()):
-        return _torch_load(path, map_location=map_location, weights_only=True)
+def safe_load(path: Any, map_location: Any = "cpu", **_ignored: Any) -> Any:
+    """`torch.load` that unpickles tensors, plain containers and DeepSpeed's few data classes only (`path`: a path
+    or a file object). A file naming anything else raises UnsafeCheckpointError, with nothing of it run."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return _torch_load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if isinstance(e, UnsafeCheckpointError) or "Weights only load failed" not in str(e):
+            raise
+        detail = next((line.strip() for line in str(e).splitlines() if "global" in line.lower()),
+                      str(e).splitlines()[0])
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it names a Python object other than tensors, plain data and DeepSpeed's "
+            f"allowed classes, which unpickling would run (a file neither DeepSpeed nor mmscale wrote, or one "
+            f"changed since; nothing of it was run). Check where this run directory came from. torch: {detail}"
+        ) from None
 
 
 @contextlib.contextmanager
-def _loads_are_safe() -> Iterator[None]:
-    """While DeepSpeed's reader runs, its `torch.load(..., weights_only=False)` calls become `safe_load`."""
+def loads_are_safe() -> Iterator[None]:
+    """While DeepSpeed's reader runs, its `torch.load(..., weights_only=False)` calls become `safe_load`.
+
+    Replaces `torch.load` process-wide for the duration (DeepSpeed calls it by module attribute): only for a load
+    that nothing else in the process runs beside (data workers are other processes)."""
     def load(f: Any, map_location: Any = None, *args: Any, **kwargs: Any) -> Any:
         return safe_load(f, map_location=map_location or "cpu")
 
@@ -55,6 +78,6 @@ def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     if stage >= 2:  # the weights live sharded in the optimizer states: DeepSpeed's consolidation, loads made safe
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with _loads_are_safe():
+        with loads_are_safe():
             return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     return {k: v.float() for k, v in meta["module"].items()}
