@@ -7,6 +7,9 @@
     python launchers/train.py --config configs/flamingo-9b.yaml --dry-run --world-size 64
     sbatch --nodes 2 --gpus-per-node 8 launchers/slurm/train.sbatch --config configs/X.yaml   # see launchers/slurm/
 
+`--resume --overwrite` together is refused (exit 2, nothing touched); `--resume auto --overwrite` (train.sbatch's
+first start) starts over, and a requeued SLURM job ignores --overwrite.
+
 Exit status: 0 done; 2 a config, resume, shared-filesystem or bad-input (data.max_bad_fraction) problem; 3 non-finite steps; 4 another rank died
 (its number and the step in the message); 85 stopped by a preemption signal after a checkpoint: requeue (a
 requeued SLURM job resumes by itself).
@@ -25,6 +28,22 @@ from mmscale.training.cluster import EXIT_PEER_FAILED, EXIT_REQUEUE, STOP_SIGNAL
 from mmscale.training.checkpoint import run_dir_problems
 
 
+def _at_least_1(text: str) -> int:  # argparse reports the option's name with the message: exit 2
+    if not text.lstrip("-").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= 1 (the number of ranks, e.g. 64)")
+    return int(text)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number > 0")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML job config (see configs/)")
@@ -32,10 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="same as a positional override")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--dry-run", action="store_true", help="size the model on the meta device and exit")
-    p.add_argument("--world-size", type=int, default=None, help="world size assumed by --dry-run")
-    p.add_argument("--gpu-tflops", type=float, default=None,
+    p.add_argument("--world-size", type=_at_least_1, default=None, help="world size assumed by --dry-run")
+    p.add_argument("--gpu-tflops", type=_positive, default=None,
                    help="--dry-run: achieved training TFLOP/s per GPU for the step-time estimate (default 400)")
-    p.add_argument("--link-gbytes-per-s", type=float, default=None,
+    p.add_argument("--link-gbytes-per-s", type=_positive, default=None,
                    help="--dry-run: GB/s per GPU for ZeRO's collectives, the inter-node link (default 50)")
     p.add_argument("--resume", action="store_const", const="required", default=None,
                    help="continue from the newest good checkpoint in output_dir (an error if there is none); "
@@ -63,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.overwrite and int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
         args.overwrite = False  # a requeued job must not delete the checkpoint it was requeued to resume from
         logging.getLogger("mmscale").warning("SLURM restart: --overwrite ignored (it applied to the first start)")
+    if args.overwrite and args.resume == "required":  # before anything is touched (a requeue dropped --overwrite)
+        from mmscale.training.build import OVERWRITE_AND_RESUME
+
+        print(f"error: {OVERWRITE_AND_RESUME}", file=sys.stderr)
+        return 2
     try:  # every config problem is reported here, before any process group starts
         # the deepspeed launcher, torchrun and srun set the world size before this process starts
         world = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS")

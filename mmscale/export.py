@@ -5,10 +5,11 @@
     python -m mmscale.export model ...                    (the same)
     python -m mmscale.export adapter --run runs/demo-finetune --out exported/adapter [--base-out exported/base_lm]
 
-`model`: one checkpoint of a run (its newest that passes its manifest, or `--checkpoint`; any ZeRO stage, any world
-size) as one Hugging Face-style folder that loads without DeepSpeed:
+`model`: one checkpoint of a run (its newest that passes its manifest, or `--checkpoint`, which must; any ZeRO stage,
+any world size) as one Hugging Face-style folder that loads without DeepSpeed. The model is the one the config
+recorded with those weights builds (the checkpoint's manifest, mmscale.training.runs), not the run's config.yaml:
 
-    config.yaml                    the run's resolved config, made self-contained: the model it builds is this one
+    config.yaml                    that config, resolved and made self-contained: the model it builds is this one
                                    (model.init_from cleared, a model.lm.path / vision.path Llama / tower turned into
                                    its config, lora/qlora taken out of the callbacks, data.tokenizer -> the copy here)
     config.json                    format and version, vocabulary size, dtype, the weight files, what trained it
@@ -122,17 +123,13 @@ def export_adapter(run_dir: str | Path, out: str | Path, base_out: str | Path | 
     """Write the run's LM adapters to `out` in peft's format; `base_out` also writes the plain base LM (for a run
     that fine-tuned another run). Returns `out`."""
     from mmscale.data import load_tokenizer
-    from mmscale.training.checkpoint import latest_checkpoint
     from mmscale.training.weights import export_base_lm
 
     problems: list[str] = []
-    cfg = _load_run_config(Path(run_dir), problems)
+    cfg, ckpt = _open_run(Path(run_dir), checkpoint_dir, problems)  # verified; the config recorded with it
     if problems:
         raise ValueError(problems[0])
     lora = lora_settings(cfg)
-    ckpt = Path(checkpoint_dir) if checkpoint_dir else latest_checkpoint(Path(run_dir) / "checkpoints")
-    if ckpt is None:
-        raise ValueError(f"{run_dir}/checkpoints holds no complete checkpoint")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     # built as training built it (init_from, the callbacks), then the checkpoint, read tensor by tensor
     model = _build_trained(cfg, ckpt, tokenizer.vocab_size)
@@ -774,7 +771,9 @@ def export_config(cfg: Any, tokenizer_name: str, vocab_size: int) -> tuple[Any, 
 
 
 def _find_checkpoint(run: Path, given: str | Path | None, problems: list[str]) -> Path | None:
-    from mmscale.training import checkpoint
+    """The checkpoint to export, verified against its manifest (mmscale.training.runs): `given` (a path, or a name
+    under the run's checkpoints/), else the run's newest that verifies, damaged ones skipped with a warning."""
+    from mmscale.training import checkpoint, runs
 
     if given is not None:
         ckpt = Path(given)
@@ -784,27 +783,22 @@ def _find_checkpoint(run: Path, given: str | Path | None, problems: list[str]) -
             problems.append(f"--checkpoint {str(ckpt)!r} is not a directory; give a checkpoint directory such as "
                             f"{run / 'checkpoints' / 'step_00000100'}, or leave it out for the run's newest")
             return None
-        bad = checkpoint.verify(ckpt)
-        if bad:
-            problems.append(f"--checkpoint {ckpt} fails its manifest ({'; '.join(bad[:3])}); give another "
-                            f"checkpoint, or leave --checkpoint out for the newest that passes")
+        try:
+            return runs.verify_given(ckpt, "--checkpoint")
+        except runs.RunOpenError as e:
+            problems.append(f"{e} (or leave --checkpoint out)")
             return None
-        return ckpt
     root = run / "checkpoints"
-    found = checkpoint.candidates(root)
-    if not found:
+    if not checkpoint.candidates(root):
         problems.append(f"{root} holds no complete checkpoint: nothing to export. Train the run until it saves one "
                         f"(train.checkpoint_every, or the save at the end of training), or name one with "
                         f"--checkpoint")
         return None
-    for ckpt in found:
-        bad = checkpoint.verify(ckpt)
-        if not bad:
-            return ckpt
-        log.warning("skipping checkpoint %s: %s", ckpt, "; ".join(bad[:3]))
-    problems.append(f"no checkpoint under {root} passes its manifest ({', '.join(p.name for p in found)}); name "
-                    f"one with --checkpoint after checking it")
-    return None
+    try:
+        return runs.newest_verified(run, "--run")
+    except runs.RunOpenError as e:
+        problems.append(f"{e}; name one with --checkpoint after checking it")
+        return None
 
 
 def _is_export(path: Path) -> bool:
@@ -833,23 +827,28 @@ def _out_problems(out: Path, run: Path, overwrite: bool) -> list[str]:
     return []
 
 
-def _load_run_config(run: Path, problems: list[str]) -> Any:
-    """The run's config, its paths resolved against where the run is now (mmscale.training.run_paths)."""
-    from mmscale.config import ConfigError
+def _open_run(run: Path, given: str | Path | None, problems: list[str]) -> tuple[Any, Path | None]:
+    """(the config recorded with the weights, the verified checkpoint) of the run to export, as every tool opens a
+    run (mmscale.training.runs: the checkpoint's manifest, not the run's newest config.yaml, which a later start
+    may have changed). What is wrong goes into `problems`: then the checkpoint is None (and the config that of
+    config.yaml, to find the other problems, or None)."""
+    from mmscale.training import runs
 
-    path = run / CONFIG_YAML
     if not run.is_dir():
         problems.append(f"--run {str(run)!r} is not a directory; give the output_dir of a training run")
-        return None
-    if not path.is_file():
+        return None, None
+    if not (run / CONFIG_YAML).is_file():
         problems.append(f"--run {str(run)!r} holds no {CONFIG_YAML}: not the output_dir of a training run "
                         f"(launchers/train.py writes it there when the job starts)")
-        return None
+        return None, None
+    ckpt = _find_checkpoint(run, given, problems)
     try:
-        return run_paths.config_for_run(run)
-    except ConfigError as e:
-        problems.append(f"{path}: {e}")
-        return None
+        if ckpt is None:  # no export; the run's config.yaml still shows what else is wrong (every problem at once)
+            return run_paths.config_for_run(run), None
+        return runs.checkpoint_config(ckpt), ckpt
+    except ValueError as e:  # RunOpenError, ConfigError
+        problems.append(str(e) if ckpt is not None else f"{run / CONFIG_YAML}: {e}")
+        return None, None
 
 
 def _copy_tokenizer(src: str, out: Path) -> str:
@@ -895,9 +894,8 @@ def export_model(run_dir: str | Path, out: str | Path, checkpoint_dir: str | Pat
         max_bytes = parse_size(max_shard_size)
     except ValueError as e:
         problems.append(str(e))
-    cfg = _load_run_config(run, problems)
+    cfg, ckpt = _open_run(run, checkpoint_dir, problems)
     problems += _out_problems(out, run, overwrite)
-    ckpt = _find_checkpoint(run, checkpoint_dir, problems) if cfg is not None else None
     lora = None
     if cfg is not None:
         methods = [c.name for c in cfg.callbacks if c.name in LORA_METHODS]
@@ -911,8 +909,8 @@ def export_model(run_dir: str | Path, out: str | Path, checkpoint_dir: str | Pat
                 except ValueError as e:
                     problems.append(f"--adapters separate: {e}; export with --adapters merged")
         if not Path(cfg.data.tokenizer).exists():
-            problems.append(f"the run's tokenizer {cfg.data.tokenizer!r} (data.tokenizer in {run / CONFIG_YAML}) "
-                            f"does not exist; put it back there, or fix the path in that file")
+            problems.append(f"the run's tokenizer {cfg.data.tokenizer!r} (data.tokenizer, as {ckpt or run / CONFIG_YAML} records it) "
+                            f"does not exist; put it back there")
         try:
             export_dtype = as_dtype(dtype or cfg.train.precision)
         except ValueError as e:

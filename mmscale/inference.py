@@ -7,8 +7,9 @@ prints one JSON line per image on stdout: {"key", "caption", "num_tokens", "stop
 "logprob", ...}, plus "label" and "probs" with --classify, and "reference" / "true_label" when a shard sample has a
 caption (.txt) / class label (.cls). Everything else (library logging, skipped images) goes to stderr.
 
-`--model` is a RUN directory (its `config.yaml` and newest checkpoint under `checkpoints/`), one checkpoint
-directory inside it, or an exported directory (`model.safetensors` or `model.safetensors.index.json`, loaded by
+`--model` is a RUN directory (its newest checkpoint under `checkpoints/` that verifies against its manifest, damaged
+ones skipped with a warning; the model built from the config recorded in it), one checkpoint directory inside it
+(which must verify), or an exported directory (`model.safetensors` or `model.safetensors.index.json`, loaded by
 `mmscale.export.load_exported`).
 
 Inputs get exactly the training preprocessing (`mmscale.data.decode.image_to_tensor` with the run's image size,
@@ -64,8 +65,12 @@ def is_export_dir(path: Path) -> bool:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, Any, Any]:
-    """(model, tokenizer, cfg) of a RUN directory (newest complete checkpoint), a checkpoint directory inside one
-    (`RUN/checkpoints/step_N`), or an exported directory; the model in eval mode on `device`."""
+    """(model, tokenizer, cfg) of a RUN directory (its newest checkpoint that verifies against its manifest), a
+    checkpoint directory inside one (`RUN/checkpoints/step_N`, which must verify), or an exported directory; the
+    model in eval mode on `device`. A run's model is built from the config recorded with those weights
+    (mmscale.training.runs.open_run); a damaged checkpoint is skipped with a warning, or an error when named."""
+    from mmscale.training.runs import is_checkpoint_dir
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--model {str(path)!r} does not exist")
@@ -74,11 +79,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[An
 
         model, tokenizer, cfg = load_exported(path)
     elif is_run_dir(path) or (path.parent.name == "checkpoints" and is_run_dir(path.parent.parent)
-                              and (path / "manifest.json").is_file()):
+                              and is_checkpoint_dir(path)):
         from mmscale.evaluation.image_use import load_run
 
-        run, ckpt = (path, None) if is_run_dir(path) else (path.parent.parent, path)
-        cfg, model, tokenizer = load_run(run, ckpt)
+        cfg, model, tokenizer = load_run(path)
     else:
         raise ValueError(
             f"--model {str(path)!r} is neither a run directory (config.yaml and checkpoints/), a checkpoint "

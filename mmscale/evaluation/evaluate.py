@@ -13,9 +13,11 @@ What it measures, over one pass of the shards (the same batches for every model)
   sample's image); a model that looks at the image does clearly worse with the wrong one;
 - with a classification head and `.cls` labels: `cls_accuracy`, per class.
 
-`--checkpoint` is a run directory (its newest complete checkpoint) or one checkpoint directory inside a run
-(`RUN/checkpoints/step_00000400`). The model is built in this process as training built it (fine-tuning method,
-frozen weights from their sources; see mmscale.training.build.build_from_checkpoint), in the run's precision.
+`--checkpoint` is a run directory (its newest checkpoint that verifies against its manifest; a damaged one is
+skipped with a warning) or one checkpoint directory inside a run (`RUN/checkpoints/step_00000400`, which must
+verify). The model is built in this process from the config recorded with those weights
+(mmscale.training.runs.open_run) as training built it (fine-tuning method, frozen weights from their sources; see
+mmscale.training.build.build_from_checkpoint), in the run's precision.
 The test data: `--shards`, else the `data.val_shards` of `--config`, else the run's own validation shards.
 `--compare BASE` evaluates BASE on the same batches and writes `report.json` and `report.md` (a before/after table)
 into `--out` (default `{run}/eval`); the last line printed is the JSON result.
@@ -43,10 +45,10 @@ def split_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     path = Path(path)
     if (path / "config.yaml").is_file():
         return path, None
-    if (path / "manifest.json").is_file() and (path.parent.parent / "config.yaml").is_file():
-        return path.parent.parent, path
+    if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
+        return path.parent.parent, path  # (verified when it is opened: mmscale.training.runs.open_run)
     raise FileNotFoundError(f"--checkpoint {str(path)!r}: neither a run directory (with config.yaml) nor a checkpoint "
-                            f"inside one (RUN/checkpoints/step_N with manifest.json); give the run's output_dir")
+                            f"inside one (RUN/checkpoints/step_N); give the run's output_dir")
 
 
 def word_classes(cfg: Any) -> dict[str, list[str]]:
@@ -134,7 +136,8 @@ def _has_head(model: torch.nn.Module) -> bool:
 def _batches(cfg: Any, tokenizer: Any, shards: str, n: int) -> list[dict[str, Any]]:
     from mmscale.data import EvalLoader
 
-    return list(EvalLoader(cfg.data, tokenizer, cfg.train.micro_batch_size, 0, 1, shards=shards, max_batches=n))
+    return list(EvalLoader(cfg.data, tokenizer, cfg.train.micro_batch_size, 0, 1, shards=shards, max_batches=n,
+                           num_classes=cfg.model.num_classes))
 
 
 def test_shards(run_cfg: Any, shards: str | None, config: str | None) -> tuple[str, Any]:

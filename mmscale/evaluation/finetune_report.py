@@ -82,7 +82,7 @@ def report(before: str | Path, after: str | Path, batches: int = 16) -> dict[str
                 model = as_trained(model, cfg)
                 dtype = next(p.dtype for p in model.vision.parameters())
                 loader = _cast(EvalLoader(d, tok, cfg.train.micro_batch_size, 0, 1, shards=shards,
-                                          max_batches=batches), dtype)
+                                          max_batches=batches, num_classes=cfg.model.num_classes), dtype)
                 row[when] = caption_loss(model, loader) if label == "all caption tokens" else \
                     word_loss(model, loader, tok, task_words(task)[label])
             rows.append(row)

@@ -8,8 +8,8 @@ image has a clearly lower loss with the true images.
 
     python -m mmscale.evaluation.image_use --run runs/demo [--batches 16]
 
-Loads the run's `config.yaml` and its latest checkpoint into one process (any ZeRO stage); prints a table and one
-JSON object on its last line.
+Loads the run's newest checkpoint that verifies, with the config recorded in it, into one process (any ZeRO
+stage); prints a table and one JSON object on its last line.
 
 `word_loss(model, batches, tokenizer, words)` is the same measure for any one set of words (e.g. the counts task's
 count words), with true or shuffled images.
@@ -29,19 +29,16 @@ import torch
 
 
 def load_run(run_dir: str | Path, checkpoint_dir: str | Path | None = None):
-    """(cfg, model, tokenizer) of a finished or running job, on CPU, weights from its latest checkpoint. The run
-    may have moved: its paths are resolved against where it is now (mmscale.training.run_paths)."""
+    """(cfg, model, tokenizer) of a finished or running job, on CPU: `run_dir` a run directory (its newest checkpoint
+    that verifies against its manifest, damaged ones skipped with a warning) or a checkpoint directory in one;
+    `checkpoint_dir` picks one of the run's (it must verify). The model is built from the config recorded with
+    those weights (mmscale.training.runs.open_run); the run may have moved (mmscale.training.run_paths)."""
     from mmscale.data import load_tokenizer
     from mmscale.training.build import build_from_checkpoint
-    from mmscale.training.checkpoint import latest_checkpoint
-    from mmscale.training.run_paths import config_for_run
+    from mmscale.training.runs import open_run
 
-    run_dir = Path(run_dir)
-    cfg = config_for_run(run_dir)  # the model only (check_paths=False)
+    cfg, ckpt = open_run(run_dir, checkpoint_dir)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    ckpt = Path(checkpoint_dir) if checkpoint_dir else latest_checkpoint(run_dir / "checkpoints")
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}/checkpoints holds no complete checkpoint")
     # built as training built it (fine-tuning methods, init_from), then the checkpoint's weights
     model = build_from_checkpoint(cfg, ckpt, tokenizer.vocab_size)
     return cfg, model.eval(), tokenizer
@@ -140,10 +137,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmscale.data import COLOURS, SHAPES, EvalLoader
 
-    cfg, model, tokenizer = load_run(args.run)
+    try:
+        cfg, model, tokenizer = load_run(args.run)
+    except (OSError, ValueError) as e:  # RunOpenError (a ValueError): none verifies, or the one named does not
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     shards = cfg.data.val_shards or cfg.data.train_shards
     loader = EvalLoader(cfg.data, tokenizer, cfg.train.micro_batch_size, 0, 1, shards=shards,
-                        max_batches=args.batches)
+                        max_batches=args.batches, num_classes=cfg.model.num_classes)
     colours, shapes = word_token_ids(tokenizer, list(COLOURS)), word_token_ids(tokenizer, list(SHAPES))
     r = image_use(model, loader, {"colours": colours, "shapes": shapes, "colours_and_shapes": colours | shapes})
     print(f"{'words':<24}{'true images':>12}{'shuffled':>10}{'chance':>8}{'tokens':>8}")

@@ -44,16 +44,11 @@ def prepare_data(cfg: JobConfig, rank: int) -> tuple[str, str, str]:
     from mmscale.data.tokenizer import captions_from_shards
 
     d = cfg.data
-    train, val, tok = d.train_shards, d.val_shards, d.tokenizer
+    train, val, tok = run_paths.data_paths(cfg)  # a given tokenizer must spell the task's words (config check)
     if cfg.continual.tasks:  # a task sequence: every task names its own shards; nothing to generate
-        return "", "", tok
-    if not train and not d.sources:  # (a mixture names its own shards: nothing to generate)
+        return train, val, tok
+    if not d.train_shards and not d.sources:  # generated here (a mixture names its own shards)
         root = Path(cfg.output_dir) / "data"
-        train = str(root / "train")
-        if d.synthetic_val_samples > 0 and not val:
-            val = str(root / "val")
-        if not tok:  # (a given one must spell the task's words: checked with the config)
-            tok = str(root / "tokenizer.model")
         if rank == 0:
             ensure_synthetic_dataset(train, d.synthetic_train_samples, d.samples_per_shard, d.image_size,
                                      seed=cfg.train.seed, prefix="train", task=d.synthetic_task)
@@ -78,15 +73,23 @@ def prepare_data(cfg: JobConfig, rank: int) -> tuple[str, str, str]:
     return train, val, tok
 
 
+OVERWRITE_AND_RESUME = ("--resume and --overwrite together: --overwrite would delete the checkpoints --resume "
+                        "continues from, then find none. Continue the run with --resume alone, or start it over with "
+                        "--overwrite alone; nothing was changed")
+
+
 def build_trainer(cfg: JobConfig, resume: str | None = None, overwrite: bool = False, train_data: Any = None,
                   eval_data: Any = None) -> Trainer:
     """Everything a run needs. `resume`: None (a fresh run), "required" (`--resume`) or "auto" (`--resume auto`);
-    `overwrite` clears an earlier run from output_dir first. `train_data`/`eval_data` replace the configured shards
-    (tests, benchmarks)."""
+    `overwrite` clears an earlier run from output_dir first (never with `resume="required"`: refused, nothing
+    touched). `train_data`/`eval_data` replace the configured shards (tests, benchmarks). config.yaml is written once
+    the run is accepted: fresh, or resumed (a refused resume leaves the one that describes the weights)."""
     from mmscale.callbacks import build_callbacks
     from mmscale.data import EvalLoader, TrainLoader, load_tokenizer
     from mmscale.model import BuildOptions, build_model
 
+    if overwrite and resume == "required":
+        raise ValueError(OVERWRITE_AND_RESUME)
     rank, world_size = init_distributed(cfg.deepspeed.collective_timeout_s)
     if world_size > 1:  # before anything rank 0 writes for all: the data, the tokenizer, the checkpoints
         problems = shared_dir_problems(cfg.output_dir)
@@ -113,44 +116,47 @@ def build_trainer(cfg: JobConfig, resume: str | None = None, overwrite: bool = F
     engine = build_engine(cfg, lambda: build_model(cfg.model, vocab_size=tokenizer.vocab_size, options=options),
                           world_size, rank, on_model_built=on_model_built, sharded_build=options.sharded_at_birth,
                           save_frozen=options.checkpoint_frozen)
-    if rank == 0:  # the resolved config beside the run, with the data, tokenizer and base LM it actually used
-        resolved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_shards=train_shards,
-                                                                     val_shards=val_shards, tokenizer=tok_path))
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        # paths inside the run relative to it, the others absolute: the run works from anywhere, moved or copied
-        (Path(cfg.output_dir) / run_paths.RUN_CONFIG).write_text(run_paths.portable_yaml(resolved, cfg.output_dir))
+    if rank == 0:
         counts = engine.module.param_counts()
         log.info("model: %s parameters, %s trainable; world size %d, gradient accumulation %d",
                  f"{counts['total']:,}", f"{counts['trainable']:,}", world_size, engine.grad_accum)
     tasks = None
     keep_raw = any(cb.needs_raw_samples for cb in callbacks)  # a replay buffer stores the samples' bytes
     pin = torch.cuda.is_available()  # page-locked batches: the copy to the GPU overlaps (non_blocking=True)
+    ncls = cfg.model.num_classes  # the decoders skip a label outside [0, ncls) as bad_label (0: no head, no bound)
     if cfg.continual.tasks and train_data is None:  # a task sequence: each task its loaders, one after the other
         from mmscale.continual.sequence import Tasks, TaskSequence
 
         specs, micro = cfg.continual.tasks, cfg.train.micro_batch_size
         steps = [t.max_steps for t in specs]
         train_data = TaskSequence([TrainLoader(cfg.data, tokenizer, micro, rank, world_size, seed=cfg.train.seed + i,
-                                               shards=t.train_shards, keep_raw=keep_raw, pin_memory=pin)
+                                               shards=t.train_shards, keep_raw=keep_raw, pin_memory=pin, num_classes=ncls)
                                    for i, t in enumerate(specs)],
                                   steps, engine.grad_accum)
         tasks = Tasks([t.name for t in specs], steps,
                       [EvalLoader(cfg.data, tokenizer, micro, rank, world_size, shards=t.val_shards,
-                                  max_batches=cfg.train.eval_batches) for t in specs],
+                                  max_batches=cfg.train.eval_batches, num_classes=ncls) for t in specs],
                       cfg.continual.metric, [list(t.classes) for t in specs], [t.train_shards for t in specs],
                       lambda shards, n: EvalLoader(cfg.data, tokenizer, micro, rank, world_size, shards=shards,
-                                                   max_batches=n))
+                                                   max_batches=n, num_classes=ncls))
     if train_data is None:
         train_data = TrainLoader(cfg.data, tokenizer, cfg.train.micro_batch_size, rank, world_size,
                                  seed=cfg.train.seed, shards=train_shards or None,  # None: data.sources
-                                 keep_raw=keep_raw, pin_memory=pin)
+                                 keep_raw=keep_raw, pin_memory=pin, num_classes=ncls)
     if eval_data is None and val_shards:
         eval_data = EvalLoader(cfg.data, tokenizer, cfg.train.micro_batch_size, rank, world_size,
-                               shards=val_shards, max_batches=cfg.train.eval_batches, pin_memory=pin)
+                               shards=val_shards, max_batches=cfg.train.eval_batches, pin_memory=pin,
+                               num_classes=ncls)
     trainer = Trainer(cfg, engine, train_data, eval_data=eval_data, callbacks=callbacks, tokenizer=tokenizer,
                       tasks=tasks)
     if resume:
-        trainer.resume(required=resume != "auto")
+        trainer.resume(required=resume != "auto")  # a refused resume raises on every rank: config.yaml stays as it was
+    if rank == 0:  # the resolved config beside the run, with the data, tokenizer and base LM it actually used
+        resolved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_shards=train_shards,
+                                                                     val_shards=val_shards, tokenizer=tok_path))
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        # paths inside the run relative to it, the others absolute: the run works from anywhere, moved or copied
+        (Path(cfg.output_dir) / run_paths.RUN_CONFIG).write_text(run_paths.portable_yaml(resolved, cfg.output_dir))
     return trainer
 
 
@@ -207,14 +213,15 @@ def build_as_trained(cfg: JobConfig, vocab_size: int,
 
 def build_from_checkpoint(cfg: JobConfig, ckpt: Path | None, vocab_size: int) -> torch.nn.Module:
     """The model of a run in this process, without DeepSpeed: built the way training built it (the callbacks' build
-    requests and changes, `model.init_from`), then the weights of `ckpt` (None: as built). A checkpoint that left
-    the frozen weights out gets them from the same sources, checked against the fingerprint it recorded."""
+    requests and changes, `model.init_from`), then the weights of `ckpt` (None: as built). `cfg` is the config
+    recorded with `ckpt`, and `ckpt` verified: both as `mmscale.training.runs.open_run` gives them. A checkpoint that
+    left the frozen weights out gets them from the same sources, checked against the fingerprint it recorded."""
     from mmscale.training.engine import frozen_fingerprint, param_dtype
 
     model = build_as_trained(cfg, vocab_size)
     if ckpt is None:
         return model
-    saved = checkpoint.read_manifest(ckpt).get("frozen_fingerprint", "")
+    saved = (checkpoint.read_manifest(ckpt) or {}).get("frozen_fingerprint", "")  # (open_run verified it)
     missing, unexpected = model.load_state_dict(checkpoint.consolidated_state_dict(ckpt), strict=False)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     if unexpected or (set(missing) - frozen if saved else missing):

@@ -156,6 +156,25 @@ def config_for_run(run_dir: str | os.PathLike, check_paths: bool = False) -> Any
     return config_from_dict(read_run_config(run_dir), check_paths=check_paths)
 
 
+def data_paths(cfg: Any) -> tuple[str, str, str]:
+    """(train_shards, val_shards, tokenizer) a run of the JobConfig `cfg` reads: the configured ones, or for the
+    data mmscale generates (no shards named) the ones it makes under `{output_dir}/data`. Training makes them there
+    (build.prepare_data); a tool opening a run from the config its manifest records (given, not resolved) finds them
+    the same way (mmscale.training.runs)."""
+    d = cfg.data
+    train, val, tok = d.train_shards, d.val_shards, d.tokenizer
+    if cfg.continual.tasks:  # a task sequence: every task names its own shards; nothing is generated
+        return "", "", tok
+    if not train and not d.sources:  # (a mixture names its own shards: nothing is generated)
+        root = Path(cfg.output_dir) / "data"
+        train = str(root / "train")
+        if d.synthetic_val_samples > 0 and not val:
+            val = str(root / "val")
+        if not tok:
+            tok = str(root / "tokenizer.model")
+    return train, val, tok
+
+
 def run_dir_of(ckpt: str | os.PathLike) -> Path:
     """The run directory of a checkpoint `RUN/checkpoints/step_N`."""
     return Path(ckpt).parent.parent

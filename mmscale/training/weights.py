@@ -2,7 +2,7 @@
 
 A source is one of
     a run directory        its newest checkpoint that passes its manifest (any ZeRO stage, any world size)
-    a checkpoint directory `runs/x/checkpoints/step_00000400`
+    a checkpoint directory `runs/x/checkpoints/step_00000400`, which must pass its manifest
     a Hugging Face-style directory with `model.safetensors` (or shards listed in `model.safetensors.index.json`)
 Only weights are taken: not the optimizer, the schedule or the data position. Names that the model has and the
 source lacks (missing) or the reverse (unexpected) are reported; a shape mismatch is refused with the names.
@@ -48,14 +48,17 @@ def _kind(p: Path) -> str | None:
 
 
 def resolve_source(path: str) -> tuple[str, Path]:
-    """(kind, the directory to read): a run directory resolves to its newest checkpoint that passes its manifest."""
+    """(kind, the directory to read): a run directory resolves to its newest checkpoint that passes its manifest
+    (damaged ones skipped with a warning); a checkpoint directory must pass it (mmscale.training.runs). A
+    RunOpenError (a ValueError) says why not."""
+    from mmscale.training import runs
+
     p = Path(path)
     kind = _kind(p)
     if kind == "run":
-        for ckpt in checkpoint.candidates(p / "checkpoints"):
-            if not checkpoint.verify(ckpt):
-                return "checkpoint", ckpt
-        raise ValueError(f"model.init_from: {path!r}: no checkpoint under {p / 'checkpoints'} passes its manifest")
+        return "checkpoint", runs.newest_verified(p, "model.init_from")
+    if kind == "checkpoint":
+        return kind, runs.verify_given(p, "model.init_from")
     if kind is None:
         raise ValueError(source_problems(path)[0])
     return kind, p
@@ -63,7 +66,11 @@ def resolve_source(path: str) -> tuple[str, Path]:
 
 def read_weights(path: str) -> tuple[dict[str, torch.Tensor], Path]:
     """The full state dict of a source, on the CPU, and the directory it came from."""
-    kind, where = resolve_source(path)
+    return read_resolved(*resolve_source(path))
+
+
+def read_resolved(kind: str, where: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """`read_weights` of a source `resolve_source` has resolved (and verified) already."""
     if kind == "checkpoint":
         manifest = where / checkpoint.MANIFEST
         if manifest.is_file() and checkpoint.read_manifest(where).get("frozen_fingerprint"):
@@ -123,11 +130,11 @@ def export_base_lm(cfg: Any, vocab_size: int, out: Path) -> Path:
 
     from mmscale.model.multimodal import build_lm
 
-    _, where = resolve_source(cfg.model.init_from)
+    kind, where = resolve_source(cfg.model.init_from)
     stamp = out / "mmscale_source.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("source") == str(where.resolve()):
         return out  # a restart: the export is there (and the source not read again)
-    state, where = read_weights(cfg.model.init_from)
+    state, where = read_resolved(kind, where)
     lm_state = {plain_lm_name(k): v for k, v in state.items() if k.startswith(LM_PREFIX) and ".xattn." not in k}
     lm = build_lm(cfg.model, vocab_size)
     missing, unexpected = lm.load_state_dict(lm_state, strict=False)
