@@ -281,9 +281,19 @@ class CheckpointReader(_Released):
         self._dtypes: dict[str, Any] = {}
         if self.stage >= 2 and not self._optim_files:
             raise FileNotFoundError(f"{self.ckpt}: a ZeRO-{self.stage} checkpoint without its *optim_states.pt files")
-        if self.stage < 2:  # as consolidated_state_dict: the module's own weights
+        if self.stage < 2:  # as consolidated_state_dict: the module's weights, or their fp32 masters in a 16-bit run
+            import torch
+
+            from mmscale.training import zero_checkpoint
+
+            self._optim_files = zero_checkpoint.optim_files(self.ckpt, m0)  # ZeRO-1 16-bit only
+            self._optims = [_mmap_load(f)["optimizer_state_dict"] for f in self._optim_files]
+            masters = zero_checkpoint.master_index(m0, self._optims, self.ckpt)
             for name, t in m0["module"].items():
-                self._add(name, t.shape, t.dtype, ("module", name))
+                if name in masters:
+                    self._add(name, t.shape, torch.float32, ("master", masters[name]))
+                else:
+                    self._add(name, t.shape, t.dtype, ("module", name))
         else:
             self._index_zero(m0)
         self.aliases = {a: s for a, s in (m0.get("shared_params") or {}).items() if s in self._where}
@@ -294,7 +304,7 @@ class CheckpointReader(_Released):
         self._models = [_mmap_load(f) for f in self._model_files] if self._needs_all_models() else \
             [_mmap_load(self._model_files[0])]
         self._optims = [_mmap_load(f)["optimizer_state_dict"] for f in self._optim_files] \
-            if getattr(self, "stage", 2) >= 2 else []
+            if getattr(self, "stage", 2) >= 1 else []  # below ZeRO-2 only a 16-bit run's masters (optim_files)
 
     def _needs_all_models(self) -> bool:  # ZeRO-3 keeps a fragment of each frozen weight in every rank's file
         return getattr(self, "stage", 3) == 3
@@ -358,7 +368,12 @@ class CheckpointReader(_Released):
         name = self.aliases.get(name, name)
         how, *args = self._where[name]
         shape = self._shapes[name]
-        if how == "module":
+        if how == "master":
+            from mmscale.training import zero_checkpoint
+
+            out = zero_checkpoint.read_master(zero_checkpoint.master_groups(self._models[0], self._optims),
+                                              args[0]).clone()
+        elif how == "module":
             t = self._models[0]["module"][name]
             out = t.float() if t.is_floating_point() and t.dtype != torch.float32 else t.clone()
         elif how == "buffer":
