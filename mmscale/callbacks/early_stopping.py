@@ -15,6 +15,7 @@ log = logging.getLogger("mmscale.callbacks")
 
 @register_callback("early_stopping")
 class EarlyStopping(Callback):
+    state_is_global = True  # best and bad_evals follow the validation metrics, which every rank reduces alike
     def __init__(self, metric: str = "val_loss", patience: int = 3, min_delta: float = 0.0, mode: str = "min"):
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")

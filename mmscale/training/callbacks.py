@@ -44,6 +44,10 @@ class Callback:
     needs_raw_samples: bool = False
     """True: training batches must carry each sample's raw members (`__raw__`: image bytes, caption, label), which
     the data pipeline sends only when a callback asks (they cost a copy per batch)."""
+    state_is_global: bool = False
+    """True: `state_dict()` is the same on every rank (nothing per rank or per partition), so a resume on another
+    world size gives every new rank saved rank 0's state. False (a replay buffer's per-rank share, EWC's per-partition
+    Fisher): a resume on another world size is refused, naming the callback."""
 
     def config_problems(self, cfg: Any) -> list[str]:
         """What this callback needs of the rest of the job config (a JobConfig), checked with it: one message per
