@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ import pytest
 import torch
 import yaml
 
+from procgroup import run_group
 from test_training import ROOT, _port
 
 STEPS = ["train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5"]
@@ -38,17 +38,7 @@ def train(out: Path, *args: str, env: dict | None = None, timeout: int = 300) ->
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(_port()), **(env or {})}
     cmd = [sys.executable, str(ROOT / "launchers/train.py"), "--config", str(ROOT / "configs/tiny.yaml"),
            f"output_dir={out}", *STEPS, *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    return run_group(cmd, cwd=ROOT, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

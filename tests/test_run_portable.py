@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import yaml
 
 from mmscale.training import run_paths
 from mmscale.training.run_paths import comparable_config, config_for_run, portable_config, resolve_config
+from procgroup import run_group
 from test_training import ROOT, RUN_TINY, _port, launch, losses
 
 # ----------------------------------------------------------------------------------------------- round trip (fast)
@@ -142,18 +142,9 @@ STEPS = ["train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoint
 def run_in(cwd: Path, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """`python args` from the folder `cwd`, killed with its process group however it ends."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(_port())}
-    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    assert proc.returncode == 0, f"{args} in {cwd} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-3000:]}"
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+    r = run_group([sys.executable, *args], cwd=cwd, env=env, timeout=timeout)
+    assert r.returncode == 0, f"{args} in {cwd} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from mmscale.training import checkpoint
+from procgroup import run_group
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_TINY = ROOT / "tests/dist/run_tiny.py"
@@ -39,22 +39,14 @@ def launch(script: Path, args: list[str], nprocs: int, timeout: int = 600, check
         cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(nprocs), "--master_port", str(port),
                str(script), *args]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **({"MASTER_PORT": str(port)} if nprocs == 1 else {}), **(env or {})}
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=timeout)
+        r = run_group(cmd, cwd=ROOT, env=env, timeout=timeout)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
         # DeepSpeed's CPU comm op leaves 66 MB per rank in /dev/shm unless mmscale unlinks it (engine.py): a run
         # that left one fails, and whatever is left is removed so that it cannot fill this machine's memory
         left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
         for f in left:
             f.unlink(missing_ok=True)
-    r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
     if check and left:
