@@ -10,7 +10,7 @@
 `--resume --overwrite` together is refused (exit 2, nothing touched); `--resume auto --overwrite` (train.sbatch's
 first start) starts over, and a requeued SLURM job ignores --overwrite.
 
-Exit status: 0 done; 2 a config, resume, shared-filesystem or bad-input (data.max_bad_fraction) problem; 3 non-finite steps; 4 another rank died
+Exit status: 0 done; 2 a config, resume, shared-filesystem or bad-input (data.max_bad_fraction) problem; 3 non-finite steps; 4 another rank died or rank 0 failed (its message)
 (its number and the step in the message); 85 stopped by a preemption signal after a checkpoint: requeue (a
 requeued SLURM job resumes by itself).
 """

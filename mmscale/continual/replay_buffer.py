@@ -93,7 +93,7 @@ import tarfile
 from array import array
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _raise_named(e: OSError, path: Path) -> NoReturn:
+    """Raise `e` naming `path`: a buffered write's, a flush's or an fsync's error names no file (`[Errno 28] No space
+    left on device`). An error that names a file already, or carries no errno, is raised as it is."""
+    if e.filename is None and e.errno is not None:
+        raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
+    raise e
+
+
 def _write_json_atomic(path: Path, obj: Any) -> None:
     """`path` holds `obj` whole, or what it held before: a temporary file, fsync, rename, directory fsync."""
     tmp = path.with_name(path.name + ".tmp")
@@ -137,8 +145,10 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            _raise_named(e, tmp)
         raise
     _fsync_dir(path.parent)
 
@@ -261,7 +271,10 @@ class _ShardWriter:
         return offset
 
     def _put(self, data: bytes) -> None:
-        self.file.write(data)
+        try:
+            self.file.write(data)
+        except OSError as e:  # (a full disk: the buffer stops, see `add`)
+            _raise_named(e, self.tmp)
         self.size += len(data)
 
     def flush(self) -> None:
@@ -270,8 +283,11 @@ class _ShardWriter:
     def finish(self) -> int:
         """End the tar, make it durable, rename it to its final name; returns the file size."""
         self._put(_END_OF_ARCHIVE)
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as e:
+            _raise_named(e, self.tmp)
         self.file.close()
         os.replace(self.tmp, self.path)
         _fsync_dir(self.path.parent)

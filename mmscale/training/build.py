@@ -16,7 +16,7 @@ import torch.distributed as dist
 from mmscale.config import JobConfig
 from mmscale.training import checkpoint, run_paths
 from mmscale.training.cluster import SharedDirError, shared_dir_problems
-from mmscale.training.engine import barrier, build_engine, init_distributed
+from mmscale.training.engine import build_engine, init_distributed, rank0_done, rank0_work
 from mmscale.training.trainer import Trainer
 
 log = logging.getLogger("mmscale.build")
@@ -49,27 +49,29 @@ def prepare_data(cfg: JobConfig, rank: int) -> tuple[str, str, str]:
         return train, val, tok
     if not d.train_shards and not d.sources:  # generated here (a mixture names its own shards)
         root = Path(cfg.output_dir) / "data"
+        what = f"preparing the data under {root}"
         if rank == 0:
-            ensure_synthetic_dataset(train, d.synthetic_train_samples, d.samples_per_shard, d.image_size,
-                                     seed=cfg.train.seed, prefix="train", task=d.synthetic_task)
-            if d.synthetic_val_samples > 0:
-                ensure_synthetic_dataset(val, d.synthetic_val_samples, _val_samples_per_shard(d), d.image_size,
-                                         seed=cfg.train.seed + 1, prefix="val", task=d.synthetic_task)
-            stamp = Path(train) / f"train.{d.synthetic_task}.json"
-            # the split the tokenizer was trained on, by content rather than mtime: a copied run (cp -r) keeps it
-            trained_on, split = root / "tokenizer.trained_on.json", f"{stamp.name} {stamp.read_text()}"
-            if d.tokenizer:
-                fresh = True
-            elif trained_on.is_file():
-                fresh = Path(tok).exists() and trained_on.read_text() == split
-            else:  # made before that record was kept
-                fresh = Path(tok).exists() and Path(tok).stat().st_mtime >= stamp.stat().st_mtime
-            if not fresh:
-                # + one line of every task's words: a word model then holds each as one piece
-                texts = [*captions_from_shards(train), " ".join(synthetic_words())]
-                train_sentencepiece(texts, str(root / "tokenizer"), d.tokenizer_vocab_size)
-                trained_on.write_text(split)
-        barrier()
+            with rank0_work(what):
+                ensure_synthetic_dataset(train, d.synthetic_train_samples, d.samples_per_shard, d.image_size,
+                                         seed=cfg.train.seed, prefix="train", task=d.synthetic_task)
+                if d.synthetic_val_samples > 0:
+                    ensure_synthetic_dataset(val, d.synthetic_val_samples, _val_samples_per_shard(d), d.image_size,
+                                             seed=cfg.train.seed + 1, prefix="val", task=d.synthetic_task)
+                stamp = Path(train) / f"train.{d.synthetic_task}.json"
+                # the split the tokenizer was trained on, by content rather than mtime: a copied run (cp -r) keeps it
+                trained_on, split = root / "tokenizer.trained_on.json", f"{stamp.name} {stamp.read_text()}"
+                if d.tokenizer:
+                    fresh = True
+                elif trained_on.is_file():
+                    fresh = Path(tok).exists() and trained_on.read_text() == split
+                else:  # made before that record was kept
+                    fresh = Path(tok).exists() and Path(tok).stat().st_mtime >= stamp.stat().st_mtime
+                if not fresh:
+                    # + one line of every task's words: a word model then holds each as one piece
+                    texts = [*captions_from_shards(train), " ".join(synthetic_words())]
+                    train_sentencepiece(texts, str(root / "tokenizer"), d.tokenizer_vocab_size)
+                    trained_on.write_text(split)
+        rank0_done(what)
     return train, val, tok
 
 
@@ -96,11 +98,13 @@ def build_trainer(cfg: JobConfig, resume: str | None = None, overwrite: bool = F
         if problems:
             raise SharedDirError("\n".join(problems))
     seed_everything(cfg.train.seed)
+    what = f"clearing the earlier run from {cfg.output_dir} (--overwrite)"
     if overwrite and rank == 0:
-        removed = checkpoint.clear_run(cfg.output_dir)
+        with rank0_work(what):
+            removed = checkpoint.clear_run(cfg.output_dir)
         if removed:
             log.warning("--overwrite: removed %s from %s", ", ".join(removed), cfg.output_dir)
-    barrier()
+    rank0_done(what)
     train_shards, val_shards, tok_path = prepare_data(cfg, rank)
     tokenizer = load_tokenizer(tok_path)
     callbacks = build_callbacks(cfg.callbacks)
@@ -151,12 +155,16 @@ def build_trainer(cfg: JobConfig, resume: str | None = None, overwrite: bool = F
                       tasks=tasks)
     if resume:
         trainer.resume(required=resume != "auto")  # a refused resume raises on every rank: config.yaml stays as it was
+    what = f"writing {Path(cfg.output_dir) / run_paths.RUN_CONFIG}"
     if rank == 0:  # the resolved config beside the run, with the data, tokenizer and base LM it actually used
         resolved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_shards=train_shards,
                                                                      val_shards=val_shards, tokenizer=tok_path))
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        # paths inside the run relative to it, the others absolute: the run works from anywhere, moved or copied
-        (Path(cfg.output_dir) / run_paths.RUN_CONFIG).write_text(run_paths.portable_yaml(resolved, cfg.output_dir))
+        with rank0_work(what):
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            # paths inside the run relative to it, the others absolute: the run works from anywhere, moved or copied
+            (Path(cfg.output_dir) / run_paths.RUN_CONFIG).write_text(run_paths.portable_yaml(resolved,
+                                                                                               cfg.output_dir))
+    rank0_done(what)  # the others wait: a failure here reaches them now, not at the first step's collective
     return trainer
 
 

@@ -15,13 +15,17 @@ the directory, renames the directory to `step_N`, fsyncs `checkpoints/`, points 
 fsynced, renamed, the directory fsynced) and only then deletes anything older. A crash, a `kill -9` or a power loss
 at any point of that leaves a complete checkpoint, the new one or the one before it (where `latest` names none,
 the newest is used). On resume a checkpoint whose files do not match its manifest (a truncated or flipped
-file, a missing file, no manifest) is skipped with a warning and the one before it is used.
+file, a missing file, no manifest, one that does not parse) is skipped with a warning and the one before it is used.
+A file that cannot be read (EIO, ESTALE, EACCES, out of memory) proves nothing: the read is retried (`READ_TRIES`),
+then `CheckpointReadError` stops the resume, naming the file and the errno. Files the manifest does not list (an NFS
+`.nfsXXXX` file, zero_to_fp32.py's output) are not the checkpoint's and are ignored.
 
 Pruning keeps the newest `keep` checkpoints and, when a metric is named, the best one by it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -30,8 +34,10 @@ import math
 import os
 import re
 import shutil
+import stat
+import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator, NoReturn, TypeVar
 
 log = logging.getLogger("mmscale.checkpoint")
 
@@ -116,12 +122,53 @@ def write_durably(path: Path, text: str) -> None:
     """Replace `path` with `text` atomically and durably: a temporary file, fsynced, renamed, the directory fsynced.
     After a crash `path` holds the old text or the new one, never an empty or partial one."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # (a full disk, EIO): `path` is as it was; no temporary file is left beside it
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise_named(e, tmp)
+        raise
     fsync_dir(path.parent)
+
+
+def raise_named(e: OSError, path: str | os.PathLike) -> NoReturn:
+    """Raise `e` naming `path`: the error of a buffered write, a flush or an fsync names no file (`[Errno 28] No
+    space left on device`), and the operator needs to know which one (and so which disk) failed. An error that
+    names a file already, or carries no errno, is raised as it is."""
+    if e.filename is None and e.errno is not None:
+        raise OSError(e.errno, e.strerror or os.strerror(e.errno), os.fspath(path)) from e
+    raise e
+
+
+@contextlib.contextmanager
+def saves_keep_errno() -> Iterator[None]:
+    """While a checkpoint is written: `torch.save(obj, path)` (the trainer's and DeepSpeed's checkpoint engine's)
+    writes through a Python file, so that a failed write raises OSError with its errno (ENOSPC, EIO, EDQUOT) and the
+    file's name. torch's own file writer turns it into `RuntimeError: [enforce fail at inline_container.cc:672] .
+    unexpected pos 64 vs 0` (or "file write failed"), the errno lost. Restored on exit (main thread only)."""
+    import torch
+
+    real = torch.save
+
+    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        if not isinstance(f, (str, os.PathLike)):
+            return real(obj, f, *args, **kwargs)
+        try:
+            with open(f, "wb") as out:
+                real(obj, out, *args, **kwargs)
+        except OSError as e:
+            raise_named(e, f)
+
+    torch.save = save
+    try:
+        yield
+    finally:
+        torch.save = real
 
 
 # ----------------------------------------------------------------------------------------------- manifest
@@ -153,7 +200,10 @@ def hash_share(ckpt: Path, names: list[str], rank: int, world_size: int) -> dict
         with (ckpt / n).open("rb") as f:
             while block := f.read(1 << 22):
                 h.update(block)
-            os.fsync(f.fileno())
+            try:
+                os.fsync(f.fileno())  # (EIO here: a write of this file that never reached the disk)
+            except OSError as e:
+                raise_named(e, ckpt / n)  # (fsync's error names no file)
             out[n] = {"size": os.fstat(f.fileno()).st_size, "sha256": h.hexdigest()}
     return out
 
@@ -162,43 +212,116 @@ def write_manifest(ckpt: Path, step: int, files: dict[str, dict[str, Any]], meta
     """Rank 0, last thing before the rename: the manifest is what makes a directory a checkpoint."""
     payload = {"step": step, "files": dict(sorted(files.items())), **meta}
     tmp = ckpt / (MANIFEST + ".tmp")
-    with tmp.open("w") as f:
-        json.dump(payload, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with tmp.open("w") as f:
+            json.dump(payload, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # (the directory stays `.partial`: never loaded, removed by the next save)
+        raise_named(e, tmp)
     os.replace(tmp, ckpt / MANIFEST)
 
 
 def read_manifest(ckpt: Path) -> dict[str, Any] | None:
+    """The manifest, or None when it is missing or cannot be read or parsed: for reports (the best checkpoint, a
+    recorded config). Deciding whether a checkpoint is damaged is `verify`'s, which tells those cases apart."""
     try:
         return json.loads((ckpt / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
 
 
+# ----------------------------------------------------------------------------------------------- verify
+
+READ_TRIES = 4
+"""How many times verification tries a read that fails (not for a missing file) before it gives up."""
+READ_BACKOFF_S = 0.5
+"""The wait after the first failed read, doubled after each: 0.5 + 1 + 2 s over `READ_TRIES` = 4 reads."""
+
+_T = TypeVar("_T")
+
+
+class CheckpointReadError(OSError):
+    """A checkpoint file that could not be read, after `READ_TRIES` tries (EIO, ESTALE, EACCES, out of memory):
+    the storage failed, which proves nothing about the checkpoint; never a reason to set it aside. `errno` and
+    `filename` name what failed."""
+
+
+def read_retrying(path: Path, read: Callable[[], _T], tries: int | None = None,
+                  backoff_s: float | None = None) -> _T:
+    """`read()` (a read of `path`), tried again after a doubling wait when it raises an OSError or MemoryError.
+    FileNotFoundError and NotADirectoryError are an answer (the file is not there), not a hiccup: raised at once.
+    After the last try, CheckpointReadError with the errno (ENOMEM for a MemoryError) and `path`."""
+    tries = max(1, READ_TRIES if tries is None else tries)
+    wait = READ_BACKOFF_S if backoff_s is None else backoff_s
+    for attempt in range(1, tries + 1):
+        try:
+            return read()
+        except (FileNotFoundError, NotADirectoryError):
+            raise
+        except (OSError, MemoryError) as e:
+            if attempt == tries:
+                code = errno.ENOMEM if isinstance(e, MemoryError) else (e.errno or errno.EIO)
+                name = errno.errorcode.get(code, str(code))
+                raise CheckpointReadError(
+                    code, f"{os.strerror(code)} ({name}) after {tries} tries "
+                          f"({type(e).__name__}: {e or 'no message'})", str(path)) from e
+            log.warning("reading %s failed (%s: %s); try %d of %d in %.1f s", path, type(e).__name__, e,
+                        attempt + 1, tries, wait)
+            time.sleep(wait)
+            wait *= 2
+    raise AssertionError("unreachable")
+
+
+def load_manifest(ckpt: Path) -> dict[str, Any]:
+    """The manifest of `ckpt`, read with retries: FileNotFoundError when there is none, ValueError when it does not
+    parse (both proof of damage), CheckpointReadError when it cannot be read (proof of nothing)."""
+    path = ckpt / MANIFEST
+    manifest = read_retrying(path, lambda: json.loads(path.read_bytes()))
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+            for v in files.values()):
+        raise ValueError(f"{path}: no list of files with their sizes and checksums")
+    return manifest
+
+
 def verify(ckpt: Path, rank: int = 0, world_size: int = 1) -> list[str]:
-    """Problems with this rank's share of `ckpt` against its manifest (sizes of every file, checksums of the share).
+    """Proof that `ckpt` is damaged, from this rank's share against its manifest (sizes of every file, checksums of
+    the share); empty when it is not. Raises CheckpointReadError (an OSError) for a file that cannot be read after
+    retries: a storage failure, not damage.
 
     Every rank checks that no file is missing and no size differs (cheap), and hashes every world_size-th file, so
-    the ranks together check every byte once."""
-    manifest = read_manifest(ckpt)
-    if manifest is None:
-        return [f"{ckpt.name}: no readable {MANIFEST} (a save that did not finish, or a checkpoint from before "
-                "manifests)"]
+    the ranks together check every byte once. A file the manifest does not list is not the checkpoint's (an NFS
+    `.nfsXXXX` file, zero_to_fp32.py's output): logged, not damage."""
+    try:
+        manifest = load_manifest(ckpt)
+    except (FileNotFoundError, NotADirectoryError):
+        return [f"{ckpt.name}: no {MANIFEST} (a save that did not finish, or a checkpoint from before manifests)"]
+    except ValueError as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        return [f"{ckpt.name}: {MANIFEST} does not parse ({type(e).__name__}: {e})"]
     problems = []
-    listed = manifest.get("files", {})
-    for name in sorted(set(files_of(ckpt)) - set(listed)):
-        problems.append(f"{ckpt.name}/{name}: not in the manifest")
-    names = sorted(listed)
-    for i, name in enumerate(names):
+    listed = manifest["files"]
+    try:  # only reported: what is not listed is not the checkpoint's
+        unlisted = sorted(set(files_of(ckpt)) - set(listed))
+    except (OSError, MemoryError):  # (a listed file that cannot be read is met below, and named)
+        unlisted = []
+    if unlisted and rank == 0:
+        log.info("%s: %d file(s) the manifest does not list, not part of the checkpoint: %s", ckpt.name,
+                 len(unlisted), ", ".join(unlisted[:5]))
+    for i, name in enumerate(sorted(listed)):
         path, want = ckpt / name, listed[name]
-        if not path.is_file():
+        try:
+            st = read_retrying(path, path.stat)
+            if not stat.S_ISREG(st.st_mode):
+                problems.append(f"{ckpt.name}/{name}: not a file")
+            elif st.st_size != want["size"]:
+                problems.append(f"{ckpt.name}/{name}: {st.st_size} bytes, the manifest says {want['size']}")
+            elif i % world_size == rank and read_retrying(path, lambda p=path: sha256_file(p)) != want["sha256"]:
+                problems.append(f"{ckpt.name}/{name}: checksum differs from the manifest (the file changed after "
+                                "it was written)")
+        except (FileNotFoundError, NotADirectoryError):
             problems.append(f"{ckpt.name}/{name}: missing")
-        elif path.stat().st_size != want["size"]:
-            problems.append(f"{ckpt.name}/{name}: {path.stat().st_size} bytes, the manifest says {want['size']}")
-        elif i % world_size == rank and sha256_file(path) != want["sha256"]:
-            problems.append(f"{ckpt.name}/{name}: checksum differs from the manifest (the file changed after "
-                            "it was written)")
     return problems
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from mmscale.config import JobConfig
-from mmscale.training.cluster import collective
+from mmscale.training.cluster import CollectiveError, collective
 
 log = logging.getLogger("mmscale.engine")
 
@@ -111,6 +111,98 @@ def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         with collective("barrier"):
             dist.barrier()
+
+
+# Work rank 0 does alone while the others wait (the data, clearing a run, config.yaml, a checkpoint's begin and
+# commit, continual.json): a failure in it must reach the others at once, not as a collective timeout (600 s by
+# default; with gloo, as "rank 0 died" once its process is gone, without its message). Rank 0 posts the error to
+# the rendezvous store (`rank0_work`) before it propagates; the others wait at `rank0_done`, a barrier that polls
+# the store for that post while it waits, and stop with rank 0's message.
+
+RANK0_FAILED_KEY = "mmscale/rank0_failed"
+_RANK0_ACK_KEY = "mmscale/rank0_failed_ack"
+RANK0_ACK_WAIT_S = 5.0
+"""How long rank 0 waits, after posting its failure, for the others to read it before its own error goes on."""
+
+
+class PeerFailureError(RuntimeError):
+    """A collective failed because another rank died or stopped answering, or another rank failed and said so; the
+    message names it and the step. Each rank leaves at once (no teardown can complete)."""
+
+
+class Rank0FailedError(PeerFailureError):
+    """Rank 0 failed in work it does alone (`rank0_work`): raised on the other ranks, with its message."""
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+@contextlib.contextmanager
+def rank0_work(what: str) -> Any:
+    """Around work rank 0 does alone (`what`: "writing config.yaml", ...), followed on every rank by
+    `rank0_done(what)`: an error in it is posted to the rendezvous store for the others before it propagates."""
+    try:
+        yield
+    except BaseException as e:
+        if _world() > 1:
+            _post_rank0_failure(f"{what}: {type(e).__name__}: {e}")
+        raise
+
+
+def _post_rank0_failure(message: str) -> None:
+    """Rank 0: tell the others what failed, and give them a moment to read it (the store lives in this process)."""
+    import time
+
+    store = rendezvous_store()
+    if store is None:
+        return
+    try:
+        store.set(RANK0_FAILED_KEY, message)
+        deadline = time.monotonic() + RANK0_ACK_WAIT_S
+        while store.add(_RANK0_ACK_KEY, 0) < _world() - 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except Exception as e:  # noqa: BLE001  (the store is gone: the others learn of it as a dead peer)
+        log.warning("could not tell the other ranks that rank 0 failed (%s: %s)", type(e).__name__, e)
+
+
+def rank0_failure() -> str | None:
+    """What rank 0 posted when it failed in `rank0_work`, or None (also when the store cannot be reached)."""
+    store = rendezvous_store()
+    try:
+        if store is not None and store.check([RANK0_FAILED_KEY]):
+            return store.get(RANK0_FAILED_KEY).decode(errors="replace")
+    except Exception:  # noqa: BLE001
+        pass
+    return None
+
+
+def rank0_done(what: str) -> None:
+    """Every rank, after rank 0's `rank0_work(what)`: a barrier that stops with Rank0FailedError (rank 0's message)
+    as soon as rank 0 posts a failure. The barrier itself runs as a collective (a dead peer or the collective
+    timeout end it as `barrier` would); the store is polled while it is pending."""
+    import time
+
+    if _world() <= 1:
+        return
+    rank = dist.get_rank()
+    op = f"barrier after {what}"
+    with collective(op):
+        work = dist.barrier(async_op=True)
+    pause = 0.005
+    while not work.is_completed():
+        posted = rank0_failure()
+        if posted is not None:
+            with contextlib.suppress(Exception):
+                rendezvous_store().add(_RANK0_ACK_KEY, 1)
+            raise Rank0FailedError(f"rank {rank}: stopping: rank 0 failed while {posted}; every rank stops (rank 0 "
+                                   f"with this error)")
+        time.sleep(pause)
+        pause = min(2 * pause, 0.1)
+    try:
+        work.wait()
+    except RuntimeError as e:  # what ended the barrier: a dead peer, the collective timeout (raised by native code,
+        raise CollectiveError(op, e) from e  # so marked here: cluster.raised_by_collective judges by the raiser)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -336,18 +428,52 @@ class Engine:
             self.ds.save_checkpoint(directory, tag=tag, save_latest=False,
                                     exclude_frozen_parameters=not self.save_frozen)
 
-    def load(self, directory: str, tag: str) -> None:
+    def load(self, directory: str, tag: str, saved_world_size: int | None = None) -> None:
         """Every rank reads its shard of `directory/tag` (a resume, a rollback). Only tensors and plain data are
         unpickled: DeepSpeed's checkpoint engine was made safe at build (`make_loads_safe`), and the few readers
         that call `torch.load` directly (universal checkpoints) are redirected while this runs. A file that names
-        anything else raises UnsafeCheckpointError, and nothing of it runs."""
+        anything else raises UnsafeCheckpointError, and nothing of it runs. `saved_world_size`: the world size
+        that wrote it, when not this one (ZeRO-3: see `load_other_world_size`)."""
         from mmscale.training.zero_checkpoint import loads_are_safe
 
+        if saved_world_size not in (None, self.world_size):
+            return self.load_other_world_size(directory, tag, saved_world_size)
         with loads_are_safe(), collective("load_checkpoint", deepspeed=True):
             path, _ = self.ds.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True, load_module_strict=self.save_frozen)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {directory}/{tag}")
+
+    def load_other_world_size(self, directory: str, tag: str, saved_world_size: int) -> None:
+        """A ZeRO-3 checkpoint saved by `saved_world_size` ranks, into this engine's partitioning: rank 0 converts it
+        to DeepSpeed's universal checkpoint in `directory/.universal/tag` (every rank must see it: the checkpoint
+        root is on the shared filesystem), every rank loads its slices from there, then the folder goes
+        (mmscale.training.reshard). A conversion that fails stops every rank with rank 0's message."""
+        import shutil
+
+        from mmscale.training import reshard
+
+        if not self.partitioned:
+            raise RuntimeError(f"{directory}/{tag} was saved by {saved_world_size} ranks, this run has "
+                               f"{self.world_size}: only ZeRO-3 checkpoints are converted for another world size")
+        out = reshard.universal_dir(Path(directory), tag)
+        error = None
+        if self.rank == 0:
+            log.info("%s was saved by %d ranks, this run has %d: converting it to a universal checkpoint in %s",
+                     tag, saved_world_size, self.world_size, out)
+            try:
+                reshard.convert(Path(directory) / tag, out)
+            except Exception as e:  # noqa: BLE001  (any converter error: every rank stops with it)
+                error = f"{type(e).__name__}: {e}"
+        error = broadcast_object(error)
+        if error:
+            raise RuntimeError(f"cannot convert {directory}/{tag} (saved by {saved_world_size} ranks) for "
+                               f"{self.world_size} ranks: {error}")
+        with collective("load_checkpoint", deepspeed=True):
+            reshard.load(self.ds, out, tag)
+        barrier()  # every rank has read it
+        if self.rank == 0:
+            shutil.rmtree(out.parent, ignore_errors=True)
 
     # ------------------------------------------------------------------- slots: this rank's share of the weights
     # For callbacks that work on the weights and their gradients (EWC): a "slot" per trainable parameter, in

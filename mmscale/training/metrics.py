@@ -2,7 +2,8 @@
 
 Each record is fsynced as it is appended, so every record up to a checkpoint survives a power loss with it. A crash
 in the middle of an append can still leave a torn last line: readers drop it with a warning (and any other line
-that is not a record, naming its line number), and the next append starts on a line of its own.
+that is not a record, naming its line number), and the next append starts on a line of its own. An append that
+fails (a full disk, EIO) stops the run with the OSError, naming the errno and metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mmscale.training.checkpoint import write_durably
+from mmscale.training.checkpoint import raise_named, write_durably
 
 log = logging.getLogger("mmscale.metrics")
 
@@ -35,14 +36,17 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": step, **metrics}
-        with self.path.open("a") as f:  # appended: a resumed run continues the same file
-            if not self._tail_checked:
-                self._tail_checked = True
-                if _ends_torn(self.path):  # a crash mid-append: the torn line stays alone (readers drop it)
-                    f.write("\n")
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())  # a few ms per logged step: the record survives a power loss
+        try:
+            with self.path.open("a") as f:  # appended: a resumed run continues the same file
+                if not self._tail_checked:
+                    self._tail_checked = True
+                    if _ends_torn(self.path):  # a crash mid-append: the torn line stays alone (readers drop it)
+                        f.write("\n")
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())  # a few ms per logged step: the record survives a power loss
+        except OSError as e:  # (a full disk, EIO): the run stops; a torn line is dropped by the next resume
+            raise_named(e, self.path)
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):

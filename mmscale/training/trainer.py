@@ -12,9 +12,11 @@ position is checkpointed state like the weights.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,8 +30,9 @@ from mmscale.data.reading import BAD_KINDS, NETWORK_RETRY, BadDataError, BadInpu
 from mmscale.training import checkpoint
 from mmscale.training import cluster, run_paths
 from mmscale.training.callbacks import Callback
-from mmscale.training.engine import (
-    Engine, all_gather_object, all_reduce_sum, barrier, broadcast_object, param_dtype, rendezvous_store,
+from mmscale.training.engine import (  # PeerFailureError: the launchers import it from here
+    Engine, PeerFailureError, Rank0FailedError, all_gather_object, all_reduce_sum, barrier, broadcast_object,
+    param_dtype, rank0_done, rank0_failure, rank0_work, rendezvous_store,
 )
 from mmscale.training.metrics import MetricsWriter, plot_losses
 
@@ -45,12 +48,14 @@ class ResumeError(RuntimeError):
     """No checkpoint this run can continue from; raised on every rank alike, before any collective load."""
 
 
+class CheckpointUnreadableError(ResumeError):
+    """A checkpoint could not be judged: a file that cannot be read after retries (the storage: EIO, ESTALE,
+    EACCES, out of memory), one that would run code when unpickled, or one that verifies yet does not load. Nothing
+    is set aside (none of these proves the checkpoint damaged); every rank stops alike, before any collective load."""
+
+
 class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row, and the config says stop (or there is nothing to roll back to)."""
-
-
-class PeerFailureError(RuntimeError):
-    """A collective failed because another rank died or stopped answering; the message names it and the step."""
 
 
 def signal_name(signum: int | None) -> str:
@@ -71,6 +76,14 @@ def rng_state() -> dict[str, Any]:
     }
 
 
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    """A trainer state file: tensors and plain values only (`weights_only`; a file naming anything else raises
+    UnsafeCheckpointError), the read retried as verification retries it (checkpoint.read_retrying)."""
+    from mmscale.training.zero_checkpoint import safe_load
+
+    return checkpoint.read_retrying(path, lambda: safe_load(path))
+
+
 def set_rng_state(rng: dict[str, Any]) -> None:
     random.setstate(rng["python"])
     n = rng["numpy"]
@@ -81,8 +94,11 @@ def set_rng_state(rng: dict[str, Any]) -> None:
 
 
 # What a resume may not change (the data loader checks its own position's terms): the model, its precision and
-# sharding, the seed. Everything else (lr, max_steps, logging, ...) may change and is logged.
-_FIXED_ON_RESUME = ("model", "train.precision", "train.seed", "deepspeed.zero_stage")
+# sharding, the seed, and what turns a sample into the model's inputs: the preprocessing here, the tokenizer by its
+# digest (`tokenizer_problems`; its path may change, a moved run's does). Everything else (lr, max_steps, logging,
+# ...) may change and is logged.
+_FIXED_ON_RESUME = ("model", "train.precision", "train.seed", "deepspeed.zero_stage", "data.image_size",
+                    "data.image_mean", "data.image_std", "data.max_text_len")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -106,6 +122,45 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
         else:
             log.info("resume: %s", line)
     return refused
+
+
+_TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab.*|merges.*|"
+                              r".*\.model|.*\.tiktoken)$")
+
+
+def tokenizer_digest(path: str | Path) -> str:
+    """SHA-256 of what makes a tokenizer (the ids it gives): a sentencepiece `.model` file's bytes (a folder holding
+    only `tokenizer.model` counts as that file), or a Hugging Face tokenizer folder's tokenizer files, names and
+    bytes (not model weights that may share the folder). "" when there is no such file or folder."""
+    import hashlib
+
+    p = Path(path) if path else None
+    if p is None or not p.exists():
+        return ""
+    if p.is_dir() and not any((p / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+        p = p / "tokenizer.model"  # (as mmscale.data.load_tokenizer reads such a folder)
+    if p.is_file():
+        return checkpoint.sha256_file(p)
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.iterdir() if q.is_file() and _TOKENIZER_FILES.match(q.name)):
+        h.update(f"{f.name}\0{checkpoint.sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def tokenizer_problems(saved: dict[str, str] | None, now: dict[str, str], run_dir: Path) -> list[str]:
+    """A checkpoint continues only with the tokenizer it was trained with, compared by digest: the same ids for the
+    same text. Its path may differ (a moved run, a copy). Checkpoints from before the digest was recorded: no check."""
+    if not saved or not saved.get("sha256") or not now.get("sha256") or saved["sha256"] == now["sha256"]:
+        return []
+
+    def where(record: dict[str, str]) -> str:  # a recorded (portable) path, where the run is now
+        return run_paths.resolve_config({"output_dir": ".", "data": {"tokenizer": record.get("path", "")}},
+                                        run_dir)["data"]["tokenizer"]
+
+    was, old, new = where(saved), saved["sha256"][:16], now["sha256"][:16]
+    return [f"data.tokenizer: the checkpoint was trained with the tokenizer {was!r} (sha256 {old}...), this run's "
+            f"{where(now)!r} is another one (sha256 {new}...): the same text would give other token ids; resume "
+            f"with data.tokenizer={was!r} (or an identical copy of it), or start a new run in another output_dir"]
 
 
 def callback_key(index: int, cb: Callback) -> str:
@@ -176,6 +231,7 @@ class Trainer:
         self._data_iter = None
         self._window = self._empty_window()
         self._dtype = param_dtype(cfg)  # inputs in the parameters' dtype
+        self._tokenizer: dict[str, str] | None = None  # what the tokenizer is, for the manifest (_tokenizer_record)
 
     # ------------------------------------------------------------------------------------------- steps
 
@@ -390,54 +446,103 @@ class Trainer:
         writes the manifest last and publishes the directory by a rename (see mmscale.training.checkpoint)."""
         tag = checkpoint.tag_for(self.step) + checkpoint.PARTIAL
         ckpt = self.ckpt_root / tag
+        what = f"beginning checkpoint {checkpoint.tag_for(self.step)} under {self.ckpt_root}"
         if self.is_main:
-            checkpoint.begin(self.ckpt_root, self.step)
-        barrier()
-        self.engine.save(str(self.ckpt_root), tag)
-        # the frozen weights, when the files leave them out: as they are now ("" when they are in the files)
-        frozen = "" if self.engine.save_frozen else self.engine.fingerprint_frozen()
-        torch.save({**self._state(), "frozen_fingerprint": frozen}, ckpt / checkpoint.state_file(self.rank))
+            with rank0_work(what):
+                checkpoint.begin(self.ckpt_root, self.step)
+        rank0_done(what)
+        with checkpoint.saves_keep_errno():  # a failed write raises OSError(errno), not torch's RuntimeError
+            self.engine.save(str(self.ckpt_root), tag)
+            # the frozen weights, when the files leave them out: as they are now ("" when they are in the files)
+            frozen = "" if self.engine.save_frozen else self.engine.fingerprint_frozen()
+            torch.save({**self._state(), "frozen_fingerprint": frozen}, ckpt / checkpoint.state_file(self.rank))
         barrier()  # every rank's files are on disk
         names = broadcast_object(checkpoint.files_of(ckpt) if self.is_main else None)
         shares = all_gather_object(checkpoint.hash_share(ckpt, names, self.rank, self.world_size))
+        what = f"committing checkpoint {ckpt}"
         if self.is_main:
-            meta = {"world_size": self.world_size,
-                    "config": run_paths.portable_config(self.cfg.to_dict(), self.output_dir),  # see run_paths
-                    "metrics": self._eval_at_step(), "frozen_fingerprint": frozen}
-            checkpoint.write_manifest(ckpt, self.step, {k: v for share in shares for k, v in share.items()}, meta)
-            final = checkpoint.commit(self.ckpt_root, self.step, self.cfg.train.keep_checkpoints,
-                                      self.cfg.train.keep_best, self.cfg.train.keep_best_mode)
+            with rank0_work(what):
+                meta = {"world_size": self.world_size,
+                        "config": run_paths.portable_config(self.cfg.to_dict(), self.output_dir),  # see run_paths
+                        "metrics": self._eval_at_step(), "frozen_fingerprint": frozen,
+                        "tokenizer": self._tokenizer_record()}
+                checkpoint.write_manifest(ckpt, self.step, {k: v for share in shares for k, v in share.items()},
+                                          meta)
+                final = checkpoint.commit(self.ckpt_root, self.step, self.cfg.train.keep_checkpoints,
+                                          self.cfg.train.keep_best, self.cfg.train.keep_best_mode)
             log.info("saved checkpoint %s", final)
-        barrier()
+        rank0_done(what)
+
+    def _tokenizer_record(self) -> dict[str, str]:
+        """The tokenizer this run reads, as a checkpoint's manifest records it: its path (portable: relative inside
+        the run, see run_paths) and its digest (`tokenizer_digest`), computed once."""
+        if self._tokenizer is None:
+            path = run_paths.data_paths(self.cfg)[2]
+            self._tokenizer = {"path": run_paths.portable_path(path, self.output_dir) if path else "",
+                               "sha256": tokenizer_digest(path)}
+        return self._tokenizer
 
     def _eval_at_step(self) -> dict[str, float]:
         last = self.last_eval
         return {k: v for k, v in last.items() if k != "step"} if last.get("step") == self.step else {}
 
-    def _check_candidate(self, ckpt: Path) -> tuple[list[str], list[str], dict[str, Any] | None]:
-        """This rank's verdict on one checkpoint, without any collective: (why it is damaged, why this run cannot
-        continue from it, its trainer state). Never raises, so that every rank reaches the vote that follows."""
+    def _check_candidate(self, ckpt: Path) -> tuple[list[str], list[str], list[str], dict[str, Any] | None]:
+        """This rank's verdict on one checkpoint, without any collective: (proof that it is damaged, why this run
+        cannot continue from it, why it cannot be judged at all, its trainer state). Only proof (a checksum or size
+        that differs, a listed file missing, a manifest missing or unparsable) sets a checkpoint aside; a file that
+        cannot be read (after retries) or would run code stops the run instead. Never raises, so that every rank
+        reaches the vote that follows."""
+        from mmscale.training.zero_checkpoint import UnsafeCheckpointError
+
+        who = f"rank {self.rank}: " if self.world_size > 1 else ""
         try:
             damaged = checkpoint.verify(ckpt, self.rank, self.world_size)
             if damaged:
-                return damaged, [], None
-            manifest = checkpoint.read_manifest(ckpt)
+                return damaged, [], [], None
+            manifest = checkpoint.load_manifest(ckpt)
             saved_world = manifest.get("world_size")
-            if saved_world != self.world_size:
-                return [], [f"{ckpt.name} was saved by {saved_world} ranks, this run has {self.world_size}; "
-                            f"resume with {saved_world} ranks"], None
-            state = torch.load(ckpt / checkpoint.state_file(self.rank), map_location="cpu", weights_only=True)
+            if saved_world != self.world_size:  # every saved rank's state, merged for this rank
+                state, mismatched = self._state_from_other_world(ckpt, int(saved_world))
+            else:
+                state, mismatched = load_trainer_state(ckpt / checkpoint.state_file(self.rank)), []
             # both portable for this output_dir: a moved run's relative paths are not a change
-            mismatched = config_changes(
+            mismatched += config_changes(
                 run_paths.comparable_config(manifest.get("config") or {}, self.output_dir, recorded=True),
                 run_paths.comparable_config(self.cfg.to_dict(), self.output_dir, recorded=False))
             mismatched += frozen_problems(state.get("frozen_fingerprint", ""), self.engine.frozen_at_build,
                                           ckpt.name, self.cfg)
+            mismatched += tokenizer_problems(manifest.get("tokenizer"), self._tokenizer_record(), self.output_dir)
             if hasattr(self.train_data, "resume_problems"):
                 mismatched += self.train_data.resume_problems(state["data"])
-            return [], mismatched, state
-        except Exception as e:  # an unreadable file is damage, whatever the reader raised
-            return [f"{ckpt.name}: {type(e).__name__}: {e}"], [], None
+            return [], mismatched, [], state
+        except OSError as e:  # the storage failed (after retries: checkpoint.read_retrying): proof of nothing
+            name = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__
+            return [], [], [f"{who}cannot read {e.filename or ckpt}: {e.strerror or e} (errno {e.errno}, {name})"], None
+        except UnsafeCheckpointError as e:  # tampered with, or not ours: never loaded, never set aside
+            return [], [], [f"{who}{e}"], None
+        except Exception as e:  # noqa: BLE001  (matches its manifest, yet does not load: not proof of damage)
+            return [], [], [f"{who}{ckpt.name} matches its manifest but does not load: {type(e).__name__}: {e}"], None
+
+    def _state_from_other_world(self, ckpt: Path, saved_world: int) -> tuple[dict[str, Any], list[str]]:
+        """A checkpoint of `saved_world` ranks resumed on this world size: every saved rank's trainer state merged
+        for this rank (mmscale.training.reshard.merge_trainer_states), and why it cannot move."""
+        import inspect
+
+        from mmscale.training import reshard
+
+        states = [load_trainer_state(ckpt / checkpoint.state_file(r)) for r in range(saved_world)]
+        global_state = {callback_key(i, cb) for i, cb in enumerate(self.callbacks)
+                        if getattr(cb, "state_is_global", False)}
+        state, problems = reshard.merge_trainer_states(states, self.rank, self.world_size, self.cfg.train.seed,
+                                                       global_state)
+        if self.cfg.deepspeed.zero_stage != reshard.SUPPORTED_STAGE:
+            problems.append(f"only ZeRO-3 checkpoints are converted for another world size (deepspeed.zero_stage="
+                            f"{self.cfg.deepspeed.zero_stage}); resume with {saved_world} rank(s)")
+        if "all_ranks" not in inspect.signature(self.train_data.load_state_dict).parameters:
+            problems.append(f"the training data ({type(self.train_data).__name__}: a task sequence?) cannot spread "
+                            f"its position over another number of ranks; resume with {saved_world} rank(s)")
+        return state, [f"{ckpt.name} was saved by {saved_world} ranks, this run has {self.world_size}: {p}"
+                       for p in problems]
 
     def load_checkpoint(self, required: bool, restore_data: bool = True) -> Path | None:
         """Load the newest checkpoint that passes its manifest, skipping (and setting aside) damaged ones.
@@ -445,23 +550,41 @@ class Trainer:
         Rank 0 lists the candidates and every rank receives the same list; each rank checks its share of each
         candidate on its own, then all vote, so all load the same step or all stop with the same error before the
         collective load starts. Returns the checkpoint loaded, or None when there is none and none is `required`."""
-        names = broadcast_object([c.name for c in checkpoint.candidates(self.ckpt_root)] if self.is_main else None)
+        listing = None
+        if self.is_main:  # a listing that fails reaches every rank as the same error, not as a wait in a broadcast
+            try:
+                listing = [c.name for c in checkpoint.candidates(self.ckpt_root)]
+            except OSError as e:
+                listing = f"cannot list the checkpoints under {self.ckpt_root}: {type(e).__name__}: {e}"
+        names = broadcast_object(listing)
+        if isinstance(names, str):
+            raise CheckpointUnreadableError(f"{names}; nothing was set aside or loaded: check the storage, then "
+                                            f"resume again")
         for name in names:
             ckpt = self.ckpt_root / name
-            damaged, mismatched, state = self._check_candidate(ckpt)
-            votes = all_gather_object((damaged, mismatched))
-            damaged = [m for d, _ in votes for m in d]
-            mismatched = sorted({m for _, mm in votes for m in mm})
+            damaged, mismatched, unreadable, state = self._check_candidate(ckpt)
+            votes = all_gather_object((damaged, mismatched, unreadable))
+            damaged = [m for d, _, _ in votes for m in d]
+            mismatched = sorted({m for _, mm, _ in votes for m in mm})
+            unreadable = [m for _, _, u in votes for m in u]
+            if unreadable:  # first, whatever another rank proved: a checkpoint is judged once it can be read
+                raise CheckpointUnreadableError(
+                    f"cannot judge checkpoint {ckpt}; nothing was set aside or loaded:\n  "
+                    + "\n  ".join(unreadable[:10]) + f"\nEach read is tried {checkpoint.READ_TRIES} times before "
+                    f"this stop. Check the storage (or the file named), then resume again: a checkpoint is set "
+                    f"aside only when its files prove it damaged")
             if damaged:
+                what = f"setting aside the damaged checkpoint {ckpt}"
                 if self.is_main:
-                    moved = checkpoint.set_aside(ckpt)
+                    with rank0_work(what):
+                        moved = checkpoint.set_aside(ckpt)
                     log.warning("checkpoint %s is damaged and was set aside as %s; trying the one before it:\n  %s",
                                 name, moved.name, "\n  ".join(damaged[:10]))
-                barrier()
+                rank0_done(what)
                 continue
             if mismatched:
                 raise ResumeError(f"cannot continue from {ckpt}:\n  " + "\n  ".join(mismatched))
-            self.engine.load(str(self.ckpt_root), name)
+            self.engine.load(str(self.ckpt_root), name, saved_world_size=state.get("resharded_from"))
             self._apply_state(state, restore_data)
             return ckpt
         if required:
@@ -479,8 +602,11 @@ class Trainer:
         saved_scale = state.get("lr_scale", 1.0)  # the checkpoint's schedule already runs at this scale
         if restore_data:  # a resume: everything as it was at the checkpoint
             self.nonfinite_steps, self.lr_scale = state.get("nonfinite_steps", 0), saved_scale
-            self.train_data.load_state_dict(state["data"])
-            set_rng_state(state["rng"])
+            if "data_all_ranks" in state:  # another world size: the rest of the epoch spread over the new ranks
+                self.train_data.load_state_dict(state["data"], all_ranks=state["data_all_ranks"])
+            else:
+                self.train_data.load_state_dict(state["data"])
+            set_rng_state(state["rng"])  # (another world size: seeded anew, reshard.fresh_rng_state)
         elif self.lr_scale != saved_scale:  # a rollback: its lowered rate, and the counts go on
             self.engine.scale_lr(self.lr_scale / saved_scale)
         self.task_rows = [list(row) for row in state.get("task_rows", [])]  # on a rollback too: the step went back
@@ -496,9 +622,17 @@ class Trainer:
     def resume(self, required: bool = True) -> bool:
         """Continue from the newest good checkpoint in output_dir. With `required=False` (`--resume auto`), start
         fresh when there is none. Metrics logged after the checkpoint (by the run that died) are dropped."""
-        ckpt = self.load_checkpoint(required)
+        try:
+            ckpt = self.load_checkpoint(required)
+        except Exception as e:
+            if self.world_size > 1 and cluster.is_peer_failure(e):  # a rank died while the checkpoint loaded
+                raise self._peer_failure(e) from e
+            raise
+        what = f"dropping the records after step {self.step} from {self.metrics.path}"
         if self.is_main:
-            self.metrics.truncate_after(self.step)
+            with rank0_work(what):
+                self.metrics.truncate_after(self.step)
+        rank0_done(what)
         if ckpt is None:
             log.info("--resume auto: no checkpoint under %s; starting from scratch", self.ckpt_root)
             return False
@@ -597,6 +731,10 @@ class Trainer:
 
     def _peer_failure(self, e: BaseException) -> PeerFailureError:
         """Name the rank that died: every live rank checks in at the rendezvous store; who does not, is gone."""
+        posted = rank0_failure()  # rank 0 failed in its own work and said so while this rank was in a collective
+        if posted is not None and self.rank != 0:
+            return Rank0FailedError(f"rank {self.rank}: stopping: rank 0 failed while {posted}; every rank "
+                                    f"stops (rank 0 with this error)")
         grace = min(10.0, self.cfg.deepspeed.collective_timeout_s / 3)
         dead, why = cluster.find_dead_ranks(rendezvous_store(), self.rank, self.world_size, grace)
         if dead is None:
@@ -634,16 +772,20 @@ class Trainer:
         self._log({"task_end": self.tasks.names[i], f"R_row_{metric}": row})
         for cb in self.callbacks:
             cb.on_task_end(self, i, row)
+        what = f"writing {self.output_dir / 'continual.json'} and continual.png after task {i}"
         if self.is_main:
             log.info("after task %d (%s), %s per task: %s", i, self.tasks.names[i], metric,
                      ", ".join(f"{n} {v:.4f}" for n, v in zip(self.tasks.names, row)))
             if len(self.task_rows) == len(row):  # the whole matrix: its table, summary and heatmap
                 log.info("task sequence done:\n%s", cl.format_table(self.task_rows, self.tasks.names))
-                summary = cl.summarize(self.task_rows, lower_is_better=metric.endswith("loss"))
-                (self.output_dir / "continual.json").write_text(json.dumps(
-                    {"tasks": self.tasks.names, "metric": metric, **summary}, indent=2))
-                cl.plot_heatmap(self.task_rows, self.output_dir / "continual.png", self.tasks.names,
-                                title=f"{metric}: task j (column) after training task i (row)")
+                with rank0_work(what):
+                    summary = cl.summarize(self.task_rows, lower_is_better=metric.endswith("loss"))
+                    (self.output_dir / "continual.json").write_text(json.dumps(
+                        {"tasks": self.tasks.names, "metric": metric, **summary}, indent=2))
+                    cl.plot_heatmap(self.task_rows, self.output_dir / "continual.png", self.tasks.names,
+                                    title=f"{metric}: task j (column) after training task i (row)")
+        if len(self.task_rows) == len(row):
+            rank0_done(what)
         self._activate_classes()
 
     def _log(self, record: dict[str, float]) -> None:
