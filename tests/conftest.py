@@ -17,6 +17,22 @@ if not torch.cuda.is_available():
 
 import pytest
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_zero3_config_leaks_out_of_a_module():
+    """A test module that builds a ZeRO-3 engine in this process must end its job (mmscale.training.build.close):
+    transformers' global ZeRO-3 config would otherwise make every later model build run under zero.Init, failing
+    far from the cause."""
+    yield
+    import sys
+
+    ds = sys.modules.get("transformers.integrations.deepspeed")
+    if ds is not None and ds.deepspeed_config() is not None:
+        ds.unset_hf_deepspeed_config()
+        pytest.fail("this module left transformers' ZeRO-3 config set: end in-process jobs with build.close()")
+
+
 SHAPES_TRAIN_SAMPLES = 64
 SHAPES_SAMPLES_PER_SHARD = 8
 SHAPES_IMAGE_SIZE = 32

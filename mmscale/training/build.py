@@ -243,6 +243,12 @@ def build_from_checkpoint(cfg: JobConfig, ckpt: Path | None, vocab_size: int) ->
 
 
 def close() -> None:
+    """The end of a job in this process: the process group, and transformers' global ZeRO-3 config (set while the
+    engine was built, so that `from_pretrained` partitions under zero.Init): a model built after it in the same
+    process (an evaluation, the next test) must not be built under zero.Init."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
     if dist.is_initialized():
         dist.destroy_process_group()
 
