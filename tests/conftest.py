@@ -5,18 +5,27 @@ Both are session-scoped and built in a temporary folder (nothing is downloaded);
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
-import torch
+import pytest
+
+# Run without the install step (a new checkout, another interpreter), every module would fail to import torch: say
+# once what to run instead of a collection error per file.
+_MISSING = [m for m in ("torch", "deepspeed", "transformers", "peft", "webdataset", "sentencepiece", "yaml")
+            if importlib.util.find_spec(m) is None]
+if _MISSING:
+    pytest.exit(f"mmscale's dependencies are not installed for this python ({', '.join(_MISSING)} missing): run "
+                f"pip install -c constraints.txt -e \".[test]\" first (the README's test command does both)",
+                returncode=4)
+
+import torch  # noqa: E402
 
 # Triton reads TRITON_INTERPRET when it is first imported, so it is set here, before any test module imports it:
 # without a GPU the Triton kernels run (slowly, exactly) under the interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest
-
 
 
 @pytest.fixture(autouse=True, scope="module")
