@@ -161,11 +161,11 @@ def main(argv: list[str] | None = None) -> None:
     import deepspeed  # here, not at the top: --help and a refused argument answer without importing torch
     import torch
 
-    from mmscale.config import load_config
+    from mmscale.job.preflight import load_config
     from mmscale.data import make_shapes_dataset, train_sentencepiece
     from mmscale.data.tokenizer import captions_from_shards, load_tokenizer
     from mmscale.model.multimodal import build_lm
-    from mmscale.training.build import build_trainer
+    from mmscale.job.build import build_trainer
     from mmscale.training.engine import all_gather_object, barrier, broadcast_object, init_distributed
 
     rank, world = init_distributed()

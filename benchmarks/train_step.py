@@ -50,11 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     import deepspeed  # here, not at the top: --help and a refused argument answer without importing torch
     import torch
 
-    from mmscale.config import config_from_dict
+    from mmscale.job.preflight import config_from_dict
     from mmscale.data import TrainLoader, load_tokenizer, make_shapes_dataset, train_sentencepiece
     from mmscale.data.tokenizer import captions_from_shards
-    from mmscale.model import build_model
-    from mmscale.training.build import seed_everything
+    from mmscale.job.build import model_recipe
+    from mmscale.objectives.captioning import mean_loss
+    from mmscale.job.build import seed_everything
     from mmscale.training.engine import barrier, broadcast_object, build_ds_config, build_engine, \
         build_optimizer, check_param_dtypes, init_distributed, lr_lambda, param_dtype
     from mmscale.training.trainer import MODEL_INPUTS, Trainer
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def make_model():
         nonlocal bare_model
-        bare_model = build_model(cfg.model, vocab_size=tok.vocab_size)
+        bare_model = model_recipe(cfg).build(tok.vocab_size)  # the model and its objectives, as training builds it
         return bare_model
 
     # the bare loop: deepspeed.initialize on the same model class, optimizer and schedule; mean loss per rank
@@ -106,12 +107,12 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(n):
             b = batches[i % len(batches)]
             out = bare(**{k: b[k] for k in MODEL_INPUTS})
-            bare.backward(out.loss)
+            bare.backward(mean_loss(out))
             bare.step()
         return time.perf_counter() - t0
 
     seed_everything(0)
-    engine = build_engine(cfg, lambda: build_model(cfg.model, vocab_size=tok.vocab_size), world, rank)
+    engine = build_engine(cfg, lambda: model_recipe(cfg).build(tok.vocab_size), world, rank)
     # Both loops must train in the same precision: a ratio between a bf16 and an fp32 loop measures the CPU's bf16
     # support, not the step (build_engine checks its own; the bare loop is checked the same way here).
     check_param_dtypes(bare.module, param_dtype(cfg))

@@ -5,7 +5,7 @@
     python launchers/export.py adapter --run runs/demo-finetune --out exported/adapter   # peft adapters only
 
 Then `model, tokenizer, cfg = mmscale.export.load_exported("exported/demo")`, or `model.init_from=exported/demo` in a
-new run. See mmscale/export.py for the folder's layout.
+new run. See mmscale/export/__init__.py for the folder's layout.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ import logging
 import os
 import sys
 
-from mmscale.config import ConfigError, load_config
+from mmscale.config import ConfigError
+from mmscale.job.preflight import load_config
 from mmscale.training.cluster import EXIT_PEER_FAILED, EXIT_REQUEUE, STOP_SIGNALS, SharedDirError
 from mmscale.training.checkpoint import run_dir_problems
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overwrite = False  # a requeued job must not delete the checkpoint it was requeued to resume from
         logging.getLogger("mmscale").warning("SLURM restart: --overwrite ignored (it applied to the first start)")
     if args.overwrite and args.resume == "required":  # before anything is touched (a requeue dropped --overwrite)
-        from mmscale.training.build import OVERWRITE_AND_RESUME
+        from mmscale.job.build import OVERWRITE_AND_RESUME
 
         print(f"error: {OVERWRITE_AND_RESUME}", file=sys.stderr)
         return 2
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(cfg.to_yaml())
         return 0
     if args.dry_run:
-        from mmscale.training.build import dry_run_report
+        from mmscale.job.dry_run import dry_run_report
 
         machine = {k: v for k, v in (("gpu_tflops", args.gpu_tflops), ("link_gbytes_per_s", args.link_gbytes_per_s))
                    if v is not None}
@@ -117,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                           "comm_gbytes_per_step": round(step["comm_gbytes_per_step"], 2)}))
         return 0 if not report["problems"] else 2
 
-    from mmscale.training.build import build_trainer, close
-    from mmscale.training.engine import InitFromError
+    from mmscale.job.build import build_trainer, close
+    from mmscale.training.weights import InitFromError
     from mmscale.data.reading import BadDataError
     from mmscale.training.trainer import NonFiniteError, PeerFailureError, ResumeError
 

@@ -1,10 +1,14 @@
-"""Typed job configuration.
+"""Typed job configuration: the schema.
 
 The dataclasses below are the truth; YAML is only how a config is stored. Precedence (lowest to highest):
 dataclass defaults < model preset < YAML file < command-line overrides (``section.key=value``).
 
-Every problem is collected and reported at once, before any process group starts::
+This module imports nothing of the packages it describes: it reads YAML and overrides (`read_config`), builds the
+dataclasses (`build_config`, `build_section` for a registered part's own section) and finds what the schema alone
+shows is wrong (`schema_problems`). Presets, registries (objectives, callbacks, synthetic tasks) and files are
+checked in the job layer, every problem reported at once, before any process group starts::
 
+    from mmscale.job.preflight import load_config
     cfg = load_config("configs/demo.yaml", ["train.lr=3e-4", "deepspeed.zero_stage=2"])
 """
 
@@ -190,8 +194,9 @@ class ModelConfig:
     activation_checkpointing: bool = False
     """Recompute decoder layers in the backward pass to save memory."""
     num_classes: int = 0
-    """A classification head with this many classes on the pooled multimodal features (the LM's last hidden states
-    averaged over the text positions); labels come from the shards' `.cls` members. 0 = no head."""
+    """Classes in the shards' `.cls` labels: the size of the classification objective's head (on the LM's last
+    hidden states averaged over the text positions) and the bound the data pipeline checks labels against. > 0
+    also measures classification when `objectives` does not list it. 0 = no head."""
 
 
 @dataclass
@@ -235,11 +240,6 @@ class TrainConfig:
     """Also validate before the first step (logged at step 0): the "before" of a fine-tuning run."""
     eval_batches: int = 20
     """Micro batches per validation run on each rank."""
-    lm_loss_weight: float = 1.0
-    """Weight of the captioning loss (next-token cross-entropy, mean over the global batch's target tokens)."""
-    cls_loss_weight: float = 0.0
-    """Weight of the classification loss (cross-entropy, mean over the global batch's labelled samples; needs
-    model.num_classes). `lm_loss_weight=0 cls_loss_weight=1`: classification instead of captioning."""
     seed: int = 1234
 
 
@@ -334,6 +334,11 @@ class JobConfig:
     callbacks: list[CallbackSpec] = field(default_factory=list)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    objectives: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """What training minimises: registered objectives (mmscale.objectives), each `NAME: {weight: W, ...its own
+    keys}`, summed with their weights; weight 0 = measured, not trained. Empty = `captioning` alone, weight 1. E.g.
+    `{captioning: {weight: 0}, classification: {weight: 1}}` trains a classifier and still reports the caption
+    loss; `{contrastive: {weight: 1}}` trains image-text retrieval alone."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -503,14 +508,10 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                world_size: int | None = None, check_paths: bool = True) -> JobConfig:
-    """Load a YAML job config, apply `section.key=value` overrides, resolve the model preset and validate
-    (with `world_size`, also the batch arithmetic across ranks; with `check_paths`, also that the data shards and
-    the tokenizer exist, which training needs and `--dry-run` / `--print-config` do not).
-
-    Raises ConfigError listing every problem found.
-    """
+def read_config(path: str | Path | None = None, overrides: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The raw config of a YAML file with `section.key=value` overrides merged over it, and the problems found on the
+    way (overrides that do not parse). Raises ConfigError when the file cannot be used at all. Presets, building
+    the dataclasses and every check: mmscale.job.preflight.load_config."""
     raw: dict[str, Any] = {}
     problems: list[str] = []  # every override that does not parse, with the rest of the report
     for item in overrides or []:
@@ -534,34 +535,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}"]
                               + problems)
         raw = _merge(loaded, raw)  # the overrides beat the file
-    try:
-        cfg = config_from_dict(raw, world_size, check_paths)
-    except ConfigError as e:
-        raise ConfigError(problems + e.problems) from None
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    return raw, problems
 
 
-def config_from_dict(raw: dict[str, Any], world_size: int | None = None, check_paths: bool = True) -> JobConfig:
+def build_config(raw: dict[str, Any], model: ModelConfig | None = None) -> tuple[JobConfig, list[str]]:
+    """The JobConfig of `raw` over the defaults (and `model`, a preset's values, under the model section), unknown
+    keys and values of the wrong type reported (the field then keeps the value it had)."""
     problems: list[str] = []
     cfg = JobConfig()
-    preset = (raw.get("model") or {}).get("preset", "") if isinstance(raw.get("model"), dict) else ""
-    if preset and isinstance(preset, str):  # (another type is reported with the other fields' types)
-        from mmscale.model.presets import PRESETS
+    if model is not None:
+        cfg.model = model
+    return _build(JobConfig, raw, "", problems, base=cfg), problems
 
-        if preset not in PRESETS:
-            problems.append(f"model.preset: unknown preset {preset!r}. Choose one of: {', '.join(sorted(PRESETS))}")
-        else:
-            cfg.model = PRESETS[preset]()
-    cfg = _build(JobConfig, raw, "", problems, base=cfg)
-    # A field whose value was refused above kept its previous value; what validation then says about that field
-    # would be about a value nobody gave: left out (the report names the field already).
-    refused = [re.compile(re.escape(p.split(":", 1)[0].split("[", 1)[0]) + r"(?!\w)") for p in problems]
-    problems += [p for p in validate(cfg, world_size, check_paths) if not any(r.search(p) for r in refused)]
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+
+def build_section(cls: type, data: dict[str, Any], prefix: str) -> tuple[Any, list[str]]:
+    """A section dataclass that a registered part declares (an objective's), built from `data` as the config's own
+    sections are: unknown keys and values of the wrong type reported, named under `prefix`."""
+    problems: list[str] = []
+    return _build(cls, data, prefix, problems), problems
+
+
+def refused_fields(problems: list[str]) -> list[re.Pattern[str]]:
+    """Patterns matching the fields `problems` refused a value of: what validation says about such a field would be
+    about a value nobody gave, and is left out of the report (which names the field already)."""
+    return [re.compile(re.escape(p.split(":", 1)[0].split("[", 1)[0]) + r"(?!\w)") for p in problems]
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -598,12 +595,9 @@ def _positive(problems: list[str], where: str, value: Any, minimum: float = 1) -
 
 def _continual_problems(cfg: JobConfig) -> list[str]:
     c, p = cfg.continual, []
-    _choice(p, "continual.metric", c.metric, ("val_loss", "val_acc"))
     _choice(p, "continual.schedule", c.schedule, ("restart", "continue"))
     if not c.tasks:
         return p
-    if c.metric == "val_acc" and cfg.model.num_classes <= 0:
-        p.append("continual.metric: val_acc needs a classification head; set model.num_classes")
     names = [t.name for t in c.tasks]
     for i, t in enumerate(c.tasks):
         where = f"continual.tasks[{i}]"
@@ -630,17 +624,6 @@ def _continual_problems(cfg: JobConfig) -> list[str]:
     return p
 
 
-def _tokenizer_spells_task(d: DataConfig) -> list[str]:
-    from mmscale.data import load_tokenizer, synthetic_words
-
-    unknown = load_tokenizer(d.tokenizer).unknown_words(synthetic_words(d.synthetic_task))
-    if not unknown:
-        return []
-    return [f"data.tokenizer: {d.tokenizer!r} cannot spell the {d.synthetic_task} task's words {unknown} (they encode "
-            f"to the unknown token); give one that can. The tokenizers mmscale makes for synthetic data spell every "
-            f"task's words, except those made before the counts task existed: pretrain that run again"]
-
-
 def _bad_input_problems(d: DataConfig) -> list[str]:
     """The limits of mmscale.data.reading/decode: image size, the bad-input threshold, http retries."""
     from PIL import Image
@@ -662,7 +645,7 @@ def _bad_input_problems(d: DataConfig) -> list[str]:
     return p
 
 
-def _source_problems(cfg: JobConfig, check_paths: bool) -> list[str]:
+def _source_problems(cfg: JobConfig) -> list[str]:
     """A mixture (`data.sources`): named, weighted sources with shards, instead of `data.train_shards`."""
     d, p = cfg.data, []
     if not d.sources:
@@ -682,74 +665,19 @@ def _source_problems(cfg: JobConfig, check_paths: bool) -> list[str]:
                      f"samples); drop the source to leave it out")
         if not s.shards:
             p.append(f"{where}.shards: empty; give the source's shards (a brace pattern, a directory or a list file)")
-        elif check_paths:
-            from mmscale.data.shards import check_shard_spec
-
-            p += check_shard_spec(s.shards, f"{where}.shards", need_sizes=d.num_samples == 0, allow_pipe=d.allow_pipe)
-    if check_paths and not d.tokenizer:
-        p.append("data.tokenizer: empty, but data.sources names your own shards, for which no tokenizer is made; "
-                 "give a sentencepiece .model or a Hugging Face tokenizer folder (python -m mmscale.data.tokenizer "
-                 "makes one)")
     return p
 
 
-def _data_problems(d: DataConfig) -> list[str]:
-    """The shard specs resolve to files and the tokenizer exists (or mmscale will make both): checked here, so a
-    wrong path is one line of the config report instead of a traceback inside every rank."""
-    from mmscale.data.shards import check_shard_spec
-    from mmscale.data.tokenizer import check_tokenizer_path
-
-    p: list[str] = []
-    if d.train_shards:
-        p += check_shard_spec(d.train_shards, "data.train_shards", need_sizes=d.num_samples == 0,
-                              allow_pipe=d.allow_pipe)
-    if d.val_shards:
-        p += check_shard_spec(d.val_shards, "data.val_shards", allow_pipe=d.allow_pipe)
-    p += _bad_input_problems(d)
-    if d.tokenizer:
-        p += check_tokenizer_path(d.tokenizer, "data.tokenizer")
-        if not p and not d.train_shards and not d.sources and d.synthetic_train_samples > 0:  # generated data
-            p += _tokenizer_spells_task(d)
-    elif d.train_shards:  # mmscale trains a tokenizer only for the synthetic dataset it generates itself
-        p.append(
-            f"data.tokenizer: empty, but data.train_shards ({d.train_shards!r}) names your own shards, for which no "
-            f"tokenizer is made; give a sentencepiece .model or a Hugging Face tokenizer folder, or train one with "
-            f"`python -m mmscale.data.tokenizer --shards '{d.train_shards}' --out tok --vocab-size 8000` and set "
-            f"data.tokenizer=tok.model"
-        )
-    return p
-
-
-VALIDATION_METRICS = ("val_loss",)
-"""The metric every validation reports (Trainer.measure in mmscale.training.trainer), which train.keep_best and a
-callback's metric may name (it also reports `val_tokens`, a count: nothing to rank by)."""
-CLASSIFICATION_METRICS = ("val_acc", "val_cls_loss")
-"""... and those it adds with a classification head (model.num_classes > 0)."""
-
-
-def metric_problems(where: str, metric: str, cfg: JobConfig, fix: str) -> list[str]:
-    """`metric` (train.keep_best, a callback's metric) is one that validation reports with this config; else one
-    problem naming `where`, the value, the metrics there are and `fix` (e.g. `keep_best=val_loss`)."""
-    head = isinstance(cfg.model.num_classes, int) and cfg.model.num_classes > 0
-    if metric in VALIDATION_METRICS or (head and metric in CLASSIFICATION_METRICS):
-        return []
-    have = ", ".join(VALIDATION_METRICS + (CLASSIFICATION_METRICS if head else ()))
-    if metric in CLASSIFICATION_METRICS:
-        return [f"{where}: {metric!r} is reported only with a classification head, and model.num_classes is "
-                f"{cfg.model.num_classes}: set model.num_classes (the number of classes in the shards' .cls labels), "
-                f"or {fix}"]
-    return [f"{where}: {metric!r} is not a validation metric; validation reports {have} here: e.g. {fix}"]
-
-
-def validate(cfg: JobConfig, world_size: int | None = None, check_paths: bool = True) -> list[str]:
-    """Every problem in `cfg` (an empty list when it is valid). `world_size` adds the batch arithmetic checks,
-    `check_paths` the data and tokenizer files."""
+def schema_problems(cfg: JobConfig, world_size: int | None = None) -> list[str]:
+    """Every problem of `cfg` that the schema alone shows (an empty list when there is none): ranges, choices, fields
+    that exclude each other. `world_size` adds the batch arithmetic checks. What needs the packages the config
+    describes (registries, files, the tokenizer): mmscale.job.preflight."""
     p: list[str] = []
     d, m, t, ds = cfg.data, cfg.model, cfg.train, cfg.deepspeed
     if not cfg.output_dir:
         p.append("output_dir: must be set, e.g. output_dir=runs/my_job")
     p += _continual_problems(cfg)
-    p += _source_problems(cfg, check_paths)
+    p += _source_problems(cfg)
     if not d.train_shards and not d.sources and d.synthetic_train_samples <= 0 and not cfg.continual.tasks:
         p.append(
             "data.train_shards: empty and data.synthetic_train_samples is 0; give shards "
@@ -764,19 +692,11 @@ def validate(cfg: JobConfig, world_size: int | None = None, check_paths: bool = 
     elif any(s <= 0 for s in d.image_std):
         p.append(f"data.image_std: {d.image_std} must all be > 0")
     _positive(p, "data.tokenizer_vocab_size", d.tokenizer_vocab_size, 16)
-    from mmscale.data.synthetic import SYNTHETIC_TASKS
-
-    _choice(p, "data.synthetic_task", d.synthetic_task, SYNTHETIC_TASKS)
+    p += _bad_input_problems(d)
     # (a run's resolved config names the shards it generated, with synthetic_train_samples still > 0)
     if d.train_shards and d.synthetic_train_samples <= 0 and d.synthetic_task != "shapes":
         p.append(f"data.synthetic_task: {d.synthetic_task!r} applies only to generated data, but data.train_shards "
                  f"({d.train_shards!r}) names your own shards; drop one of the two")
-    if check_paths:
-        p += _data_problems(d)
-        if m.init_from:
-            from mmscale.training.weights import source_problems
-
-            p += source_problems(m.init_from)
 
     _choice(p, "model.vision.type", m.vision.type, VISION_TYPES)
     tower_size = m.vision.config.get("image_size")
@@ -816,23 +736,13 @@ def validate(cfg: JobConfig, world_size: int | None = None, check_paths: bool = 
     _choice(p, "train.keep_best_mode", t.keep_best_mode, ("min", "max"))
     _choice(p, "train.on_nonfinite", t.on_nonfinite, ("rollback", "stop"))
     _positive(p, "train.max_nonfinite_steps", t.max_nonfinite_steps)
-    for name in ("lm_loss_weight", "cls_loss_weight"):
-        if not getattr(t, name) >= 0:
-            p.append(f"train.{name}: {getattr(t, name)} must be >= 0")
-    if t.lm_loss_weight <= 0 and t.cls_loss_weight <= 0:
-        p.append("train.lm_loss_weight and train.cls_loss_weight are both 0: nothing to train; set one > 0")
     if m.num_classes < 0:
         p.append(f"model.num_classes: {m.num_classes} must be >= 0 (0 = no classification head)")
-    if t.cls_loss_weight > 0 and m.num_classes <= 0:
-        p.append(f"train.cls_loss_weight: {t.cls_loss_weight} needs a classification head; set model.num_classes "
-                 f"(the number of classes in the shards' .cls labels)")
     if isinstance(t.rollback_lr_factor, (int, float)) and not 0 < t.rollback_lr_factor <= 1:
         p.append(f"train.rollback_lr_factor: {t.rollback_lr_factor!r} must be in (0, 1], e.g. 0.5")
     if t.keep_best and not (d.val_shards or d.synthetic_val_samples > 0):
         p.append(f"train.keep_best: {t.keep_best!r} needs validation data (data.val_shards or "
                  "data.synthetic_val_samples) to rank checkpoints by")
-    if t.keep_best:
-        p += metric_problems("train.keep_best", t.keep_best, cfg, "keep_best=val_loss")
     if isinstance(t.global_batch_size, int) and isinstance(t.micro_batch_size, int) and t.micro_batch_size > 0:
         if t.global_batch_size % t.micro_batch_size:
             p.append(
@@ -862,14 +772,6 @@ def validate(cfg: JobConfig, world_size: int | None = None, check_paths: bool = 
             value = ds.extra[section][sub] if sub else ds.extra[section]
             p.append(f"deepspeed.extra.{key}: {value!r} would put DeepSpeed out of step with the trainer, which "
                      f"derives it from {instead}; set that instead and remove deepspeed.extra.{key}")
-
-    from mmscale.callbacks import CALLBACKS, callback_problems
-
-    for i, cb in enumerate(cfg.callbacks):
-        if cb.name not in CALLBACKS:
-            p.append(f"callbacks[{i}].name: unknown callback {cb.name!r}. Registered: {', '.join(sorted(CALLBACKS))}")
-        else:  # constructing a callback checks its arguments and does no work (see the Callback protocol)
-            p += callback_problems(i, cb.name, cb.args, cfg)
     _positive(p, "logging.log_every", cfg.logging.log_every)
     return p
 

@@ -56,10 +56,6 @@ DIR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 # ============================================================================================= loading
 
 
-def is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
-
-
 def is_export_dir(path: Path) -> bool:
     return (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
 
@@ -68,8 +64,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[An
     """(model, tokenizer, cfg) of a RUN directory (its newest checkpoint that verifies against its manifest), a
     checkpoint directory inside one (`RUN/checkpoints/step_N`, which must verify), or an exported directory; the
     model in eval mode on `device`. A run's model is built from the config recorded with those weights
-    (mmscale.training.runs.open_run); a damaged checkpoint is skipped with a warning, or an error when named."""
-    from mmscale.training.runs import is_checkpoint_dir
+    (mmscale.job.runs.open_run); a damaged checkpoint is skipped with a warning, or an error when named."""
+    from mmscale.training.verified import is_checkpoint_dir, is_run_dir
 
     path = Path(path)
     if not path.exists():
@@ -78,11 +74,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[An
         from mmscale.export import load_exported  # lazily: written beside this module
 
         model, tokenizer, cfg = load_exported(path)
-    elif is_run_dir(path) or (path.parent.name == "checkpoints" and is_run_dir(path.parent.parent)
-                              and is_checkpoint_dir(path)):
-        from mmscale.evaluation.image_use import load_run
+    elif is_run_dir(path) or is_checkpoint_dir(path):
+        from mmscale.job.runs import load_run
 
-        cfg, model, tokenizer = load_run(path)
+        cfg, model, tokenizer = load_run(path, what="--model")
     else:
         raise ValueError(
             f"--model {str(path)!r} is neither a run directory (config.yaml and checkpoints/), a checkpoint "
@@ -412,8 +407,8 @@ def classify(model: Any, tokenizer: Any, pixel_values: torch.Tensor, image_mask:
     makes it."""
     from mmscale.data.collate import collate_samples
 
-    if getattr(model, "classifier", None) is None:
-        raise ValueError("the model has no classification head (model.num_classes = 0)")
+    if "classification" not in model.objectives:
+        raise ValueError("the model has no classification head (no classification objective)")
     device = next(model.parameters()).device
     B = pixel_values.shape[0]
     image_mask = torch.ones(pixel_values.shape[:2], dtype=torch.bool) if image_mask is None else image_mask
@@ -424,7 +419,7 @@ def classify(model: Any, tokenizer: Any, pixel_values: torch.Tensor, image_mask:
                             max_images=pixel_values.shape[1], seq_len=max(len(t) for t in texts))
     out = model(pixel_values=pixel_values.to(device), image_mask=image_mask.to(device),
                 **{k: batch[k].to(device) for k in ("input_ids", "attention_mask", "media_index")})
-    return torch.softmax(out.class_logits.float(), dim=-1).cpu()
+    return torch.softmax(out.terms["classification"]["logits"].float(), dim=-1).cpu()
 
 
 # ============================================================================================= inputs
@@ -615,9 +610,9 @@ def main(argv: list[str] | None = None) -> int:
 
                 resolve_shards(args.shards)
             model, tokenizer, cfg = load_model(args.model, args.device)
-            if args.classify and getattr(model, "classifier", None) is None:
-                raise ValueError(f"--classify: the model in {args.model} has no classification head "
-                                 f"(model.num_classes = 0)")
+            if args.classify and "classification" not in model.objectives:
+                raise ValueError(f"--classify: the model in {args.model} has no classification head (it was "
+                                 f"trained without the classification objective)")
         except (OSError, ValueError, RuntimeError) as e:  # ShardSpecError is a ValueError
             print(f"error: {e}", file=sys.stderr)
             return 2

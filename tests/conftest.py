@@ -30,7 +30,7 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(autouse=True, scope="module")
 def _no_zero3_config_leaks_out_of_a_module():
-    """A test module that builds a ZeRO-3 engine in this process must end its job (mmscale.training.build.close):
+    """A test module that builds a ZeRO-3 engine in this process must end its job (mmscale.job.build.close):
     transformers' global ZeRO-3 config would otherwise make every later model build run under zero.Init, failing
     far from the cause."""
     yield

@@ -21,7 +21,8 @@ import pytest
 from PIL import Image
 
 import mmscale.data.write_shards as write_shards_cli
-from mmscale.config import ConfigError, DataConfig, config_from_dict
+from mmscale.config import ConfigError, DataConfig
+from mmscale.job.preflight import config_from_dict
 from mmscale.data import TrainLoader, write_tar_shards
 from mmscale.data.decode import decode_for_training, decode_sample, image_to_tensor, load_image
 from mmscale.data.reading import (

@@ -37,12 +37,12 @@ def test_cls_member_is_read_and_checked():
 
 
 def _model(num_classes: int):
-    from mmscale.config import load_config
-    from mmscale.model import build_model
+    from mmscale.job.preflight import load_config
+    from mmscale.job.build import model_recipe
 
     torch.manual_seed(0)
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"model.num_classes={num_classes}"], check_paths=False)
-    return build_model(cfg.model, vocab_size=64).eval()
+    return model_recipe(cfg).build(64).eval()
 
 
 def _batch(b: int = 3, length: int = 6) -> dict:
@@ -60,29 +60,36 @@ def test_head_pools_attended_positions_and_masks_inactive_classes():
     model = _model(5)
     batch = _batch()
     labels = torch.tensor([2, IGNORE_INDEX, 4])
-    out = model(**batch, class_labels=labels)
-    assert out.class_logits.shape == (3, 5)
+    terms = model(**batch, class_labels=labels).terms["classification"]  # (mmscale.objectives.classification)
+    assert terms["logits"].shape == (3, 5)
     # the sums are exactly cross-entropy over the labelled samples, and the count of right answers
-    expected = F.cross_entropy(out.class_logits[[0, 2]], labels[[0, 2]], reduction="sum")
-    assert torch.allclose(out.cls_loss_sum, expected) and int(out.cls_num) == 2
-    assert int(out.cls_correct) == int((out.class_logits[[0, 2]].argmax(-1) == labels[[0, 2]]).sum())
+    expected = F.cross_entropy(terms["logits"][[0, 2]], labels[[0, 2]], reduction="sum")
+    assert torch.allclose(terms["loss_sum"], expected) and int(terms["count"]) == 2
+    assert int(terms["correct"]) == int((terms["logits"][[0, 2]].argmax(-1) == labels[[0, 2]]).sum())
     # padding does not move a sample's class logits: the pooled mean covers the attended positions only
     changed = {**batch, "input_ids": batch["input_ids"].clone()}
     changed["input_ids"][0, 4:] = 7
-    assert torch.allclose(model(**changed).class_logits[0], out.class_logits[0], atol=1e-5)
+    assert torch.allclose(model(**changed).terms["classification"]["logits"][0], terms["logits"][0], atol=1e-5)
     # class-incremental: a class not yet active is never predicted
-    model.active_classes[3:] = False
-    masked = model(**batch, class_labels=labels).class_logits
-    assert (masked.argmax(-1) < 3).all() and torch.equal(masked[:, :3], out.class_logits[:, :3])
+    model.objectives["classification"].set_active_classes([0, 1, 2])
+    masked = model(**batch, class_labels=labels).terms["classification"]["logits"]
+    assert (masked.argmax(-1) < 3).all() and torch.equal(masked[:, :3], terms["logits"][:, :3])
 
 
 def test_loss_weights_are_checked():
-    from mmscale.config import ConfigError, load_config
+    from mmscale.config import ConfigError
+    from mmscale.job.preflight import load_config
 
-    with pytest.raises(ConfigError, match="needs a classification head; set model.num_classes"):
-        load_config(ROOT / "configs/tiny.yaml", ["train.cls_loss_weight=1"], check_paths=False)
-    with pytest.raises(ConfigError, match="both 0: nothing to train"):
-        load_config(ROOT / "configs/tiny.yaml", ["train.lm_loss_weight=0"], check_paths=False)
+    with pytest.raises(ConfigError, match="objectives.classification: needs model.num_classes"):
+        load_config(ROOT / "configs/tiny.yaml", ["objectives.classification.weight=1"], check_paths=False)
+    with pytest.raises(ConfigError, match="every weight is 0 .*nothing to train"):
+        load_config(ROOT / "configs/tiny.yaml", ["objectives.captioning.weight=0"], check_paths=False)
+    with pytest.raises(ConfigError, match="objectives.captioning.weight: -1.0 must be >= 0"):
+        load_config(ROOT / "configs/tiny.yaml", ["objectives.captioning.weight=-1"], check_paths=False)
+    with pytest.raises(ConfigError, match="objectives.ranking: unknown objective 'ranking'. Registered: "):
+        load_config(ROOT / "configs/tiny.yaml", ["objectives.ranking.weight=1"], check_paths=False)
+    with pytest.raises(ConfigError, match="objectives.captioning.wieght: unknown key"):
+        load_config(ROOT / "configs/tiny.yaml", ["objectives.captioning.wieght=1"], check_paths=False)
 
 
 def test_digits_shards_are_the_real_scans_split_without_overlap(tmp_path):
@@ -120,7 +127,7 @@ def test_digit_classification_two_ranks_match_one_process(tiny_data, tmp_path): 
     write_digits_shards(tmp_path / "val", "val", classes=[0, 1, 2, 3], samples_per_shard=20)
     tokenizer = next(a for a in tiny_data if a.startswith("data.tokenizer="))
     common = [f"data.train_shards={tmp_path / 'train'}", f"data.val_shards={tmp_path / 'val'}", tokenizer,
-              "model.num_classes=4", "train.lm_loss_weight=0", "train.cls_loss_weight=1", "train.max_steps=40",
+              "model.num_classes=4", "objectives={captioning: {weight: 0}, classification: {weight: 1}}", "train.max_steps=40",
               "train.lr=3e-3", "train.warmup_steps=1", "train.checkpoint_every=0", "train.global_batch_size=16",
               "train.micro_batch_size=8", "train.eval_batches=4", "deepspeed.stage3_param_persistence_threshold=0",
               "data.num_workers=0", "--same-global-batches"]
@@ -147,7 +154,7 @@ def two_digit_tasks(root, steps: int, train_per_shard: int = 200) -> list[str]:
     tasks = ", ".join(f"{{name: {n}, train_shards: {root / n / 'train'}, val_shards: {root / n / 'val'}, "
                       f"max_steps: {steps}, classes: {c}}}" for n, c in (("a", [0, 1]), ("b", [2, 3])))
     return [f"continual.tasks=[{tasks}]", "continual.metric=val_acc", "model.num_classes=4", "model.train_vision=true",
-            "train.lm_loss_weight=0", "train.cls_loss_weight=1", f"train.max_steps={2 * steps}"]
+            "objectives={captioning: {weight: 0}, classification: {weight: 1}}", f"train.max_steps={2 * steps}"]
 
 
 @pytest.mark.slow
@@ -178,7 +185,8 @@ def test_task_sequence_resumed_mid_task_ends_with_the_same_matrix(tiny_data, tmp
 
 
 def test_task_sequence_config_is_checked():
-    from mmscale.config import ConfigError, load_config
+    from mmscale.config import ConfigError
+    from mmscale.job.preflight import load_config
 
     tasks = "continual.tasks=[{name: a, train_shards: x, val_shards: y, max_steps: 5, classes: [0, 9]}, {name: a}]"
     with pytest.raises(ConfigError) as e:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmscale.config import ConfigError, JobConfig, config_from_dict, load_config
+from mmscale.config import ConfigError, JobConfig
+from mmscale.job.preflight import config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -125,7 +126,7 @@ def test_launcher_dry_run_sizes_presets(name, world, low, high):
 
 def test_dry_run_memory_estimate_follows_zero_stage():
     """Weights split over ranks only at stage 3, optimizer state from stage 1: the ZeRO paper's accounting."""
-    from mmscale.training.dry_run import estimate_memory
+    from mmscale.job.dry_run import estimate_memory
 
     cfg = load_config(ROOT / "configs/flamingo-9b.yaml", check_paths=False)
     counts = {"total": 8_000_000_000, "trainable": 1_000_000_000}
@@ -219,7 +220,7 @@ def test_shards_that_match_nothing_and_shards_without_tokenizer_are_refused_up_f
 def test_dry_run_sizes_the_model_training_builds(tmp_path, sp_tokenizer):
     """The demo is sized with the vocabulary its tokenizer will have (64 pieces), not a 32,000-token default."""
     from mmscale.model import build_model
-    from mmscale.training.build import dry_run_report
+    from mmscale.job.dry_run import dry_run_report
 
     cfg = load_config(ROOT / "configs/demo.yaml", [f"output_dir={tmp_path}"])
     _, report = dry_run_report(cfg, world_size=2)
@@ -250,7 +251,7 @@ def test_fresh_run_into_a_used_output_dir_is_refused(tmp_path):
 def test_dry_run_applies_the_fine_tuning_method(tmp_path):
     """--dry-run sizes what would train with the configured method: LoRA on a trained LM cuts the trainable
     parameters, and with them the gradient and optimizer memory."""
-    from mmscale.training.build import dry_run_report
+    from mmscale.job.dry_run import dry_run_report
 
     base = [f"output_dir={tmp_path}", "model.train_lm=true"]
     _, full = dry_run_report(load_config(ROOT / "configs/demo.yaml", base), world_size=2)
@@ -280,9 +281,9 @@ def test_dry_run_step_estimate_follows_zero3_accounting():
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert "200 TFLOP/s achieved per GPU, 100 GB/s" in r.stdout and "activations_with_checkpointing_gib" in r.stdout
 
-    from mmscale.config import load_config
+    from mmscale.job.preflight import load_config
     from mmscale.model import build_model
-    from mmscale.training.dry_run import estimate_step
+    from mmscale.job.dry_run import estimate_step
 
     cfg = load_config("configs/flamingo-9b.yaml", check_paths=False)
     model = build_model(cfg.model, vocab_size=None, meta=True)

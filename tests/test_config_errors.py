@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mmscale.config import ConfigError, load_config
+from mmscale.config import ConfigError
+from mmscale.job.preflight import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny.yaml"
@@ -32,7 +33,7 @@ TASKS = ("continual.tasks=[{name: a, train_shards: a.tar, val_shards: a.tar, max
 
 # (override, the field the report must name, the value it must show)
 WRONG_TYPES = [
-    ("train.lm_loss_weight=abc", "train.lm_loss_weight", "'abc'"),
+    ("objectives.captioning.weight=abc", "objectives.captioning.weight", "'abc'"),
     ("model.num_classes=x", "model.num_classes", "'x'"),
     ("deepspeed.collective_timeout_s=abc", "deepspeed.collective_timeout_s", "'abc'"),
     ("data.image_std=[a,1,1]", "data.image_std[0]", "'a'"),  # a list's elements
@@ -51,9 +52,9 @@ def test_a_value_of_the_wrong_type_is_named_in_the_report(override, field, value
 
 
 def test_every_problem_is_listed_at_once_and_none_is_a_consequence_of_another():
-    text = _problems(["train.lm_loss_weight=abc", "model.num_classes=x", "data.image_std=[a,1,1]", "train.lr=0",
+    text = _problems(["objectives.captioning.weight=abc", "model.num_classes=x", "data.image_std=[a,1,1]", "train.lr=0",
                       "train.keep_best_mode=up", TASKS])
-    for field in ("train.lm_loss_weight", "model.num_classes", "data.image_std[0]", "train.lr: 0.0 must be > 0",
+    for field in ("objectives.captioning.weight", "model.num_classes", "data.image_std[0]", "train.lr: 0.0 must be > 0",
                   "train.keep_best_mode", "continual.tasks[0].max_steps: expected"):
         assert field in text, (field, text)
     # the bad task's max_steps is not reported again as "0 must be >= 1" or as a wrong sum for train.max_steps
@@ -76,8 +77,8 @@ def test_optional_and_union_fields_accept_either_arm():
 
 @pytest.mark.parametrize("override", ["train.lr=[", "train.lr={a: 1", "model.lm.config='oops"])
 def test_malformed_yaml_in_an_override_is_named(override):
-    text = _problems([override, "train.lm_loss_weight=abc"])  # and the other problems still listed
-    assert f"override {override!r}" in text and "not valid YAML" in text and "train.lm_loss_weight" in text, text
+    text = _problems([override, "objectives.captioning.weight=abc"])  # and the other problems still listed
+    assert f"override {override!r}" in text and "not valid YAML" in text and "objectives.captioning.weight" in text, text
 
 
 @pytest.mark.parametrize("override", ["=3", "train..lr=3", "train.lr"])
@@ -116,7 +117,7 @@ def test_early_stopping_metric_is_checked_with_the_config():
 
 
 CLI_CASES = [
-    ("train.lm_loss_weight=abc", "train.lm_loss_weight", "abc"),
+    ("objectives.captioning.weight=abc", "objectives.captioning.weight", "abc"),
     ("data.image_std=[a,1,1]", "data.image_std[0]", "'a'"),
     ("train.lr=[", "train.lr=[", "not valid YAML"),
     ("train.keep_best=val_acc", "train.keep_best", "val_acc"),
@@ -145,7 +146,7 @@ def test_dry_run_refuses_a_world_size_below_1(world):
 
 
 def test_dry_run_function_refuses_a_world_size_below_1():
-    from mmscale.training.dry_run import dry_run
+    from mmscale.job.dry_run import dry_run
 
     with pytest.raises(ValueError, match="world_size"):
         dry_run(load_config(TINY, check_paths=False), -2, vocab_size=64)

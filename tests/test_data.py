@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmscale.config import ConfigError, DataConfig, load_config
+from mmscale.config import ConfigError, DataConfig
+from mmscale.job.preflight import load_config
 from mmscale.data import (
     COLOURS,
     COUNTS,
@@ -678,7 +679,7 @@ def test_tokenizer_cli(shapes_shards, tmp_path):
 @pytest.fixture(scope="module")
 def shapes_run(tmp_path_factory):
     """prepare_data of a small shapes job (what the demo pretraining makes): (output_dir, tokenizer path)."""
-    from mmscale.training.build import prepare_data
+    from mmscale.job.build import prepare_data
 
     out = tmp_path_factory.mktemp("shapes_run")
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"output_dir={out}", "data.synthetic_train_samples=32",
@@ -706,7 +707,7 @@ def test_generated_tokenizer_spells_every_task(shapes_run):
 
 
 def test_finetune_data_reuses_the_pretraining_tokenizer(shapes_run, sp_tokenizer, tmp_path):
-    from mmscale.training.build import prepare_data
+    from mmscale.job.build import prepare_data
 
     overrides = [f"output_dir={tmp_path / 'ft'}", "data.synthetic_train_samples=16", "data.synthetic_val_samples=16",
                  "data.synthetic_task=counts", f"data.tokenizer={shapes_run[1]}"]

@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 import mmscale.data.write_shards as write_shards_cli
-from mmscale.config import ConfigError, DataConfig, config_from_dict
+from mmscale.config import ConfigError, DataConfig
+from mmscale.job.preflight import config_from_dict
 from mmscale.data import TrainLoader, check_shard_spec, resolve_shards, write_tar_shards
 from mmscale.data.decode import decode_for_training, decode_sample
 from mmscale.data.reading import (

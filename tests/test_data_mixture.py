@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mmscale.config import ConfigError, DataConfig, SourceSpec, load_config
+from mmscale.config import ConfigError, DataConfig, SourceSpec
+from mmscale.job.preflight import load_config
 from mmscale.data import TrainLoader, make_shapes_dataset
 from test_data_resume import run  # n batches and the state before each
 

@@ -58,7 +58,8 @@ def two_ranks(digits, tmp_path_factory):
 
 def test_ewc_arguments_and_config_are_checked():
     from mmscale.callbacks import CALLBACKS
-    from mmscale.config import ConfigError, load_config
+    from mmscale.config import ConfigError
+    from mmscale.job.preflight import load_config
 
     ewc = CALLBACKS["ewc"]
     cb = ewc(lam=5, mode="online", gamma=0.9, fisher_batches=2)

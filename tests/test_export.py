@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmscale import export
+from mmscale.export import main as export_main
+from mmscale.export import shards
+from mmscale.export.config import export_config
+from mmscale.export.merge import plain_linears
+from mmscale.job.build import build_as_trained
+from mmscale.training.readers import SAFETENSORS_INDEX, CheckpointReader, SafetensorsReader
 from test_finetune import source_run  # noqa: F401  (a fixture: a 2-rank ZeRO-3 run that validates at its end)
 from test_training import ROOT, launch, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
@@ -38,7 +43,7 @@ loss, tokens, logits = 0.0, 0, None
 with torch.no_grad():
     for batch in EvalLoader(cfg.data, tok, 4, 0, 1, shards=cfg.data.val_shards, max_batches=16):
         o = model(**{k: batch[k] for k in %r})
-        loss, tokens = loss + float(o.loss_sum), tokens + int(o.num_tokens)
+        loss, tokens = loss + float(o.terms["captioning"]["loss_sum"]), tokens + int(o.terms["captioning"]["count"])
         if logits is None:
             logits = o.logits.float().contiguous()
 save_file({"logits": logits}, out + ".safetensors")
@@ -74,14 +79,14 @@ def manifest_of(run: Path) -> dict:
 
 
 def test_sizes_and_dtypes_parse():
-    assert export.parse_size("2GB") == 2 * 10**9 and export.parse_size("512MiB") == 512 * 2**20
-    assert export.parse_size("100kb") == 100_000 and export.parse_size("4096") == 4096 and export.parse_size(7) == 7
+    assert shards.parse_size("2GB") == 2 * 10**9 and shards.parse_size("512MiB") == 512 * 2**20
+    assert shards.parse_size("100kb") == 100_000 and shards.parse_size("4096") == 4096 and shards.parse_size(7) == 7
     for bad in ("", "2 parsecs", "-1GB", "0"):
         with pytest.raises(ValueError, match="max-shard-size"):
-            export.parse_size(bad)
-    assert export.as_dtype("bf16") == torch.bfloat16 and export.as_dtype("float32") == torch.float32
+            shards.parse_size(bad)
+    assert shards.as_dtype("bf16") == torch.bfloat16 and shards.as_dtype("float32") == torch.float32
     with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
-        export.as_dtype("int4")
+        shards.as_dtype("int4")
 
 
 def test_streamed_shards_follow_the_hugging_face_convention(tmp_path):
@@ -103,7 +108,7 @@ def test_streamed_shards_follow_the_hugging_face_convention(tmp_path):
         return tensors[name]
 
     (tmp_path / "one").mkdir()
-    one = export.write_weights(tmp_path / "one", items, read, 10**9)
+    one = shards.write_weights(tmp_path / "one", items, read, 10**9)
     assert one == {"files": ["model.safetensors"], "total_size": 6 * 64 * 32 * 2 + 3 + 5 * 8 + 2, "index": None}
     assert asked == list(tensors)  # each tensor asked for once, in order
     back = load_file(tmp_path / "one/model.safetensors")
@@ -112,13 +117,13 @@ def test_streamed_shards_follow_the_hugging_face_convention(tmp_path):
         assert back[n].dtype == want.dtype and torch.equal(back[n], want), n
 
     (tmp_path / "many").mkdir()
-    many = export.write_weights(tmp_path / "many", items, read, 64 * 32 * 2 * 2)  # two weights a shard
+    many = shards.write_weights(tmp_path / "many", items, read, 64 * 32 * 2 * 2)  # two weights a shard
     assert many["files"] == [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
-    index = json.loads((tmp_path / "many" / export.SAFETENSORS_INDEX).read_text())
+    index = json.loads((tmp_path / "many" / SAFETENSORS_INDEX).read_text())
     assert index["metadata"] == {"total_size": one["total_size"]}
     assert set(index["weight_map"]) == set(tensors) and set(index["weight_map"].values()) == set(many["files"])
     state, _ = weights.read_weights(str(tmp_path / "many"))
-    reader = export.SafetensorsReader(tmp_path / "many")
+    reader = SafetensorsReader(tmp_path / "many")
     for n in tensors:
         assert torch.equal(state[n], back[n]) and torch.equal(reader.read(n), back[n])
         assert reader.shape(n) == tuple(tensors[n].shape) and reader.dtype(n) == back[n].dtype
@@ -128,14 +133,14 @@ STREAM = r"""
 import json, sys
 from pathlib import Path
 import torch
-from mmscale import export
+from mmscale.export import shards
 
 out, n, numel = sys.argv[1], 24, 4 << 20  # 24 tensors of 16 MiB: 384 MiB of fp32 weights
 items = [(f"w{i}", (numel,), torch.float32) for i in range(n)]
-export.reset_peak_memory()
-start = export.memory_status()["rss"]
-written = export.write_weights(Path(out), items, lambda name: torch.full((numel,), float(name[1:])), 200 << 20)
-print(json.dumps({"over_start": export.memory_status()["peak"] - start, "total": written["total_size"],
+shards.reset_peak_memory()
+start = shards.memory_status()["rss"]
+written = shards.write_weights(Path(out), items, lambda name: torch.full((numel,), float(name[1:])), 200 << 20)
+print(json.dumps({"over_start": shards.memory_status()["peak"] - start, "total": written["total_size"],
                   "files": written["files"]}))
 """
 
@@ -153,7 +158,7 @@ def test_the_writer_holds_one_tensor_at_a_time(tmp_path):
 
 def _fake_run(tmp_path: Path, tiny_data: list[str], callbacks: str = "[]") -> Path:  # noqa: F811
     """A run directory as training leaves it before its first save: config.yaml, no checkpoint."""
-    from mmscale.config import load_config
+    from mmscale.job.preflight import load_config
 
     run = tmp_path / "run"
     run.mkdir()
@@ -170,7 +175,7 @@ def test_bad_inputs_are_refused_with_the_fix(tiny_data, tmp_path, capsys):  # no
     out = tmp_path / "out"
 
     def refused(*args: str) -> str:
-        assert export.main(["model", *args]) == 2
+        assert export_main(["model", *args]) == 2
         return capsys.readouterr().err
 
     err = refused("--run", str(run), "--out", str(out))
@@ -190,8 +195,9 @@ def test_bad_inputs_are_refused_with_the_fix(tiny_data, tmp_path, capsys):  # no
     assert "would hold the run" in refused("--run", str(run), "--out", str(tmp_path))
     err = refused("--run", str(run), "--out", str(tmp_path / "o2"), "--adapters", "separate")
     assert "hold no lora or qlora; leave --adapters out" in err
-    assert "--checkpoint 'step_00000009' is not a directory" in refused("--run", str(run), "--out", str(out / "x"),
-                                                                        "--checkpoint", "step_00000009")
+    err = refused("--run", str(run), "--out", str(out / "x"), "--checkpoint", "step_00000009")
+    assert "--checkpoint 'step_00000009' is not a directory" in err
+    assert f"a name under {run / 'checkpoints'} or a path; or leave --checkpoint out" in err
     assert "max-shard-size" in refused("--run", str(run), "--out", str(tmp_path / "o3"), "--max-shard-size", "lots")
 
 
@@ -202,7 +208,7 @@ def test_qlora_merge_dequantizes_then_adds_the_adapters(tmp_path):
     import bitsandbytes as bnb
     from peft.tuners.lora import LoraLayer
 
-    from mmscale.config import load_config
+    from mmscale.job.preflight import load_config
     from mmscale.model.multimodal import build_lm
 
     torch.manual_seed(0)
@@ -210,7 +216,7 @@ def test_qlora_merge_dequantizes_then_adds_the_adapters(tmp_path):
     build_lm(cfg0.model, vocab_size=64).save_pretrained(tmp_path / "base")
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"model.lm.path={tmp_path / 'base'}", "train.precision=bf16",
                                                    "callbacks=[{name: qlora}]"], check_paths=False)
-    model = export.build_exported_model(cfg, 64)
+    model = build_as_trained(cfg, 64)
     expected = {}
     for name, m in model.named_modules():
         if isinstance(m, LoraLayer):
@@ -221,16 +227,16 @@ def test_qlora_merge_dequantizes_then_adds_the_adapters(tmp_path):
             expected[name + ".weight"] = w4 + delta
         elif isinstance(m, bnb.nn.Linear4bit) and not name.endswith("base_layer"):
             expected[name + ".weight"] = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
-    counts = export.plain_linears(model, merge=True)
+    counts = plain_linears(model, merge=True)
     assert counts == {"lora_merged": 8, "lora_removed": 0, "dequantized": 14}  # 2 layers x (4 attn + 3 mlp)
     state = model.state_dict()
     for name, w in expected.items():
         assert torch.equal(state[name], w), name
     assert not any(isinstance(m, (bnb.nn.Linear4bit, LoraLayer)) for m in model.modules())
-    cfg_out, changes = export.export_config(cfg, "tokenizer.model", 64)
+    cfg_out, changes = export_config(cfg, "tokenizer.model", 64)
     assert [c.name for c in cfg_out.callbacks] == [] and not cfg_out.model.lm.path
     assert any("model.lm.path" in c for c in changes) and any("qlora taken out" in c for c in changes)
-    plain = export.build_exported_model(cfg_out, 64, meta=True).state_dict()
+    plain = build_as_trained(cfg_out, 64, meta=True).state_dict()
     assert {n: tuple(t.shape) for n, t in plain.items()} == {n: tuple(t.shape) for n, t in state.items()}
 
 
@@ -259,7 +265,7 @@ def test_zero3_export_reloads_without_deepspeed(source_run, tmp_path):
     from safetensors.torch import load_file
 
     from mmscale.data import EvalLoader
-    from mmscale.evaluation.image_use import load_run
+    from mmscale.job.runs import load_run
     from mmscale.training.checkpoint import consolidated_state_dict, latest_checkpoint
 
     tmp, _ = source_run
@@ -325,7 +331,7 @@ def test_lora_run_exports_merged_and_separate(lora_run, lora_exports, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from mmscale.config import load_config
+    from mmscale.job.preflight import load_config
     from mmscale.training import checkpoint, weights
 
     merged, separate = lora_exports
@@ -352,7 +358,7 @@ def test_lora_run_exports_merged_and_separate(lora_run, lora_exports, tmp_path):
     loaded, saved = get_peft_model_state_dict(peft_model), load_file(adapter / "adapter_model.safetensors")
     assert set(loaded) == set(saved) and len(saved) == 16 and all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert any("lora_B" in k and saved[k].abs().sum() > 0 for k in saved)
-    assert export.main(["adapter", "--run", str(lora_run), "--out", str(tmp_path / "adapter_only")]) == 0
+    assert export_main(["adapter", "--run", str(lora_run), "--out", str(tmp_path / "adapter_only")]) == 0
     alone = load_file(tmp_path / "adapter_only/adapter_model.safetensors")  # the `adapter` subcommand, the same
     assert set(alone) == set(saved) and all(torch.equal(alone[k], saved[k]) for k in saved)
 
@@ -360,7 +366,7 @@ def test_lora_run_exports_merged_and_separate(lora_run, lora_exports, tmp_path):
     # which mmscale's safe loader accepts)
     ckpt = checkpoint.latest_checkpoint(lora_run / "checkpoints")
     reference = checkpoint.consolidated_state_dict(ckpt)
-    reader = export.CheckpointReader(ckpt)
+    reader = CheckpointReader(ckpt)
     assert reader.stage == 2 and set(reader.names) == set(reference)
     assert all(torch.equal(reader.read(n), reference[n]) for n in reference)
 

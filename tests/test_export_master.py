@@ -121,7 +121,7 @@ def test_export_writes_the_fp32_masters(bf16_runs, stage, tmp_path):
 
 @pytest.mark.parametrize("stage", [0, 1])
 def test_init_from_starts_from_the_fp32_masters(bf16_runs, stage):
-    from mmscale.export import open_source
+    from mmscale.training.readers import open_source
     from mmscale.training import checkpoint, weights
 
     ckpt, master = _expected_masters(bf16_runs, stage)

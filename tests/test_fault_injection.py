@@ -210,7 +210,7 @@ def _inject(monkeypatch: pytest.MonkeyPatch, fault: Fault, hits: list[str]) -> N
 def in_process():
     """A world of one in this process (the variables init_distributed would set, on a free port); the process group
     is destroyed and the variables restored after the module."""
-    from mmscale.training.build import close
+    from mmscale.job.build import close
 
     with pytest.MonkeyPatch.context() as mp:
         for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -224,8 +224,8 @@ def in_process():
 
 def _train(out: Path, data: list[str], max_steps: int, replay: bool, resume: bool = False):
     """One in-process run; returns (the trainer's logged records, the exception that stopped it or None)."""
-    from mmscale.config import load_config
-    from mmscale.training.build import build_trainer
+    from mmscale.job.preflight import load_config
+    from mmscale.job.build import build_trainer
 
     cfg = load_config(CONFIG, [*data, *COMMON, *(REPLAY if replay else []), f"output_dir={out}",
                                f"train.max_steps={max_steps}"])

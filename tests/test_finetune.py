@@ -79,9 +79,9 @@ def test_peft_method_under_zero3_trains_only_what_it_says(source_run, method):
     the source run's weights: the loss falls; the checkpoint holds exactly what trains; rebuilt in one process
     without DeepSpeed from the source, its frozen weights match the fingerprint taken at the save (bit-identical to
     the source's after training) and it evaluates to the engine's loss; what the method trains did move."""
-    from mmscale.config import load_config
+    from mmscale.job.preflight import load_config
     from mmscale.data import load_tokenizer
-    from mmscale.training.build import build_from_checkpoint
+    from mmscale.job.runs import build_from_checkpoint
     from mmscale.training.checkpoint import consolidated_state_dict, latest_checkpoint
 
     tmp, data = source_run
@@ -152,14 +152,14 @@ def _evaluate(model: torch.nn.Module, cfg) -> float:
     for batch in EvalLoader(cfg.data, tok, 4, 0, 1, shards=cfg.data.val_shards, max_batches=16):
         out = model(**{k: batch[k] for k in ("pixel_values", "image_mask", "input_ids", "attention_mask",
                                               "media_index", "labels")})
-        loss, tokens = loss + float(out.loss_sum), tokens + int(out.num_tokens)
+        loss, tokens = loss + float(out.terms["captioning"]["loss_sum"]), tokens + int(out.terms["captioning"]["count"])
     return loss / tokens
 
 
 @pytest.fixture(scope="module")
 def base_lm(tmp_path_factory):
     """The tiny preset's LM saved with save_pretrained: the base a QLoRA run loads (and quantizes) by model.lm.path."""
-    from mmscale.config import load_config
+    from mmscale.job.preflight import load_config
     from mmscale.model.multimodal import build_lm
 
     torch.manual_seed(0)
@@ -176,9 +176,9 @@ def test_qlora_under_zero3(source_run, base_lm, tmp_path):
     DeepSpeed, evaluates to the engine's loss."""
     import bitsandbytes as bnb
 
-    from mmscale.config import load_config
+    from mmscale.job.preflight import load_config
     from mmscale.data import EvalLoader, load_tokenizer
-    from mmscale.training.build import build_from_checkpoint
+    from mmscale.job.runs import build_from_checkpoint
     from mmscale.training.checkpoint import consolidated_state_dict, latest_checkpoint
 
     _, data = source_run
@@ -222,7 +222,8 @@ def test_qlora_under_zero3(source_run, base_lm, tmp_path):
                                             "media_index", "labels")}
             inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
             out_ = model(**inputs)
-            loss, tokens = loss + float(out_.loss_sum), tokens + int(out_.num_tokens)
+            terms = out_.terms["captioning"]
+            loss, tokens = loss + float(terms["loss_sum"]), tokens + int(terms["count"])
     assert loss / tokens == pytest.approx(engine_val, rel=1e-3), (loss / tokens, engine_val)
 
 
@@ -253,9 +254,10 @@ def test_qlora_fine_tunes_a_pretrained_run(source_run, tmp_path):
     from safetensors.torch import load_file
 
     from mmscale.data import load_tokenizer
-    from mmscale.training.build import BASE_LM_DIR, build_from_checkpoint
+    from mmscale.job.build import BASE_LM_DIR
+    from mmscale.job.runs import build_from_checkpoint
     from mmscale.training.checkpoint import consolidated_state_dict, latest_checkpoint
-    from mmscale.training.run_paths import config_for_run
+    from mmscale.job.runs import config_for_run
 
     tmp, data = source_run
     out = tmp_path / "run"
@@ -309,8 +311,8 @@ def test_demo_finetune_config_learns_the_new_task(tmp_path):
 def test_dry_run_sizes_qlora_weights_in_four_bits():
     """--dry-run with qlora: the LM's linear weights (its head kept) at 4 bits plus their scales, the rest in bf16;
     with quantize_vision the tower's too. On the meta device, so any preset can be sized."""
-    from mmscale.config import load_config
-    from mmscale.training.dry_run import dry_run, quantized_bytes_per_weight
+    from mmscale.job.preflight import load_config
+    from mmscale.job.dry_run import dry_run, quantized_bytes_per_weight
 
     assert quantized_bytes_per_weight(False) == 0.5 + 4 / 64
     assert quantized_bytes_per_weight(True) == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256))

@@ -19,17 +19,17 @@ from test_training import ROOT, RUN_TINY, launch, tiny_data  # noqa: F401  (tiny
 
 
 def _cfg(*overrides: str):
-    from mmscale.config import load_config
+    from mmscale.job.preflight import load_config
 
     return load_config(ROOT / "configs/tiny.yaml", list(overrides), check_paths=False)
 
 
 def _build(tokenizer, *overrides: str):
-    from mmscale.model import build_model
+    from mmscale.job.build import model_recipe
 
     cfg = _cfg("model.xattn.gate_init=1.0", *overrides)  # gates open: the images change the text
     torch.manual_seed(0)
-    return build_model(cfg.model, vocab_size=tokenizer.vocab_size).eval(), tokenizer, cfg
+    return model_recipe(cfg).build(tokenizer.vocab_size).eval(), tokenizer, cfg
 
 
 @pytest.fixture(scope="module")
@@ -217,13 +217,13 @@ def test_classify_pools_over_the_training_text(sp_tokenizer):
                                 pad_id=tok.pad_id, image_token_id=tok.image_token_id, max_images=1, seq_len=len(ids))
         with torch.no_grad():
             return torch.softmax(model(**{k: batch[k] for k in ("pixel_values", "image_mask", "input_ids",
-                                                                 "attention_mask", "media_index")}).class_logits, -1)
+                                                                 "attention_mask", "media_index")}).terms["classification"]["logits"], -1)
 
     probs = inference.classify(model, tok, pv)
     assert probs.shape == (2, 4) and torch.allclose(probs, reference([tok.image_token_id, tok.eos_id]), atol=1e-6)
     with_caption = inference.classify(model, tok, pv, captions=[caption, caption])
     assert torch.allclose(with_caption, reference([tok.image_token_id, *caption, tok.eos_id]), atol=1e-6)
-    model.active_classes[2:] = False  # class-incremental: inactive classes get no probability
+    model.objectives["classification"].set_active_classes([0, 1]) # class-incremental: inactive classes get no probability
     assert (inference.classify(model, tok, pv)[:, 2:] == 0).all()
 
 
@@ -287,8 +287,10 @@ def test_load_model_refuses_what_is_neither_run_nor_export(tmp_path, monkeypatch
     with pytest.raises(FileNotFoundError, match="does not exist"):
         inference.load_model(tmp_path / "missing")
     (tmp_path / "junk").mkdir()
-    (tmp_path / "junk" / "config.yaml").write_text("output_dir: x\n")  # a config but no checkpoints/
     with pytest.raises(ValueError, match="neither a run directory"):
+        inference.load_model(tmp_path / "junk")
+    (tmp_path / "junk" / "config.yaml").write_text("output_dir: x\n")  # a run that saved no checkpoint yet
+    with pytest.raises(ValueError, match="--model .* holds no complete checkpoint. Train the run until it saves one"):
         inference.load_model(tmp_path / "junk")
     # an exported directory goes to mmscale.export.load_exported (written elsewhere; stubbed here)
     import mmscale.export

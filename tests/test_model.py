@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from mmscale.objectives import attach_objectives
+from mmscale.objectives.captioning import mean_loss
 from mmscale.config import ModelConfig, VisionConfig
 from mmscale.kernels import build_media_key_range
 from mmscale.model import PRESETS, MultimodalModel, build_model, build_vision_tower
@@ -34,7 +36,7 @@ def tiny_cfg(**overrides) -> ModelConfig:
 
 def tiny_model(**overrides) -> MultimodalModel:
     torch.manual_seed(0)
-    return build_model(tiny_cfg(**overrides), vocab_size=VOCAB)
+    return attach_objectives(build_model(tiny_cfg(**overrides), vocab_size=VOCAB))
 
 
 def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -203,7 +205,7 @@ def test_wrapper_forwards_public_attributes_of_the_decoder_layer():
 def test_gradients_reach_gates_at_init_then_weights_once_gates_open():
     model = tiny_model().train()
     batch = make_batch()
-    model(**batch).loss.backward()
+    mean_loss(model(**batch)).backward()
     for block in model.xattn_blocks():
         # d loss / d gate is nonzero at gate 0, while d loss / d W = tanh(0) * ... = 0 for the block's weights
         assert block.attn_gate.grad.abs().item() > 0
@@ -214,7 +216,7 @@ def test_gradients_reach_gates_at_init_then_weights_once_gates_open():
 
     set_gates(model, 0.5)
     model.zero_grad()
-    model(**batch).loss.backward()
+    mean_loss(model(**batch)).backward()
     for block in model.xattn_blocks():
         for w in (block.to_q.weight, block.to_kv.weight, block.to_out.weight, block.ff[1].weight):
             assert w.grad.abs().max().item() > 0
@@ -227,7 +229,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     for ckpt in (False, True):
         model = tiny_model(activation_checkpointing=ckpt).train()
         set_gates(model, 0.5)
-        model(**make_batch()).loss.backward()
+        mean_loss(model(**make_batch())).backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert model.lm.model.layers[0].decoder_layer.gradient_checkpointing
     assert grads[0].keys() == grads[1].keys()
@@ -307,15 +309,16 @@ def test_loss_sum_and_token_count_match_manual_cross_entropy():
             if labels[b, t + 1] != -100:
                 total += F.cross_entropy(logits[b, t].double()[None], labels[b, t + 1][None])
                 count += 1
-    assert out.num_tokens.dtype == torch.int64 and out.num_tokens.item() == count
-    assert out.loss_sum.dtype == torch.float32
-    torch.testing.assert_close(out.loss_sum.double(), total)
-    torch.testing.assert_close(out.loss, out.loss_sum / count)
-    assert out.token_loss.shape == (B, L - 1)
-    assert (out.token_loss[labels[:, 1:] == -100] == 0).all()
-    torch.testing.assert_close(out.token_loss.sum(), out.loss_sum)
+    terms = out.terms["captioning"]  # the captioning objective's sums (mmscale.objectives.captioning)
+    assert terms["count"].dtype == torch.int64 and terms["count"].item() == count
+    assert terms["loss_sum"].dtype == torch.float32
+    torch.testing.assert_close(terms["loss_sum"].double(), total)
+    torch.testing.assert_close(mean_loss(out), terms["loss_sum"] / count)
+    assert terms["token_loss"].shape == (B, L - 1)
+    assert (terms["token_loss"][labels[:, 1:] == -100] == 0).all()
+    torch.testing.assert_close(terms["token_loss"].sum(), terms["loss_sum"])
     with torch.no_grad():
-        assert model(**{**batch, "labels": None}).loss_sum is None
+        assert model(**{**batch, "labels": None}).terms["captioning"] == {}
 
 
 # ----------------------------------------------------------------------------------------------- freezing, sizes
@@ -372,7 +375,7 @@ def test_preset_param_counts_on_meta(name):
 def test_tiny_preset_forward_runs():
     model = tiny_model()
     out = model(**make_batch())
-    assert torch.isfinite(out.loss)
+    assert torch.isfinite(mean_loss(out))
 
 
 def test_preset_registry_refuses_duplicates():
@@ -392,10 +395,10 @@ def test_model_outputs_equal_under_each_backend(mode):
         torch.manual_seed(0)
         cfg = tiny_cfg()
         cfg.xattn.media_mode, cfg.xattn.backend = mode, backend
-        model = build_model(cfg, vocab_size=VOCAB).train()
+        model = attach_objectives(build_model(cfg, vocab_size=VOCAB)).train()
         set_gates(model, 0.5)
         out = model(**make_batch())
-        out.loss.backward()
+        mean_loss(out).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[backend] = (out.logits.detach(), grads)
     (l_sdpa, g_sdpa), (l_triton, g_triton) = results["sdpa"], results["triton"]

@@ -123,7 +123,7 @@ def test_nonfinite_steps_are_skipped_counted_and_rolled_back(tiny_data, tmp_path
     """Rank 1's loss is NaN in attempts 3 and 6-8: attempt 3 is skipped on both ranks, and the three in a row roll
     back to the step-6 checkpoint at half the learning rate; the run then finishes finitely. ZeRO-3 skips through
     DeepSpeed's own check of the gradient norm, stage 0 (fp32) through mmscale's optimizer."""
-    from mmscale.config import load_config
+    from mmscale.job.preflight import load_config
     from mmscale.training.engine import lr_lambda
 
     run = tmp_path / "run"

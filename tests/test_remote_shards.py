@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from mmscale.config import ConfigError, DataConfig, config_from_dict
+from mmscale.config import ConfigError, DataConfig
+from mmscale.job.preflight import config_from_dict
 from mmscale.data import TrainLoader, check_shard_spec, resolve_shards
 from mmscale.data.reading import BROKEN_TAR, NETWORK_RETRY, RemoteShardError, SkipCounter, tar_samples
 from mmscale.data.shards import ShardSpecError

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from mmscale.callbacks.continual import class_distill_loss, topk_distill_loss
-from mmscale.config import ConfigError, load_config
+from mmscale.config import ConfigError
+from mmscale.job.preflight import load_config
 from mmscale.continual.replay_buffer import ReservoirBuffer
 from test_classification import two_digit_tasks
 from test_training import ROOT, RUN_TINY, launch, tiny_data  # noqa: F401  (tiny_data is a fixture)
@@ -29,7 +30,7 @@ def test_replay_and_distill_arguments_and_config_are_checked():
                                                  "train.micro_batch_size=4"], check_paths=False)
     text = str(e.value)
     assert "distill stores its logits with the replayed samples: add a replay callback" in text
-    assert "target: 'class' distills the classification head's logits; set model.num_classes" in text
+    assert "target: 'class' distills the classification head's logits; add the classification objective" in text
     with pytest.raises(ConfigError, match=r"ratio 0.1 x train.micro_batch_size 4 rounds to no replayed sample"):
         load_config(ROOT / "configs/tiny.yaml", ["callbacks=[{name: replay, args: {capacity: 8, ratio: 0.1}}]"],
                     check_paths=False)

@@ -98,7 +98,7 @@ def test_tools_build_the_model_from_the_checkpoints_config(trained, tmp_path):
     """Finding 2: with a config.yaml that disagrees with the weights (media_mode `all`, as the refused resume left
     it), generate/evaluate's loader, `--model RUN/checkpoints/step_N` and export all build the model from the config
     in the checkpoint's manifest (`previous`)."""
-    from mmscale.evaluation.image_use import load_run
+    from mmscale.job.runs import load_run
     from mmscale.export import export_model
     from mmscale.inference import load_model
 
@@ -117,8 +117,8 @@ def test_tools_build_the_model_from_the_checkpoints_config(trained, tmp_path):
 def test_open_run_resolves_the_generated_data_like_training(trained):
     """Finding 2: the manifest records the config as given (no tokenizer or shards for generated data); opening a
     run fills them in as training resolved them (config.yaml), so a tool reads the same tokenizer and shards."""
-    from mmscale.training.run_paths import config_for_run
-    from mmscale.training.runs import open_run
+    from mmscale.job.runs import config_for_run
+    from mmscale.job.runs import open_run
 
     cfg, ckpt = open_run(trained)
     assert ckpt == trained / "checkpoints" / STEP_4
@@ -171,7 +171,7 @@ def test_no_manifest_skipped_none_verifying_a_clear_error(trained, tmp_path, cap
     """Finding 5: a checkpoint without a manifest is skipped with a warning (before: AttributeError in
     build_from_checkpoint); when no checkpoint verifies, evaluate and generate exit 2 with an error, no traceback."""
     from mmscale.evaluation.evaluate import main as evaluate_main
-    from mmscale.evaluation.image_use import load_run
+    from mmscale.job.runs import load_run
     from mmscale.inference import main as generate_main
     from mmscale.training.checkpoint import MANIFEST
 
@@ -220,7 +220,8 @@ def test_an_unreadable_checkpoint_is_an_error_not_a_fallback(trained, monkeypatc
     import errno
 
     from mmscale.training import checkpoint
-    from mmscale.training.runs import RunOpenError, open_run
+    from mmscale.job.runs import open_run
+    from mmscale.training.verified import RunOpenError
 
     def unreadable(path, *a, **k):
         raise OSError(errno.EIO, "Input/output error", str(path))

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from mmscale.training import run_paths
-from mmscale.training.run_paths import comparable_config, config_for_run, portable_config, resolve_config
+from mmscale.job.runs import config_for_run
+from mmscale.training.run_paths import comparable_config, portable_config, resolve_config
 from procgroup import run_group
 from test_training import ROOT, RUN_TINY, _port, launch, losses
 
@@ -116,7 +117,7 @@ def test_resume_check_sees_no_change_in_a_moved_run(tmp_path, monkeypatch):
 
 
 def test_config_for_run_reads_a_job_config(tmp_path, monkeypatch):
-    from mmscale.config import load_config
+    from mmscale.job.preflight import load_config
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(ROOT / "configs/tiny.yaml", ["output_dir=runs/t", "data.train_shards=runs/t/data/train",

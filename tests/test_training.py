@@ -159,9 +159,9 @@ def test_crash_mid_checkpoint_keeps_previous(tmp_path):
 
 def test_generated_validation_split_is_spread_over_ranks(tmp_path):
     """The demo's val split is cut into 16 equal shards whatever samples_per_shard says (one process, no launch)."""
-    from mmscale.config import load_config
+    from mmscale.job.preflight import load_config
     from mmscale.data.shards import read_sizes, resolve_shards
-    from mmscale.training.build import prepare_data
+    from mmscale.job.build import prepare_data
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"output_dir={tmp_path}", "data.synthetic_train_samples=32",
                                                       "data.synthetic_val_samples=64", "data.samples_per_shard=500"])

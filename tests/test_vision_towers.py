@@ -8,7 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from mmscale.config import VISION_TYPES, ModelConfig, VisionConfig, config_from_dict
+from mmscale.objectives import attach_objectives
+from mmscale.objectives.captioning import mean_loss
+from mmscale.config import VISION_TYPES, ModelConfig, VisionConfig
+from mmscale.job.preflight import config_from_dict
 from mmscale.model import PRESETS, build_model, build_vision_tower
 from mmscale.model.vision import _TOWERS, CONV_TOWERS
 
@@ -73,7 +76,7 @@ def conv_model_cfg(kind: str) -> ModelConfig:
 def test_model_with_conv_tower_trains(kind):
     """The tower's width sizes the resampler and the cross-attention, and the caption loss reaches every weight."""
     torch.manual_seed(0)
-    model = build_model(conv_model_cfg(kind), vocab_size=50).train()
+    model = attach_objectives(build_model(conv_model_cfg(kind), vocab_size=50)).train()
     assert model.resampler.latents.shape[-1] == WIDTH
     B, L = 2, 8
     batch = dict(
@@ -84,7 +87,7 @@ def test_model_with_conv_tower_trains(kind):
         media_index=torch.zeros(B, L, dtype=torch.int64),
         labels=torch.randint(0, 50, (B, L)),
     )
-    model(**batch).loss.backward()
+    mean_loss(model(**batch)).backward()
     # (ConvNeXt's LayerNorm on its pooled output is computed but read by nothing: no gradient)
     unused = {"model.layernorm.weight", "model.layernorm.bias"} if kind == "convnext" else set()
     for name, p in model.vision.named_parameters():
@@ -134,7 +137,7 @@ def test_resnet_runs_with_bf16_weights(training):
 
 @pytest.mark.parametrize("kind", sorted(CONV_TOWERS))
 def test_dry_run_sizes_a_conv_tower_job(kind):
-    from mmscale.training.dry_run import dry_run
+    from mmscale.job.dry_run import dry_run
 
     # (ConvNeXt takes the tiny ViT's num_hidden_layers, merged in, for its stage count: see test_conv_stages_must_agree)
     kw = {**CONV_KW[kind], **({"num_hidden_layers": 3} if kind == "convnext" else {})}

@@ -110,10 +110,10 @@ def main() -> int:
 
     from dist.run_tiny import SameGlobalBatches
 
-    from mmscale.config import load_config
+    from mmscale.job.preflight import load_config
     from mmscale.data import TrainLoader, load_tokenizer
     from mmscale.training import checkpoint
-    from mmscale.training.build import build_trainer, close
+    from mmscale.job.build import build_trainer, close
     from mmscale.training.engine import init_distributed
 
     class Batches(SameGlobalBatches):  # the loader's layout never changes (world 1): its position moves as it is

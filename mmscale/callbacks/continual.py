@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from mmscale.callbacks import register_callback
+from mmscale.objectives import active_objectives
 from mmscale.continual.replay_buffer import BALANCE_MEMBERS, ReservoirBuffer
 from mmscale.training.callbacks import Callback
 
@@ -181,7 +182,7 @@ class Replay(Callback):
 
 
 def _class_targets(out: Any, rows: int) -> list[dict[str, bytes]]:
-    logits = out.class_logits[:rows].detach().float().cpu().numpy()
+    logits = out.terms["classification"]["logits"][:rows].detach().float().cpu().numpy()
     return [{"logits": row.astype("<f4").tobytes()} for row in logits]
 
 
@@ -231,7 +232,7 @@ class Distill(Callback):
             raise ValueError(f"temperature={temperature!r}: a number > 0 (1: the logits as they are)")
         if target not in self.TARGETS:
             raise ValueError(f"target={target!r}: 'class' (the classification head), 'lm' (the caption tokens' "
-                             f"top-k logits) or 'auto' (class when train.cls_loss_weight > 0, else lm)")
+                             f"top-k logits) or 'auto' (class when the classification objective trains, else lm)")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k={top_k!r}: logits kept per caption position (target lm), an integer >= 1")
         self.weight, self.temperature, self.target, self.top_k = float(weight), float(temperature), target, top_k
@@ -240,15 +241,18 @@ class Distill(Callback):
     def _target(self, cfg: Any) -> str:
         if self.target != "auto":
             return self.target
-        return "class" if cfg.model.num_classes > 0 and cfg.train.cls_loss_weight > 0 else "lm"
+        active = active_objectives(cfg)
+        return "class" if "classification" in active and (active["classification"] or {}).get("weight", 1.0) > 0 \
+            else "lm"
 
     def config_problems(self, cfg: Any) -> list[str]:
         problems = []
         if not any(spec.name == "replay" for spec in cfg.callbacks):
             problems.append("distill stores its logits with the replayed samples: add a replay callback, e.g. "
                             "callbacks=[{name: replay, args: {capacity: 500}}, {name: distill}]")
-        if self._target(cfg) == "class" and cfg.model.num_classes <= 0:
-            problems.append("target: 'class' distills the classification head's logits; set model.num_classes")
+        if self._target(cfg) == "class" and "classification" not in active_objectives(cfg):
+            problems.append("target: 'class' distills the classification head's logits; add the classification "
+                            "objective (objectives.classification.weight=1, with model.num_classes)")
         return problems
 
     def on_train_start(self, trainer: Any) -> None:
@@ -273,7 +277,8 @@ class Distill(Callback):
         at = torch.tensor([first + i for i in rows])
         if self._kind == "class":
             teacher = torch.from_numpy(np.stack([np.frombuffer(drawn[i]["logits"], "<f4") for i in rows]))
-            student = out.class_logits[at.to(out.class_logits.device)]
+            class_logits = out.terms["classification"]["logits"]
+            student = class_logits[at.to(class_logits.device)]
             kl = class_distill_loss(student, teacher.to(student.device), self.temperature)
         else:
             positions = out.logits.shape[1] - 1

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from mmscale.callbacks import register_callback
-from mmscale.config import metric_problems
+from mmscale.objectives import metric_problems
 from mmscale.training.callbacks import Callback
 
 log = logging.getLogger("mmscale.callbacks")

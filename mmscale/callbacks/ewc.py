@@ -47,7 +47,6 @@ from mmscale.training.callbacks import Callback
 
 log = logging.getLogger("mmscale.callbacks")
 
-IGNORE = -100  # the label of a position / sample that has none (as the trainer counts them)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -154,7 +153,7 @@ class EWC(Callback):
         try:
             with _rng_untouched():
                 for batch in trainer.tasks.train_batches(task, self.fisher_batches):
-                    grads = engine.grads_of(trainer._to_device(batch), self._loss_fn(batch, t, world))
+                    grads = engine.grads_of(trainer._to_device(batch), self._loss_fn(batch, trainer.objectives, world))
                     bad = sum(1 for g in grads if g is not None and not bool(torch.isfinite(g).all()))
                     if _all_reduce_sum([float(bad > 0)])[0]:  # a non-finite gradient on any rank: skip everywhere
                         skipped += 1
@@ -176,21 +175,15 @@ class EWC(Callback):
                      acc.num_added, batch_size, skipped, total / max(count, 1.0), int(count), self.state.num_kept)
 
     @staticmethod
-    def _loss_fn(batch: dict[str, Any], t: Any, world: int) -> Any:
-        """The trainer's loss on one micro batch per rank (Trainer.train_step with one accumulation step): the LM
-        loss per token and the classification loss per labelled sample over all ranks' batches, weighted by
-        train.lm_loss_weight and train.cls_loss_weight, times world_size (the engine averages over the ranks)."""
-        tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
-        labelled = int((batch["class_labels"] != IGNORE).sum()) if "class_labels" in batch else 0
-        global_tokens, global_labelled = _all_reduce_sum([tokens, labelled])
-        scale = t.lm_loss_weight * world / max(global_tokens, 1.0)
-        cls_scale = t.cls_loss_weight * world / max(global_labelled, 1.0)
+    def _loss_fn(batch: dict[str, Any], objectives: dict[str, Any], world: int) -> Any:
+        """The trainer's loss on one micro batch per rank (Trainer.train_step with one accumulation step): every
+        objective's loss sum over its global count on all ranks' batches, with its weight, times world_size (the
+        engine averages over the ranks): Objective.scale with grad_accum 1."""
+        counts = _all_reduce_sum([o.count(batch) for o in objectives.values()])
+        scales = {name: o.scale(n, 1, world) for (name, o), n in zip(objectives.items(), counts)}
 
         def loss_fn(out: Any) -> torch.Tensor:
-            loss = out.loss_sum * scale
-            if out.cls_loss_sum is not None and cls_scale:
-                loss = loss + out.cls_loss_sum * cls_scale
-            return loss
+            return sum(out.terms[name]["loss_sum"] * scale for name, scale in scales.items())
 
         return loss_fn
 

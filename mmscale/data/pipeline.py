@@ -101,6 +101,7 @@ import copy
 import itertools
 import logging
 import random
+import signal
 import weakref
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -658,10 +659,20 @@ def mixture_chunk(seed: int, rank: int, worker: int, chunk: int, weights: Sequen
     return _rng(seed, "mix", rank, worker, chunk).choices(range(len(weights)), weights=weights, k=MIX_CHUNK)
 
 
+PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+"""What a preemption sends (SLURM's --signal, Kubernetes, the launcher): the rank saves and stops
+(mmscale.training.cluster); its data-loader workers ignore them."""
+
+
+def ignore_stop_signals() -> None:
+    """For data-loader workers: srun delivers a job step's signals to every process of a task; a worker killed by
+    one would fail the step its rank still has to finish. The parent stops its workers itself."""
+    for s in PREEMPT_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # decoding is per-sample Python/PIL work; torch threads would only oversubscribe
-    from mmscale.training.cluster import ignore_stop_signals
-
     ignore_stop_signals()  # a preemption signal is for the rank, which finishes its step and then stops us
 
 

@@ -16,8 +16,8 @@ What it measures, over one pass of the shards (the same batches for every model)
 `--checkpoint` is a run directory (its newest checkpoint that verifies against its manifest; a damaged one is
 skipped with a warning) or one checkpoint directory inside a run (`RUN/checkpoints/step_00000400`, which must
 verify). The model is built in this process from the config recorded with those weights
-(mmscale.training.runs.open_run) as training built it (fine-tuning method, frozen weights from their sources; see
-mmscale.training.build.build_from_checkpoint), in the run's precision.
+(mmscale.job.runs.open_run) as training built it (fine-tuning method, frozen weights from their sources; see
+mmscale.job.runs.build_from_checkpoint), in the run's precision.
 The test data: `--shards`, else the `data.val_shards` of `--config`, else the run's own validation shards.
 `--compare BASE` evaluates BASE on the same batches and writes `report.json` and `report.md` (a before/after table)
 into `--out` (default `{run}/eval`); the last line printed is the JSON result.
@@ -35,7 +35,9 @@ from typing import Any, Iterable
 import torch
 
 from mmscale.evaluation.finetune_report import as_trained
-from mmscale.evaluation.image_use import load_run, word_token_ids
+from mmscale.evaluation.image_use import word_token_ids
+from mmscale.job.runs import load_run
+from mmscale.objectives.captioning import next_token_loss
 
 _INPUTS = ("pixel_values", "image_mask", "input_ids", "attention_mask", "media_index", "labels")
 
@@ -46,7 +48,7 @@ def split_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     if (path / "config.yaml").is_file():
         return path, None
     if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
-        return path.parent.parent, path  # (verified when it is opened: mmscale.training.runs.open_run)
+        return path.parent.parent, path  # (verified when it is opened: mmscale.job.runs.open_run)
     raise FileNotFoundError(f"--checkpoint {str(path)!r}: neither a run directory (with config.yaml) nor a checkpoint "
                             f"inside one (RUN/checkpoints/step_N); give the run's output_dir")
 
@@ -97,16 +99,17 @@ def evaluate_model(model: torch.nn.Module, batches: Iterable[dict[str, Any]], to
             sums[name].n += int(m.sum())
         pixels = batch["pixel_values"].to(dtype)
         for which, px in (("true", pixels), ("shuffled", pixels.roll(1, dims=0))):
-            out = model(**{**{k: batch[k] for k in _INPUTS}, "pixel_values": px}, return_token_loss=True,
+            out = model(**{**{k: batch[k] for k in _INPUTS}, "pixel_values": px},
                         **({"class_labels": batch["class_labels"]} if which == "true" and _has_head(model) else {}))
+            token_loss = next_token_loss(out.logits, batch["labels"])
             right = (out.logits[:, :-1].argmax(-1) == target).float()
             for name, m in masks.items():
-                sums[name].loss[which] += float(out.token_loss[m].sum())
+                sums[name].loss[which] += float(token_loss[m].sum())
                 sums[name].right[which] += float(right[m].sum())
-            if which == "true" and getattr(out, "class_logits", None) is not None:
+            if which == "true" and _has_head(model):
                 labels = batch["class_labels"]
                 valid = labels != -100
-                pred = out.class_logits.argmax(-1)
+                pred = out.terms["classification"]["logits"].argmax(-1)
                 cls_right += int(((pred == labels) & valid).sum())
                 cls_n += int(valid.sum())
                 for label, ok in zip(labels[valid].tolist(), (pred == labels)[valid].tolist()):
@@ -130,7 +133,7 @@ def evaluate_model(model: torch.nn.Module, batches: Iterable[dict[str, Any]], to
 
 
 def _has_head(model: torch.nn.Module) -> bool:
-    return getattr(model, "classifier", None) is not None
+    return "classification" in model.objectives
 
 
 def _batches(cfg: Any, tokenizer: Any, shards: str, n: int) -> list[dict[str, Any]]:
@@ -145,7 +148,7 @@ def test_shards(run_cfg: Any, shards: str | None, config: str | None) -> tuple[s
     if shards:
         return shards, run_cfg
     if config:
-        from mmscale.config import load_config
+        from mmscale.job.preflight import load_config
 
         cfg = load_config(config, check_paths=False)
         spec = cfg.data.val_shards or cfg.data.train_shards

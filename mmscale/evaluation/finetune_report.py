@@ -3,7 +3,7 @@
     python -m mmscale.evaluation.finetune_report --before runs/demo --after runs/demo-finetune [--batches 16]
 
 `--before` is the pretrained run, `--after` the run fine-tuned from it (`model.init_from`). Each is loaded into one
-process as training built it (fine-tuning method included, see mmscale.training.build.build_from_checkpoint) and
+process as training built it (fine-tuning method included, see mmscale.job.runs.build_from_checkpoint) and
 evaluated on both runs' validation data: the fine-tuning task's (the new one) and the pretraining task's (the old
 one). Per task: the mean loss over all caption tokens and over the words the image decides (for the synthetic
 tasks: the count words of `counts`; the colour and shape words of both). A fine-tune that works lowers the first on
@@ -20,7 +20,9 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from mmscale.evaluation.image_use import load_run, word_loss
+from mmscale.evaluation.image_use import word_loss
+from mmscale.job.runs import load_run
+from mmscale.objectives.captioning import next_token_loss
 
 # the words that only the image decides, per synthetic task
 _TASK_WORDS = {
@@ -61,7 +63,8 @@ def caption_loss(model: torch.nn.Module, batches: Iterable[dict[str, Any]]) -> f
     total, n = 0.0, 0
     for batch in batches:
         out = model(**{k: batch[k] for k in keys})
-        total, n = total + float(out.loss_sum), n + int(out.num_tokens)
+        total, n = total + float(next_token_loss(out.logits, batch["labels"]).sum()), n + int(
+            (batch["labels"][:, 1:] != -100).sum())
     return total / max(n, 1)
 
 

@@ -28,22 +28,6 @@ from typing import Any
 import torch
 
 
-def load_run(run_dir: str | Path, checkpoint_dir: str | Path | None = None):
-    """(cfg, model, tokenizer) of a finished or running job, on CPU: `run_dir` a run directory (its newest checkpoint
-    that verifies against its manifest, damaged ones skipped with a warning) or a checkpoint directory in one;
-    `checkpoint_dir` picks one of the run's (it must verify). The model is built from the config recorded with
-    those weights (mmscale.training.runs.open_run); the run may have moved (mmscale.training.run_paths)."""
-    from mmscale.data import load_tokenizer
-    from mmscale.training.build import build_from_checkpoint
-    from mmscale.training.runs import open_run
-
-    cfg, ckpt = open_run(run_dir, checkpoint_dir)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    # built as training built it (fine-tuning methods, init_from), then the checkpoint's weights
-    model = build_from_checkpoint(cfg, ckpt, tokenizer.vocab_size)
-    return cfg, model.eval(), tokenizer
-
-
 def word_token_ids(tokenizer: Any, words: list[str]) -> set[int]:
     """Ids of the single tokens that spell each word (as it appears mid-caption); multi-token words are refused."""
     ids = set()
@@ -60,7 +44,10 @@ _INPUT_KEYS = ("image_mask", "input_ids", "attention_mask", "media_index", "labe
 
 def token_loss(model: Any, batch: dict[str, Any], pixel_values: torch.Tensor) -> torch.Tensor:
     """(B, L-1) next-token loss of `batch` with `pixel_values` for its images: [b, t] predicts labels[b, t + 1]."""
-    return model(pixel_values=pixel_values, return_token_loss=True, **{k: batch[k] for k in _INPUT_KEYS}).token_loss
+    from mmscale.objectives.captioning import next_token_loss
+
+    return next_token_loss(model(pixel_values=pixel_values, **{k: batch[k] for k in _INPUT_KEYS}).logits,
+                           batch["labels"])
 
 
 @torch.no_grad()
@@ -136,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from mmscale.data import COLOURS, SHAPES, EvalLoader
+    from mmscale.job.runs import load_run
 
     try:
         cfg, model, tokenizer = load_run(args.run)

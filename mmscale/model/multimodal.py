@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
@@ -30,7 +29,6 @@ from mmscale.model.resampler import PerceiverResampler
 from mmscale.model.vision import VisionTower, build_vision_tower
 from mmscale.model.xattn import GatedCrossAttentionBlock, XAttnDecoderLayer, apply_gated_xattn
 
-IGNORE_INDEX = -100
 COMPONENTS = ("vision", "resampler", "lm", "xattn", "head")
 
 
@@ -39,23 +37,13 @@ class MultimodalOutput(ModelOutput):
     # a ModelOutput (an ordered dict) so that ZeRO-3's module hooks can see the tensors inside it
     logits: torch.Tensor | None = None
     """(B, L, V) next-token logits."""
-    loss_sum: torch.Tensor | None = None
-    """fp32 scalar: SUM of next-token cross-entropy over the positions where labels[:, 1:] != -100."""
-    num_tokens: torch.Tensor | None = None
-    """int64 scalar: how many positions `loss_sum` sums over."""
-    loss: torch.Tensor | None = None
-    """loss_sum / max(num_tokens, 1): the local mean, for convenience. Training normalises by the global count."""
-    class_logits: torch.Tensor | None = None
-    """(B, num_classes) fp32, with a classification head (inactive classes at the dtype's minimum)."""
-    cls_loss_sum: torch.Tensor | None = None
-    """fp32 scalar: SUM of the classification cross-entropy over the samples with a label (class_labels given)."""
-    cls_num: torch.Tensor | None = None
-    """int64 scalar: how many samples have a label."""
-    cls_correct: torch.Tensor | None = None
-    """int64 scalar: how many of them the head gets right."""
-    token_loss: torch.Tensor | None = None
-    """(B, L-1) fp32 cross-entropy of predicting labels[:, t+1] at position t, 0 where ignored
-    (only with return_token_loss=True)."""
+    hidden: torch.Tensor | None = None
+    """(B, L, D) the LM's last hidden states (after its final norm), only when an objective asks for them."""
+    media: torch.Tensor | None = None
+    """(B, M*n, Dv) the visual tokens the text attended to, image after image (zeros for padded slots)."""
+    terms: dict[str, dict[str, torch.Tensor]] | None = None
+    """Each objective's outputs (mmscale.objectives): its scalar sums (`loss_sum`, ...) and whatever else it gives
+    (e.g. classification's `logits`, captioning's `token_loss` with return_token_loss=True)."""
 
 
 class MultimodalModel(nn.Module):
@@ -65,17 +53,15 @@ class MultimodalModel(nn.Module):
         resampler: PerceiverResampler,
         lm: PreTrainedModel,
         media_mode: str = "previous",
-        num_classes: int = 0,
     ):
         super().__init__()
         if media_mode not in ("previous", "all"):
             raise ValueError(f"media_mode: {media_mode!r} is not one of 'previous', 'all'")
-        self.classifier = nn.Linear(lm.config.hidden_size, num_classes) if num_classes > 0 else None
-        """Classification head on the pooled features: the LM's last hidden states (after its final norm) averaged
-        over the attended positions."""
-        if num_classes > 0:
-            # class-incremental learning: logits of classes not (yet) active are masked out
-            self.register_buffer("active_classes", torch.ones(num_classes, dtype=torch.bool))
+        self.objectives = nn.ModuleDict()
+        """The objectives (mmscale.objectives) called at the end of each forward, with their heads: attached by the
+        job that builds the model (mmscale.job.build), in whatever order; none = logits only. (First among the
+        submodules: the parameter order the optimizer sees is the one it had when the classification head was
+        the model's own first submodule.)"""
         self.vision = vision
         self.resampler = resampler
         self.lm = lm
@@ -85,6 +71,11 @@ class MultimodalModel(nn.Module):
         The k positions see no image and are dropped from the logits: outputs line up with `input_ids`."""
 
     # --------------------------------------------------------------------------------------------- forward
+
+    @property
+    def media_size(self) -> int:
+        """The visual tokens' width (the vision tower's, which the resampler keeps)."""
+        return self.vision.hidden_size
 
     def xattn_layers(self) -> list[XAttnDecoderLayer]:
         """The decoder-layer wrappers inside `lm` (looked up each time: a transform of `lm` may move them)."""
@@ -161,44 +152,42 @@ class MultimodalModel(nn.Module):
             attention_mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
             media_index = torch.cat([media_index.new_full(prefix.shape[:2], -1), media_index], dim=1)
         key_range = build_media_key_range(media_index, n, self.media_mode)  # (B, L, 2); kernel also applies kv_lens
-        for layer in self.xattn_layers():
-            layer.condition(media, key_range, kv_lens)
-        want_features = self.classifier is not None
-        lm_out = self.lm(**lm_inputs, attention_mask=attention_mask, use_cache=False,
-                         output_hidden_states=want_features)
-        logits = lm_out.logits[:, k:]
-        attention_mask = attention_mask[:, k:]
-        cls = self._classify(lm_out.hidden_states[-1][:, k:], attention_mask, class_labels) if want_features else {}
-        if labels is None:
-            return MultimodalOutput(logits=logits, **cls)
-        # predict labels[:, t+1] from position t; fp32 whatever the logits' dtype
-        target = labels[:, 1:]
-        token_loss = F.cross_entropy(
-            logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-        ).view(target.shape)
-        loss_sum = token_loss.sum()
-        num_tokens = (target != IGNORE_INDEX).sum()
-        return MultimodalOutput(
-            logits=logits,
-            loss_sum=loss_sum,
-            num_tokens=num_tokens,
-            loss=loss_sum / num_tokens.clamp(min=1),
-            token_loss=token_loss if return_token_loss else None,
-            **cls,
-        )
+        objectives = list(self.objectives.values())
+        want_hidden = any(getattr(o, "needs_hidden", False) for o in objectives)
+        logits = hidden = None
+        # the image-conditioned pass, unless every objective says it reads nothing of it (the same on every rank:
+        # the objectives are the config's)
+        if not objectives or any(getattr(o, "needs_logits", True) for o in objectives):
+            for layer in self.xattn_layers():
+                layer.condition(media, key_range, kv_lens)
+            lm_out = self.lm(**lm_inputs, attention_mask=attention_mask, use_cache=False,
+                             output_hidden_states=want_hidden)
+            logits = lm_out.logits[:, k:]
+            hidden = lm_out.hidden_states[-1][:, k:] if want_hidden else None
+        out = MultimodalOutput(logits=logits, hidden=hidden, media=media)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask[:, k:], "image_mask": image_mask,
+                 "media_index": media_index[:, k:], "labels": labels, "class_labels": class_labels,
+                 "return_token_loss": return_token_loss}
+        # each objective's sums and outputs (ZeRO-3: its head is a submodule, called inside this forward)
+        terms = {name: objective(self, out, batch) for name, objective in self.objectives.items()}
+        # built whole, not assigned after: ZeRO-3's hooks see a ModelOutput's tensors through its keys, which
+        # only construction fills
+        return MultimodalOutput(logits=logits, hidden=hidden, media=media, terms=terms)
 
-    def _classify(self, last: torch.Tensor, attention_mask: torch.Tensor,
-                  class_labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        mask = attention_mask.unsqueeze(-1).to(last.dtype)
-        pooled = (last * mask).sum(1) / mask.sum(1).clamp(min=1)
-        class_logits = self.classifier(pooled.to(self.classifier.weight.dtype)).float()
-        class_logits = class_logits.masked_fill(~self.active_classes, torch.finfo(class_logits.dtype).min)
-        if class_labels is None:
-            return {"class_logits": class_logits}
-        valid = class_labels != IGNORE_INDEX
-        cls_loss_sum = F.cross_entropy(class_logits, class_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        return {"class_logits": class_logits, "cls_loss_sum": cls_loss_sum, "cls_num": valid.sum(),
-                "cls_correct": ((class_logits.argmax(-1) == class_labels) & valid).sum()}
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) the LM's last hidden states of the text alone: every token sees no image (the cross-attention
+        blocks get no keys), as a text tower would. For objectives that compare text with images (contrastive)."""
+        media_index = torch.full_like(input_ids, -1)
+        n = self.resampler.num_latents
+        key_range = build_media_key_range(media_index, n, self.media_mode)  # every range empty
+        dtype = self.lm.get_input_embeddings().weight.dtype
+        no_media = torch.zeros(input_ids.shape[0], n, self.media_size, dtype=dtype, device=input_ids.device)
+        for layer in self.xattn_layers():
+            layer.condition(no_media, key_range, torch.zeros(input_ids.shape[0], dtype=torch.long,
+                                                             device=input_ids.device))
+        lm_out = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                         output_hidden_states=True)
+        return lm_out.hidden_states[-1]
 
     # --------------------------------------------------------------------------------------------- accounting
 
@@ -210,7 +199,7 @@ class MultimodalModel(nn.Module):
             top = name.split(".", 1)[0]
             if top == "prompt":  # prompt tuning's soft tokens: counted with the LM they feed
                 groups["lm"].append((name, p))
-            elif top == "classifier":
+            elif top == "objectives":  # the objectives' heads
                 groups["head"].append((name, p))
             elif top == "lm":
                 groups["xattn" if id(p) in xattn_ids else "lm"].append((name, p))
@@ -224,7 +213,7 @@ class MultimodalModel(nn.Module):
         (counted by the shape they quantize, not their packed storage)."""
         by_component, total, trainable = {}, 0, 0
         for comp, params in self.component_params().items():
-            if comp == "head" and not params:  # no classification head
+            if comp == "head" and not params:  # no objective with a head
                 continue
             count = 0
             for _, p in params:
@@ -331,6 +320,6 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None, meta: bool = Fa
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     with torch.device("meta") if meta else contextlib.nullcontext():
-        model = MultimodalModel(vision, resampler, lm, media_mode=x.media_mode, num_classes=cfg.num_classes)
+        model = MultimodalModel(vision, resampler, lm, media_mode=x.media_mode)
     apply_freeze_policy(model, cfg)
     return model

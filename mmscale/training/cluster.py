@@ -51,7 +51,7 @@ script does; the next start resumes by itself)."""
 EXIT_PEER_FAILED = 4
 """Exit status of a rank that stopped because another rank died or stopped answering."""
 
-PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+from mmscale.data.pipeline import PREEMPT_SIGNALS  # noqa: E402  (the data workers ignore them)
 
 
 # ----------------------------------------------------------------------------------------------- SLURM environment
@@ -202,13 +202,6 @@ class StopSignals:
 
 STOP_SIGNALS = StopSignals()
 """The process's one set of preemption handlers (signal handlers are per process)."""
-
-
-def ignore_stop_signals() -> None:
-    """For data-loader workers: srun delivers a job step's signals to every process of a task; a worker killed by
-    one would fail the step its rank still has to finish. The parent stops its workers itself."""
-    for s in PREEMPT_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------------------------- shared output_dir

@@ -659,54 +659,6 @@ def frozen_fingerprint(model: torch.nn.Module, dtype: torch.dtype) -> str:
     return f"{len(names)}:{digest.hexdigest()}"
 
 
-class InitFromError(RuntimeError):
-    """`model.init_from` cannot be used (unreadable, or a shape mismatch); raised on every rank alike."""
-
-
-def load_initial_weights(model: torch.nn.Module, source: str, rank: int) -> dict[str, Any]:
-    """Copy the weights of `source` (see mmscale.training.weights) into the freshly built model, before DeepSpeed
-    wraps it. Rank 0 reads the source and checks it against the model's full shapes; every rank gets its verdict
-    before any collective, so a bad source stops all ranks with the same message. Returns the report."""
-    from mmscale.training import weights
-
-    # 4-bit weights were quantized from the source's own LM as it loaded (build.base_lm_from_init): not again here
-    quantized = {n for n, p in model.named_parameters() if type(p).__name__ == "Params4bit"}
-    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters() if n not in quantized}
-    state, verdict = None, None
-    if rank == 0:
-        try:
-            state, where = weights.read_weights(source)
-            state = {k: v for k, v in state.items() if k not in quantized}
-            report = weights.compare(shapes, state)
-            error = (f"model.init_from {where}: shapes differ from the model built here:\n  "
-                     + "\n  ".join(report["mismatched"][:20])) if report["mismatched"] else None
-            verdict = (error, report, str(where))
-        except Exception as e:  # noqa: BLE001  (any reader error is the source's problem, reported as such)
-            verdict = (f"model.init_from {source!r}: cannot read it ({type(e).__name__}: {e})", None, source)
-    error, report, where = broadcast_object(verdict)
-    if error:
-        raise InitFromError(error)
-    params = dict(model.named_parameters())
-    names = sorted(set(shapes) - set(report["missing"]))
-    with torch.no_grad():
-        for name in names:
-            p = params[name]
-            if hasattr(p, "ds_id"):  # partitioned at birth: gather, let rank 0 write, DeepSpeed re-partitions on exit
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                    if rank == 0:
-                        p.data.copy_(state[name])
-            else:
-                if rank == 0:
-                    p.copy_(state[name])
-                if dist.is_initialized() and dist.get_world_size() > 1:
-                    dist.broadcast(p.data, src=0)
-    if rank == 0:
-        log.info(weights.describe(report, where))
-    return report
-
-
 def make_loads_safe(ds_engine: Any) -> None:
     """DeepSpeed 0.19's checkpoint engine (made in DeepSpeedEngine._configure_checkpointing) reads every model and
     optimizer file with `torch.load(weights_only=False)`, which runs any code a pickle names. Its `load` becomes
@@ -743,6 +695,8 @@ def build_engine(cfg: JobConfig, build_model: Callable[[], torch.nn.Module], wor
     with init:
         model = build_model()
     if cfg.model.init_from:  # the base weights first; callbacks then adapt the model (adapters, freezing)
+        from mmscale.training.weights import load_initial_weights
+
         load_initial_weights(model, cfg.model.init_from, rank)
     if on_model_built is not None:
         on_model_built(model)

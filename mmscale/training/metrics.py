@@ -117,16 +117,22 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Records of a metrics.jsonl; after a resume, the last record of each step wins."""
     by_step: dict[tuple[int, bool], dict[str, Any]] = {}
     for _, _, r in parse_records(Path(path).read_text(errors="replace"), path):
-        by_step[(r["step"], "val_loss" not in r)] = r  # a training record may lack `loss` (a skipped step)
+        # a training record and a validation record (its keys val_*) of the same step are kept apart
+        by_step[(r["step"], not any(k.startswith("val_") for k in r))] = r
     return [by_step[k] for k in sorted(by_step)]
 
 
-def plot_losses(metrics_path: str | Path, out_png: str | Path) -> Path | None:
-    """Training and validation loss against step, as a PNG."""
+def plot_losses(metrics_path: str | Path, out_png: str | Path,
+                series: tuple[tuple[str, str], ...] = (("loss", "val_loss"),)) -> Path | None:
+    """Training and validation losses against step, as a PNG: one (training key, validation key) pair per
+    objective (`series`; the trainer passes each objective's headline metrics)."""
     records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    if not train and not val:
+    lines = []
+    for train_key, val_key in series:
+        train = [(r["step"], r[train_key]) for r in records if r.get(train_key) is not None]
+        val = [(r["step"], r[val_key]) for r in records if r.get(val_key) is not None]
+        lines += [(f"train {train_key}", "-", train), (f"{val_key}", "o-", val)]
+    if not any(points for _, _, points in lines):
         return None
     import matplotlib
 
@@ -134,12 +140,11 @@ def plot_losses(metrics_path: str | Path, out_png: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1.2)
-    if val:
-        ax.plot(*zip(*val), "o-", label="val loss", lw=1.2)
+    for label, style, points in lines:
+        if points:
+            ax.plot(*zip(*points), style, label=label, lw=1.2)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("next-token loss (nats)")
+    ax.set_ylabel("loss (nats)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

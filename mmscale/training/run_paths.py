@@ -9,7 +9,7 @@ its folder. All are written by `portable_config`:
     output_dir                   "."                     (the folder itself)
     URLs, pipe: commands         as given                https://host/x-{0..9}.tar, pipe:aws s3 cp ...
 
-and read back by `resolve_config` (`config_for_run`, `manifest_config`): relative paths are taken against the folder
+and read back by `resolve_config` (`manifest_config`; mmscale.job.runs.config_for_run): relative paths are taken against the folder
 where it is now, and output_dir becomes that folder. So a run works from any working directory, and after being
 moved or copied. The path fields: output_dir; data.train_shards, val_shards, tokenizer, sources[*].shards;
 model.init_from, model.lm.path, model.vision.path; continual.tasks[*].train_shards / val_shards; and callback
@@ -148,19 +148,11 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     return resolve_config(raw, run_dir)
 
 
-def config_for_run(run_dir: str | os.PathLike, check_paths: bool = False) -> Any:
-    """The JobConfig of a run directory, wherever it is now (see the module doc). `check_paths`: also that its data
-    and tokenizer exist (config validation; off by default: reading a run needs the model's part only)."""
-    from mmscale.config import config_from_dict
-
-    return config_from_dict(read_run_config(run_dir), check_paths=check_paths)
-
-
 def data_paths(cfg: Any) -> tuple[str, str, str]:
     """(train_shards, val_shards, tokenizer) a run of the JobConfig `cfg` reads: the configured ones, or for the
     data mmscale generates (no shards named) the ones it makes under `{output_dir}/data`. Training makes them there
     (build.prepare_data); a tool opening a run from the config its manifest records (given, not resolved) finds them
-    the same way (mmscale.training.runs)."""
+    the same way (mmscale.job.runs)."""
     d = cfg.data
     train, val, tok = d.train_shards, d.val_shards, d.tokenizer
     if cfg.continual.tasks:  # a task sequence: every task names its own shards; nothing is generated

@@ -261,23 +261,22 @@ class Trainer:
             batch = cb.on_batch(self, batch)
         return batch
 
-    @staticmethod
-    def _empty_window() -> dict[str, float]:
-        return {"loss_sum": 0.0, "tokens": 0.0, "cls_loss_sum": 0.0, "cls_correct": 0.0, "cls_num": 0.0,
-                "time": 0.0, "steps": 0, "callbacks": {}}
+    @property
+    def objectives(self) -> dict[str, Any]:
+        """The model's objectives (mmscale.objectives), in their order: what the steps sum, never named here."""
+        return dict(self.engine.module.objectives.items())
 
-    def forward_backward_step(self, batch: dict[str, Any], loss_scale: float,
-                              cls_scale: float = 0.0) -> tuple[float, float, float]:
-        """One micro batch: the captioning loss sum times `loss_scale` plus the classification loss sum times
-        `cls_scale`. Returns the detached local (LM loss sum, classification loss sum, classified right)."""
+    def _empty_window(self) -> dict[str, Any]:
+        return {"tokens": 0.0, "time": 0.0, "steps": 0, "callbacks": {},
+                "objectives": {name: {**{k: 0.0 for k in o.sums}, "count": 0.0} for name, o in self.objectives.items()}}
+
+    def forward_backward_step(self, batch: dict[str, Any], scales: dict[str, float]) -> dict[str, dict[str, float]]:
+        """One micro batch: the sum over the objectives of their loss_sum times `scales[name]` (see train_step).
+        Returns each objective's detached local sums."""
         inputs = self._to_device(batch)
         out = self.engine.forward(**inputs)
-        loss = out.loss_sum * loss_scale
-        cls_sum = cls_correct = 0.0
-        if out.cls_loss_sum is not None:
-            if cls_scale:
-                loss = loss + out.cls_loss_sum * cls_scale
-            cls_sum, cls_correct = float(out.cls_loss_sum.detach()), float(out.cls_correct)
+        # every objective is in the graph, weight 0 included (scale 0): every rank's ZeRO-3 hooks see the same graph
+        loss = sum(out.terms[name]["loss_sum"] * scale for name, scale in scales.items())
         for cb in self.callbacks:
             loss = cb.on_loss(self, batch, out, loss)
         self.engine.backward(loss)
@@ -285,30 +284,31 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_gradients(self)
         self.engine.step()  # a no-op for weights until the accumulation boundary
-        return float(out.loss_sum.detach().float()), cls_sum, cls_correct
+        return {name: {k: float(out.terms[name][k].detach().float()) for k in o.sums}
+                for name, o in self.objectives.items()}
 
     def train_step(self) -> dict[str, float]:
         t0 = time.perf_counter()
         micro = [self.next_batch() for _ in range(self.engine.grad_accum)]
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        local_labelled = sum(int((b["class_labels"] != -100).sum()) for b in micro if "class_labels" in b)
-        # global_avg_loss = sum over ranks and micro batches of loss_sum / global_tokens (and the classification
-        # loss over the labelled samples). DeepSpeed divides each backward by grad_accum and averages gradients
-        # over world_size, so each micro batch's sums are pre-scaled by grad_accum * world_size / the global count.
-        # One tiny all-reduce per step; it also carries whether any rank received a preemption signal, so that
-        # all ranks stop after the same step.
-        global_tokens, global_labelled, stop, bad = all_reduce_sum(
-            [local_tokens, local_labelled, float(self._signals.received is not None),
+        objectives = self.objectives
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)  # throughput, whatever is trained
+        local_counts = [sum(o.count(b) for b in micro) for o in objectives.values()]
+        # Each objective k: global_avg_loss_k = sum over ranks and micro batches of loss_sum_k / global_count_k (its
+        # count: target tokens, labelled samples, image-text pairs; see mmscale.objectives.base). DeepSpeed divides
+        # each backward by grad_accum and averages gradients over world_size, so each micro batch's loss_sum_k is
+        # pre-scaled by weight_k * grad_accum * world_size / global_count_k (Objective.scale). One tiny all-reduce
+        # per step for every count; it also carries whether any rank received a preemption signal, so that all
+        # ranks stop after the same step, and whether any rank saw too much bad input.
+        *global_counts, global_tokens, stop, bad = all_reduce_sum(
+            [*local_counts, local_tokens, float(self._signals.received is not None),
              float(self._bad_problem is not None)]).tolist()
         self._stop_agreed = self._stop_agreed or stop > 0
         if bad > 0:  # too much bad input on some rank: every rank stops here, with that rank's message
             problems = [p for p in all_gather_object(self._bad_problem) if p]
             raise BadDataError(f"step {self.step + 1}: {problems[0]}")
-        t = self.cfg.train
-        scale = t.lm_loss_weight * self.engine.grad_accum * self.world_size / max(global_tokens, 1.0)
-        cls_scale = t.cls_loss_weight * self.engine.grad_accum * self.world_size / max(global_labelled, 1.0)
-        sums = [self.forward_backward_step(b, scale, cls_scale) for b in micro]
-        loss_sum = sum(x[0] for x in sums)
+        scales = {name: o.scale(n, self.engine.grad_accum, self.world_size)
+                  for (name, o), n in zip(objectives.items(), global_counts)}
+        sums = [self.forward_backward_step(b, scales) for b in micro]
         # A non-finite loss on any rank makes the all-reduced gradient norm non-finite, and DeepSpeed then skips
         # the step on every rank alike (mmscale's stage-0 optimizer does the same): the verdict is global.
         applied = self.engine.step_applied
@@ -318,17 +318,19 @@ class Trainer:
         self.tokens_seen += int(global_tokens)
         w = self._window
         if applied:
-            w["loss_sum"] += loss_sum
             w["tokens"] += local_tokens
-            w["cls_loss_sum"] += sum(x[1] for x in sums)
-            w["cls_correct"] += sum(x[2] for x in sums)
-            w["cls_num"] += local_labelled
+            for (name, o), n in zip(objectives.items(), local_counts):
+                acc = w["objectives"][name]
+                acc["count"] += n
+                for k in o.sums:
+                    acc[k] += sum(s[name][k] for s in sums)
             self._nonfinite_in_a_row = 0
         else:
             self.nonfinite_steps += 1
             self._nonfinite_in_a_row += 1
-            log.warning("step %d skipped: non-finite loss or gradient norm (local loss %s); %d in a row",
-                        self.step, loss_sum, self._nonfinite_in_a_row)
+            log.warning("step %d skipped: non-finite loss or gradient norm (local loss sums %s); %d in a row",
+                        self.step, {name: sum(s[name]["loss_sum"] for s in sums) for name in objectives},
+                        self._nonfinite_in_a_row)
         w["time"] += dt
         w["steps"] += 1
         return {"step_time": dt, "step_applied": float(applied)}
@@ -356,18 +358,24 @@ class Trainer:
                 sums[key] = (total + float(value), n + 1)
 
     def _flush_window(self) -> dict[str, float]:
-        """Global mean loss and throughput over the steps since the last log (one all-reduce)."""
+        """Global mean losses and throughput over the steps since the last log (one all-reduce)."""
         w = self._window
-        totals = all_reduce_sum([w["loss_sum"], w["tokens"], self.data_skipped, w["cls_loss_sum"], w["cls_correct"],
-                                 w["cls_num"], *(self.data_skipped_by_kind.get(k, 0) for k in SKIP_KINDS)]).tolist()
-        loss_sum, tokens, skipped, cls_sum, cls_correct, cls_num = totals[:6]
-        by_kind = {f"data_skipped_{k}": int(n) for k, n in zip(SKIP_KINDS, totals[6:]) if n}
+        names = [(name, k) for name, acc in w["objectives"].items() for k in acc]  # each objective's sums and count
+        totals = all_reduce_sum([w["tokens"], self.data_skipped, *(w["objectives"][n][k] for n, k in names),
+                                 *(self.data_skipped_by_kind.get(k, 0) for k in SKIP_KINDS)]).tolist()
+        tokens, skipped = totals[:2]
+        reduced: dict[str, dict[str, float]] = {}
+        for (name, k), v in zip(names, totals[2:2 + len(names)]):
+            reduced.setdefault(name, {})[k] = v
+        by_kind = {f"data_skipped_{k}": int(n) for k, n in zip(SKIP_KINDS, totals[2 + len(names):]) if n}
         steps, secs = w["steps"], w["time"]
         self._window = self._empty_window()
-        cls = {"cls_loss": cls_sum / cls_num, "cls_acc": cls_correct / cls_num} if cls_num else {}
+        losses: dict[str, Any] = {}
+        for name, o in self.objectives.items():
+            count = reduced[name].pop("count")
+            losses.update(o.step_metrics(reduced[name], count))
         return {
-            **cls,
-            "loss": loss_sum / tokens if tokens else None,  # None: every step of the window was skipped
+            **losses,
             "lr": self.engine.lr,
             "grad_norm": self.engine.grad_norm(),
             "samples_per_s": steps * self.cfg.train.global_batch_size / secs,
@@ -394,33 +402,19 @@ class Trainer:
 
     @torch.no_grad()
     def measure(self, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
-        """Loss (and, with a classification head, accuracy overall and per class) over `batches`, summed over
-        ranks. A measurement only: no callback sees it (a task sequence measures every task this way)."""
+        """Every objective's validation metrics over `batches`, over all ranks (each objective reduces its own).
+        A measurement only: no callback sees it (a task sequence measures every task this way)."""
         self.engine.train(False)
-        loss_sum, tokens = 0.0, 0.0
-        classes = getattr(self.engine.module, "classifier", None)
-        n_cls = classes.out_features if classes is not None else 0
-        cls_sum, per_class = 0.0, torch.zeros(2, n_cls, dtype=torch.float64)  # [right, seen] per class
+        objectives = self.objectives
+        states = {name: o.eval_start() for name, o in objectives.items()}
         for batch in batches:  # re-iterable: the same batches every evaluation
             out = self.engine.forward(**self._to_device(batch))
-            loss_sum += float(out.loss_sum)
-            tokens += float(out.num_tokens)
-            if out.cls_loss_sum is not None:
-                cls_sum += float(out.cls_loss_sum)
-                labels = batch["class_labels"]
-                valid = labels != -100
-                right = (out.class_logits.argmax(-1).cpu() == labels) & valid
-                per_class[0] += torch.bincount(labels[valid], weights=right[valid].double(), minlength=n_cls)
-                per_class[1] += torch.bincount(labels[valid], minlength=n_cls).double()
+            for name, o in objectives.items():
+                o.eval_update(states[name], out.terms[name], batch)
         self.engine.train(True)
-        totals = all_reduce_sum(torch.cat([torch.tensor([loss_sum, tokens, cls_sum], dtype=torch.float64),
-                                           per_class.flatten()]))
-        loss_sum, tokens, cls_sum = totals[:3].tolist()
-        metrics = {"val_loss": loss_sum / max(tokens, 1.0), "val_tokens": int(tokens)}
-        right, seen = totals[3:].view(2, n_cls)
-        if seen.sum() > 0:  # classification: loss, accuracy, per class (None where a class had no sample)
-            metrics.update(val_cls_loss=cls_sum / float(seen.sum()), val_acc=float(right.sum() / seen.sum()),
-                           val_acc_per_class=[float(r / n) if n else None for r, n in zip(right, seen)])
+        metrics: dict[str, Any] = {}
+        for name, o in objectives.items():
+            metrics.update(o.eval_finish(states[name], all_reduce_sum, all_gather_object))
         return metrics
 
     # ------------------------------------------------------------------------------------------- checkpoints
@@ -686,8 +680,9 @@ class Trainer:
                 if self.step % lg.log_every == 0 or self.step == t.max_steps or self._stop_agreed:
                     record = self._flush_window()
                     self._log(record)
-                    if record["loss"] is not None:
-                        bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.1f}")
+                    shown = {o.headline: f"{record[o.headline]:.3f}" for o in self.objectives.values()
+                             if record.get(o.headline) is not None}
+                    bar.set_postfix(**shown, sps=f"{record['samples_per_s']:.1f}")
                 if self._stop_agreed:  # a preemption: this step's checkpoint, then out (no evaluation: time is short)
                     self.preempted = signal_name(self._signals.received)
                     break
@@ -726,7 +721,8 @@ class Trainer:
             self._data_iter = None
             self.metrics.close()
         if self.is_main and lg.plot and self.metrics.path.exists():
-            plot_losses(self.metrics.path, self.output_dir / "loss.png")
+            plot_losses(self.metrics.path, self.output_dir / "loss.png",
+                        tuple((o.headline, o.eval_headline) for o in self.objectives.values()))
         return self.history
 
     def _peer_failure(self, e: BaseException) -> PeerFailureError:
@@ -756,11 +752,10 @@ class Trainer:
         if self.tasks is None:
             return
         active = self.tasks.active_classes(min(len(self.task_rows), len(self.tasks.names) - 1))
-        mask = getattr(self.engine.module, "active_classes", None)
-        if active is None or mask is None:
+        if active is None:
             return
-        mask.zero_()
-        mask[active] = True
+        for o in self.objectives.values():
+            o.set_active_classes(active)
 
     def _end_task(self) -> None:
         """After a task's last step: evaluate every task (a row of R), tell the callbacks, write the matrix."""

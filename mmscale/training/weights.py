@@ -12,10 +12,13 @@ Nothing is unpickled beyond tensors (safetensors, or `torch.load(weights_only=Tr
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmscale.training import checkpoint
+
+log = logging.getLogger("mmscale.weights")
 
 if TYPE_CHECKING:  # torch is imported where tensors are read: config validation imports this module
     import torch
@@ -49,9 +52,9 @@ def _kind(p: Path) -> str | None:
 
 def resolve_source(path: str) -> tuple[str, Path]:
     """(kind, the directory to read): a run directory resolves to its newest checkpoint that passes its manifest
-    (damaged ones skipped with a warning); a checkpoint directory must pass it (mmscale.training.runs). A
+    (damaged ones skipped with a warning); a checkpoint directory must pass it (mmscale.job.runs). A
     RunOpenError (a ValueError) says why not."""
-    from mmscale.training import runs
+    from mmscale.training import verified as runs
 
     p = Path(path)
     kind = _kind(p)
@@ -146,3 +149,57 @@ def export_base_lm(cfg: Any, vocab_size: int, out: Path) -> Path:
         lm.save_pretrained(out)
     stamp.write_text(json.dumps({"source": str(where.resolve())}))
     return out
+
+
+class InitFromError(RuntimeError):
+    """`model.init_from` cannot be used (unreadable, or a shape mismatch); raised on every rank alike."""
+
+
+def load_initial_weights(model: torch.nn.Module, source: str, rank: int) -> dict[str, Any]:
+    """Copy the weights of `source` into the freshly built model, before DeepSpeed wraps it (or, in one process, as
+    evaluation and export build a run's model). Rank 0 opens the source (mmscale.training.readers: one tensor in
+    memory at a time) and checks it against the model's full shapes; every rank gets its verdict before any
+    collective, so a bad source stops all ranks with the same message. Returns the report."""
+    import torch
+    import torch.distributed as dist
+
+    from mmscale.training.engine import broadcast_object
+    from mmscale.training.readers import open_source
+
+    # 4-bit weights were quantized from the source's own LM as it loaded (build.base_lm_from_init): not again here
+    quantized = {n for n, p in model.named_parameters() if type(p).__name__ == "Params4bit"}
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters() if n not in quantized}
+    reader, verdict = None, None
+    if rank == 0:
+        try:
+            reader = open_source(source)
+            where = getattr(reader, "ckpt", None) or reader.directory
+            report = compare(shapes, {n: torch.empty(reader.shape(n), device="meta") for n in reader.names
+                                      if n not in quantized})
+            error = (f"model.init_from {where}: shapes differ from the model built here:\n  "
+                     + "\n  ".join(report["mismatched"][:20])) if report["mismatched"] else None
+            verdict = (error, report, str(where))
+        except Exception as e:  # noqa: BLE001  (any reader error is the source's problem, reported as such)
+            verdict = (f"model.init_from {source!r}: cannot read it ({type(e).__name__}: {e})", None, source)
+    error, report, where = broadcast_object(verdict)
+    if error:
+        raise InitFromError(error)
+    params = dict(model.named_parameters())
+    names = sorted(set(shapes) - set(report["missing"]))
+    with torch.no_grad():
+        for name in names:
+            p = params[name]
+            if hasattr(p, "ds_id"):  # partitioned at birth: gather, let rank 0 write, DeepSpeed re-partitions on exit
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if rank == 0:
+                        p.data.copy_(reader.read(name))
+            else:
+                if rank == 0:
+                    p.copy_(reader.read(name))
+                if dist.is_initialized() and dist.get_world_size() > 1:
+                    dist.broadcast(p.data, src=0)
+    if rank == 0:
+        log.info(describe(report, Path(where)))
+    return report

@@ -55,7 +55,7 @@ from typing import Any, Callable
 import torch
 
 from mmscale.callbacks import register_callback
-from mmscale.config import load_config
+from mmscale.job.preflight import load_config
 from mmscale.training.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,13 +81,12 @@ def _rank() -> int:
 def save_initial_weights(cfg: Any, path: Path) -> None:
     """Rank 0: the model a stage 0-2 build makes from train.seed (build_trainer seeds, then builds), saved."""
     from mmscale.data import load_tokenizer
-    from mmscale.model import build_model
-    from mmscale.training.build import seed_everything
+    from mmscale.job.build import model_recipe, seed_everything
     from mmscale.training.engine import barrier
 
     if _rank() == 0:
         seed_everything(cfg.train.seed)
-        model = build_model(cfg.model, vocab_size=load_tokenizer(cfg.data.tokenizer).vocab_size)
+        model = model_recipe(cfg).build(load_tokenizer(cfg.data.tokenizer).vocab_size)
         torch.save(model.state_dict(), path)
         del model
     barrier()
@@ -278,7 +277,7 @@ VARIANTS = [
 def run_variant(v: Variant, base_overrides: list[str], work: Path) -> dict[str, Any]:
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
-    from mmscale.training.build import build_trainer
+    from mmscale.job.build import build_trainer
     from mmscale.training.engine import all_gather_object
 
     record: dict[str, Any] = {"overrides": v.overrides}
@@ -332,7 +331,7 @@ def main() -> int:
     p.add_argument("--local_rank", type=int, default=None)
     args = p.parse_intermixed_args()
 
-    from mmscale.training.build import close
+    from mmscale.job.build import close
     from mmscale.training.engine import init_distributed
 
     rank, world = init_distributed()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from mmscale.config import load_config
+from mmscale.job.preflight import load_config
 from mmscale.training.callbacks import Callback
 
 
@@ -147,7 +147,7 @@ def main() -> int:
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs/tiny.yaml", args.overrides)
 
     from mmscale.data import TrainLoader, load_tokenizer
-    from mmscale.training.build import build_trainer, close
+    from mmscale.job.build import build_trainer, close
     from mmscale.training.engine import init_distributed
 
     rank, world = init_distributed()

@@ -34,9 +34,11 @@ inter-node link once a job spans nodes):
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from mmscale.config import JobConfig
+from mmscale.model import build_model
 
 GiB = 1024**3
 
@@ -140,8 +142,8 @@ def _numel(p: Any) -> int:
 
 def dry_run(cfg: JobConfig, world_size: int, vocab_size: int | None, gpu_tflops: float = GPU_TFLOPS,
             link_gbytes_per_s: float = LINK_GBYTES_PER_S) -> dict[str, Any]:
-    from mmscale.config import validate
-    from mmscale.model import build_model
+    from mmscale.job.build import model_recipe
+    from mmscale.job.preflight import problems_of
 
     # every figure below divides by these: a meaningless size is an error, not a table of negative numbers
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
@@ -149,17 +151,13 @@ def dry_run(cfg: JobConfig, world_size: int, vocab_size: int | None, gpu_tflops:
     for name, value in (("gpu_tflops", gpu_tflops), ("link_gbytes_per_s", link_gbytes_per_s)):
         if not value > 0:
             raise ValueError(f"{name}: {value!r} must be > 0")
-    problems = validate(cfg, world_size=world_size, check_paths=False)  # sizing needs no data
-    model = build_model(cfg.model, vocab_size=vocab_size, meta=True)
+    problems = problems_of(cfg, world_size=world_size, check_paths=False)  # sizing needs no data
+    recipe = model_recipe(cfg) if not problems else None
+    model = recipe.build(vocab_size, meta=True) if recipe else build_model(cfg.model, vocab_size=vocab_size, meta=True)
     patches = patches_per_image(model, cfg.data.image_size)
     quantized, quant_bytes = 0, 0.5
-    if not problems:  # the fine-tuning methods change what trains, and so the gradient and optimizer memory
-        from mmscale.callbacks import build_callbacks
-        from mmscale.model import BuildOptions
-
-        callbacks, options = build_callbacks(cfg.callbacks), BuildOptions()
-        for cb in callbacks:
-            cb.on_build(options)
+    if recipe is not None:  # the fine-tuning methods change what trains, and so the gradient and optimizer memory
+        callbacks, options = recipe.callbacks, recipe.options
         # on the meta device nothing is quantized: count the weights qlora would hold in 4 bits, before its
         # adapters wrap the linear layers (the LM's own, as transformers quantizes them: not its head, not the
         # cross-attention added to it; the tower's with quantize_vision)
@@ -169,8 +167,7 @@ def dry_run(cfg: JobConfig, world_size: int, vocab_size: int | None, gpu_tflops:
             quantized = _linear_weights(model.lm, skip=("lm_head", "xattn"))  # xattn: added after the LM loads
             if any(getattr(cb, "quantize_vision", False) for cb in callbacks):
                 quantized += _linear_weights(model.vision)
-        for cb in callbacks:
-            cb.on_model_built(model)
+        recipe.finish(model)
     counts = model.param_counts()
     lm_cfg = model.lm.config
     seq_len = 1 + cfg.data.max_text_len
@@ -218,3 +215,23 @@ def format_dry_run(report: dict[str, Any]) -> str:
     for p in report["problems"]:
         lines.append(f"PROBLEM: {p}")
     return "\n".join(lines)
+
+
+def dry_run_vocab_size(cfg: JobConfig) -> int | None:
+    """The vocabulary training would size the model with: the tokenizer's (the configured one, or the one mmscale
+    already trained for the demo data), else the upper bound mmscale would train it with; None = the LM's own."""
+    from mmscale.data import load_tokenizer
+
+    d = cfg.data
+    if d.tokenizer:
+        return load_tokenizer(d.tokenizer).vocab_size
+    if not d.train_shards and d.synthetic_train_samples > 0:
+        made = Path(cfg.output_dir) / "data" / "tokenizer.model"
+        return load_tokenizer(made).vocab_size if made.is_file() else d.tokenizer_vocab_size
+    return None
+
+
+def dry_run_report(cfg: JobConfig, world_size: int, **machine: float) -> tuple[str, dict[str, Any]]:
+    """The --dry-run table and its figures; `machine`: gpu_tflops, link_gbytes_per_s ."""
+    report = dry_run(cfg, world_size, vocab_size=dry_run_vocab_size(cfg), **machine)
+    return format_dry_run(report), report

@@ -1,4 +1,10 @@
-"""Build a whole job from a validated config: process group, data, tokenizer, model, engine, callbacks, trainer."""
+"""Build a whole job from a validated config: process group, data, tokenizer, model, engine, callbacks, trainer.
+
+A model is built from a config in one way (`model_recipe`): the callbacks' build requests (`on_build`), the model,
+`model.init_from`'s weights, then the callbacks' changes (`on_model_built`: adapters, freezing). Training builds it
+under ZeRO-3 through the engine (`build_trainer`); evaluation, generation, export and the dry run build it in one
+process (`build_as_trained`, mmscale.job.runs, mmscale.job.dry_run) with the same recipe.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,8 @@ import logging
 import math
 import random
 from pathlib import Path
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +27,42 @@ from mmscale.training.engine import build_engine, init_distributed, rank0_done, 
 from mmscale.training.trainer import Trainer
 
 log = logging.getLogger("mmscale.build")
+
+
+@dataclass
+class ModelRecipe:
+    """How the model of a config is built, in every process that builds one: the callbacks (built from
+    `cfg.callbacks`) and the build options their `on_build` filled."""
+
+    cfg: JobConfig
+    callbacks: list[Any]
+    options: Any  # mmscale.model.BuildOptions
+
+    def build(self, vocab_size: int | None, meta: bool = False) -> torch.nn.Module:
+        """The model and its objectives' heads (under zero.Init when the engine builds it: both sharded)."""
+        import contextlib
+
+        from mmscale.model import build_model
+        from mmscale.objectives import attach_objectives
+
+        model = build_model(self.cfg.model, vocab_size=vocab_size, meta=meta, options=self.options)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            return attach_objectives(model, self.cfg)
+
+    def finish(self, model: torch.nn.Module) -> None:
+        """The callbacks' changes to the built model (after `model.init_from`'s weights): adapters, freezing."""
+        for cb in self.callbacks:
+            cb.on_model_built(model)
+
+
+def model_recipe(cfg: JobConfig) -> ModelRecipe:
+    from mmscale.callbacks import build_callbacks
+    from mmscale.model import BuildOptions
+
+    callbacks, options = build_callbacks(cfg.callbacks), BuildOptions()
+    for cb in callbacks:
+        cb.on_build(options)
+    return ModelRecipe(cfg, callbacks, options)
 
 
 def seed_everything(seed: int) -> None:
@@ -86,9 +129,7 @@ def build_trainer(cfg: JobConfig, resume: str | None = None, overwrite: bool = F
     `overwrite` clears an earlier run from output_dir first (never with `resume="required"`: refused, nothing
     touched). `train_data`/`eval_data` replace the configured shards (tests, benchmarks). config.yaml is written once
     the run is accepted: fresh, or resumed (a refused resume leaves the one that describes the weights)."""
-    from mmscale.callbacks import build_callbacks
     from mmscale.data import EvalLoader, TrainLoader, load_tokenizer
-    from mmscale.model import BuildOptions, build_model
 
     if overwrite and resume == "required":
         raise ValueError(OVERWRITE_AND_RESUME)
@@ -107,18 +148,12 @@ def build_trainer(cfg: JobConfig, resume: str | None = None, overwrite: bool = F
     rank0_done(what)
     train_shards, val_shards, tok_path = prepare_data(cfg, rank)
     tokenizer = load_tokenizer(tok_path)
-    callbacks = build_callbacks(cfg.callbacks)
-
-    def on_model_built(model: torch.nn.Module) -> None:
-        for cb in callbacks:
-            cb.on_model_built(model)
-
-    options = BuildOptions()
-    for cb in callbacks:
-        cb.on_build(options)
+    recipe = model_recipe(cfg)
+    callbacks, options = recipe.callbacks, recipe.options
     cfg = base_lm_from_init(cfg, options, tokenizer.vocab_size, rank)
-    engine = build_engine(cfg, lambda: build_model(cfg.model, vocab_size=tokenizer.vocab_size, options=options),
-                          world_size, rank, on_model_built=on_model_built, sharded_build=options.sharded_at_birth,
+    recipe.cfg = cfg  # (a quantized LM loads from the base LM written above)
+    engine = build_engine(cfg, lambda: recipe.build(tokenizer.vocab_size), world_size, rank,
+                          on_model_built=recipe.finish, sharded_build=options.sharded_at_birth,
                           save_frozen=options.checkpoint_frozen)
     if rank == 0:
         counts = engine.module.param_counts()
@@ -178,7 +213,8 @@ def base_lm_from_init(cfg: JobConfig, options: Any, vocab_size: int, rank: int) 
     m = cfg.model
     if options.lm_quantization is None or m.lm.path or not m.init_from:
         return cfg
-    from mmscale.training.engine import InitFromError, broadcast_object
+    from mmscale.training.engine import broadcast_object
+    from mmscale.training.weights import InitFromError
     from mmscale.training.weights import export_base_lm
 
     out = Path(cfg.output_dir) / BASE_LM_DIR
@@ -194,51 +230,18 @@ def base_lm_from_init(cfg: JobConfig, options: Any, vocab_size: int, rank: int) 
     return dataclasses.replace(cfg, model=dataclasses.replace(m, lm=dataclasses.replace(m.lm, path=str(out))))
 
 
-def build_as_trained(cfg: JobConfig, vocab_size: int,
-                     load_init: Callable[[torch.nn.Module, str], Any] | None = None) -> torch.nn.Module:
+def build_as_trained(cfg: JobConfig, vocab_size: int | None, meta: bool = False) -> torch.nn.Module:
     """The model of a run in this process, without DeepSpeed, as training built it: the same seed, the callbacks'
-    build requests, `model.init_from`'s weights (`load_init(model, source)`; by default the training loader), then
-    the callbacks' changes (adapters, freezing)."""
-    from mmscale.callbacks import build_callbacks
-    from mmscale.model import BuildOptions, build_model
-    from mmscale.training.engine import load_initial_weights
+    build requests, `model.init_from`'s weights (streamed, tensor by tensor), then the callbacks' changes (adapters,
+    freezing). `meta=True`: on the meta device, no weights read (sizing, export planning)."""
+    from mmscale.training.weights import load_initial_weights
 
     seed_everything(cfg.train.seed)  # weights no source gives (a frozen random tower) come out as in training
-    callbacks = build_callbacks(cfg.callbacks)
-    options = BuildOptions()
-    for cb in callbacks:
-        cb.on_build(options)
-    model = build_model(cfg.model, vocab_size=vocab_size, options=options)
-    if cfg.model.init_from:
-        if load_init is None:
-            load_initial_weights(model, cfg.model.init_from, rank=0)
-        else:
-            load_init(model, cfg.model.init_from)
-    for cb in callbacks:
-        cb.on_model_built(model)
-    return model
-
-
-def build_from_checkpoint(cfg: JobConfig, ckpt: Path | None, vocab_size: int) -> torch.nn.Module:
-    """The model of a run in this process, without DeepSpeed: built the way training built it (the callbacks' build
-    requests and changes, `model.init_from`), then the weights of `ckpt` (None: as built). `cfg` is the config
-    recorded with `ckpt`, and `ckpt` verified: both as `mmscale.training.runs.open_run` gives them. A checkpoint that
-    left the frozen weights out gets them from the same sources, checked against the fingerprint it recorded."""
-    from mmscale.training.engine import frozen_fingerprint, param_dtype
-
-    model = build_as_trained(cfg, vocab_size)
-    if ckpt is None:
-        return model
-    saved = (checkpoint.read_manifest(ckpt) or {}).get("frozen_fingerprint", "")  # (open_run verified it)
-    missing, unexpected = model.load_state_dict(checkpoint.consolidated_state_dict(ckpt), strict=False)
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    if unexpected or (set(missing) - frozen if saved else missing):
-        raise RuntimeError(f"checkpoint {ckpt} does not fit the model built from its config: missing "
-                           f"{sorted(set(missing) - (frozen if saved else set()))[:5]}, unexpected {unexpected[:5]}")
-    if saved and frozen_fingerprint(model, param_dtype(cfg)) != saved:
-        raise RuntimeError(f"checkpoint {ckpt} holds only the trainable weights, and the frozen weights rebuilt here "
-                           f"(model.init_from={cfg.model.init_from!r}, model.lm.path={cfg.model.lm.path!r}) are not "
-                           f"the ones it was trained on")
+    recipe = model_recipe(cfg)
+    model = recipe.build(vocab_size, meta=meta)
+    if cfg.model.init_from and not meta:
+        load_initial_weights(model, cfg.model.init_from, rank=0)
+    recipe.finish(model)
     return model
 
 
@@ -251,25 +254,3 @@ def close() -> None:
     unset_hf_deepspeed_config()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def dry_run_vocab_size(cfg: JobConfig) -> int | None:
-    """The vocabulary training would size the model with: the tokenizer's (the configured one, or the one mmscale
-    already trained for the demo data), else the upper bound mmscale would train it with; None = the LM's own."""
-    from mmscale.data import load_tokenizer
-
-    d = cfg.data
-    if d.tokenizer:
-        return load_tokenizer(d.tokenizer).vocab_size
-    if not d.train_shards and d.synthetic_train_samples > 0:
-        made = Path(cfg.output_dir) / "data" / "tokenizer.model"
-        return load_tokenizer(made).vocab_size if made.is_file() else d.tokenizer_vocab_size
-    return None
-
-
-def dry_run_report(cfg: JobConfig, world_size: int, **machine: float) -> tuple[str, dict[str, Any]]:
-    """The --dry-run table and its figures; `machine`: gpu_tflops, link_gbytes_per_s (mmscale.training.dry_run)."""
-    from mmscale.training.dry_run import dry_run, format_dry_run
-
-    report = dry_run(cfg, world_size, vocab_size=dry_run_vocab_size(cfg), **machine)
-    return format_dry_run(report), report
