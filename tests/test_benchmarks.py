@@ -280,6 +280,7 @@ DEEPSPEED_SMOKES = {
     "train_step": (2, []),
     "continual_digits": (1, ["--methods", "replay_distill", "joint"]),
     "continual_captions": (1, []),
+    "contrastive": (1, []),
 }
 
 
@@ -313,6 +314,11 @@ def test_deepspeed_benchmark_smoke(name, tmp_path):
         assert 0 <= headline["accuracy_joint"] <= 1 and 0 <= headline["accuracy_replay_distill"] <= 1
         assert len(payload["summary"]["replay_distill"]["runs"][0]["matrix"]) == 2  # the smoke's two tasks
         assert "final avg accuracy" in res.stdout
+    elif name == "contrastive":
+        assert headline["gathered_vs_single_max_rel_diff"] < 1e-5, headline
+        assert payload["demo"]["num_pairs"] == 64 and payload["digits"]["distinct_captions"] == 10
+        assert all(0 <= headline[k] <= 1 for k in ("i2t_recall_at_1", "t2i_recall_at_5", "digits_i2t_recall_at_1"))
+        assert "image->text R@1" in res.stdout
     else:
         assert set(payload["results"]) == {"replay_distill"}
         assert "shapes after counts" in res.stdout and headline["loss_shapes_after_counts_replay_distill"] > 0

@@ -261,6 +261,12 @@ TABLE: list[Run | Skip] = [
         add=("output_dir={out}/runs/qlora", *STEPS_2), again=False),
     Run("mmscale-export adapter --run runs/ft --out exported/adapter"),
     Run("python launchers/train.py --config configs/demo.yaml 'callbacks=[{name: lora}]' --dry-run --world-size 2"),
+    # --- Objectives
+    Run("deepspeed --num_gpus 2 launchers/train.py --config configs/demo-contrastive.yaml",
+        add=("output_dir={out}/runs/demo-contrastive", *STEPS_2), again=False),
+    Run(f"{DEMO} output_dir=runs/demo-both 'objectives={{captioning: {{weight: 1}}, contrastive: {{weight: 0.5}}}}'",
+        add=STEPS_2, again=False),
+    Skip("python benchmarks/contrastive.py", SMOKED_BY_TEST_BENCHMARKS),
     # --- Continual learning data
     Run("python benchmarks/continual_digits.py --prepare-only", add=("--work-dir", "{out}/bench/digits-tasks")),
     Run("mmscale-digits --out data/digits --classes 0 1"),

@@ -98,3 +98,4 @@ def metric_problems(where: str, metric: str, cfg: Any, fix: str) -> list[str]:
 
 from mmscale.objectives import captioning  # noqa: E402,F401  (registers captioning)
 from mmscale.objectives import classification  # noqa: E402,F401  (registers classification)
+from mmscale.objectives import contrastive  # noqa: E402,F401  (registers contrastive)
