@@ -8,6 +8,7 @@ process (`build_as_trained`, mmscale.job.runs, mmscale.job.dry_run) with the sam
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -20,7 +21,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mmscale.callbacks import build_callbacks
 from mmscale.config import JobConfig
+# (imported here, not where used: `ModelRecipe.build` runs inside deepspeed.zero.Init, which patches tensor creation,
+# and a module first imported there can fail to import)
+from mmscale.model import BuildOptions, build_model
+from mmscale.objectives import attach_objectives
 from mmscale.training import checkpoint, run_paths
 from mmscale.training.cluster import SharedDirError, shared_dir_problems
 from mmscale.training.engine import build_engine, init_distributed, rank0_done, rank0_work
@@ -40,11 +46,6 @@ class ModelRecipe:
 
     def build(self, vocab_size: int | None, meta: bool = False) -> torch.nn.Module:
         """The model and its objectives' heads (under zero.Init when the engine builds it: both sharded)."""
-        import contextlib
-
-        from mmscale.model import build_model
-        from mmscale.objectives import attach_objectives
-
         model = build_model(self.cfg.model, vocab_size=vocab_size, meta=meta, options=self.options)
         with torch.device("meta") if meta else contextlib.nullcontext():
             return attach_objectives(model, self.cfg)
@@ -56,9 +57,6 @@ class ModelRecipe:
 
 
 def model_recipe(cfg: JobConfig) -> ModelRecipe:
-    from mmscale.callbacks import build_callbacks
-    from mmscale.model import BuildOptions
-
     callbacks, options = build_callbacks(cfg.callbacks), BuildOptions()
     for cb in callbacks:
         cb.on_build(options)
