@@ -137,6 +137,9 @@ class VisionConfig:
     """Local directory with a saved vision tower (`save_pretrained`). Empty = build from `config` with random weights."""
     config: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for the tower's Hugging Face config class when `path` is empty."""
+    train_top_layers: int = 0
+    """With `model.train_vision`: train only the top N layers of the tower (a ViT's encoder layers, a conv tower's
+    stages) and what sits above them (the final norm); its embeddings and lower layers stay frozen. 0 = all."""
 
 
 @dataclass
@@ -145,6 +148,12 @@ class LMConfig:
     """Local directory with a saved causal LM. Empty = build a LlamaForCausalLM from `config` with random weights."""
     config: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for LlamaConfig when `path` is empty. `vocab_size` is set from the tokenizer."""
+    train_top_layers: int = 0
+    """With `model.train_lm`: train only the top N decoder layers and what sits above them (the final norm, an
+    untied head); the embeddings and lower layers stay frozen. 0 = all."""
+    dropout: float = 0.0
+    """Dropout in the LM, set through its Hugging Face config: every dropout probability the config has (a Llama's
+    `attention_dropout`; `hidden_dropout`, `resid_pdrop`, ... where an architecture has them). Off at evaluation."""
 
 
 @dataclass
@@ -155,6 +164,8 @@ class ResamplerConfig:
     heads: int = 8
     dim_head: int = 64
     ff_mult: int = 4
+    dropout: float = 0.0
+    """Dropout on each attention and feed-forward output before its residual add. Off at evaluation."""
 
 
 @dataclass
@@ -168,6 +179,8 @@ class CrossAttentionConfig:
     """`previous`: a text token sees only the latest image before it (Flamingo); `all`: every image before it."""
     backend: str = "auto"
     """Cross-attention kernel: `auto`, `triton`, `flash` or `sdpa` (see mmscale.kernels)."""
+    dropout: float = 0.0
+    """Dropout on the cross-attention's and the feed-forward's outputs before their gates. Off at evaluation."""
     gate_init: float = 0.0
     """Initial value of the tanh gates. 0 (Flamingo) leaves a pretrained LM unchanged at step 0, but also passes no
     gradient to the visual side until the gates move; a model trained from scratch learns faster from e.g. 1.0."""
@@ -721,6 +734,22 @@ def schema_problems(cfg: JobConfig, world_size: int | None = None) -> list[str]:
     if isinstance(m.xattn.gate_init, (int, float)) and not -10 <= m.xattn.gate_init <= 10:
         p.append(f"model.xattn.gate_init: {m.xattn.gate_init!r} saturates tanh (gradient ~0); use a value in "
                  "[-10, 10], e.g. 0 (Flamingo) or 1")
+    for where, value in (("model.lm.dropout", m.lm.dropout), ("model.resampler.dropout", m.resampler.dropout),
+                         ("model.xattn.dropout", m.xattn.dropout)):
+        if isinstance(value, (int, float)) and not 0 <= value < 1:
+            p.append(f"{where}: {value!r} must be in [0, 1), e.g. 0.1 (0 = none)")
+    for where, value, flag, on in (("model.lm.train_top_layers", m.lm.train_top_layers, "model.train_lm", m.train_lm),
+                                   ("model.vision.train_top_layers", m.vision.train_top_layers, "model.train_vision",
+                                    m.train_vision)):
+        _positive(p, where, value, 0)
+        section = m.lm if where.startswith("model.lm") else m.vision
+        known = None if section.path else (section.config.get("num_hidden_layers") if "depths" not in section.config
+                                           else len(section.config["depths"]))
+        if isinstance(value, int) and isinstance(known, int) and value > known:
+            p.append(f"{where}: {value}, but the configured model has {known} layers there; give at most {known}")
+        if isinstance(value, int) and value > 0 and not on:
+            p.append(f"{where}: {value} trains the top layers of a component {flag}=false freezes; set {flag}=true, "
+                     f"or drop {where}")
     if not (m.train_vision or m.train_lm or m.train_resampler or m.train_xattn):
         p.append("model.train_*: every component is frozen, nothing would train; set e.g. model.train_xattn=true")
 

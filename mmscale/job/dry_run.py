@@ -197,8 +197,9 @@ def format_dry_run(report: dict[str, Any]) -> str:
         f"world size        {report['world_size']}   (gradient accumulation {report['grad_accum']})",
         f"parameters        total {c['total']:,}   trainable {c['trainable']:,}",
     ]
+    trains = c.get("trainable_by_component", {})
     for name, n in c.get("by_component", {}).items():
-        lines.append(f"  {name:<15} {n:,}")
+        lines.append(f"  {name:<15} {n:>14,}   trainable {trains.get(name, 0):>14,}" if trains else f"  {name:<15} {n:,}")
     lines.append("memory per rank (estimate, GiB)")
     for k, v in report["memory_per_rank"].items():
         lines.append(f"  {k:<40} {v:8.2f}")

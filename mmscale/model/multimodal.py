@@ -27,7 +27,7 @@ from mmscale.config import ModelConfig
 from mmscale.kernels import build_media_key_range
 from mmscale.model.resampler import PerceiverResampler
 from mmscale.model.vision import VisionTower, build_vision_tower
-from mmscale.model.xattn import GatedCrossAttentionBlock, XAttnDecoderLayer, apply_gated_xattn
+from mmscale.model.xattn import GatedCrossAttentionBlock, XAttnDecoderLayer, apply_gated_xattn, find_decoder_layers
 
 COMPONENTS = ("vision", "resampler", "lm", "xattn", "head")
 
@@ -208,22 +208,24 @@ class MultimodalModel(nn.Module):
         return groups
 
     def param_counts(self) -> dict:
-        """{"total", "trainable", "by_component": {vision, resampler, lm, xattn}}. Works on meta tensors, on
+        """{"total", "trainable", "by_component": {vision, resampler, lm, xattn, head}, "trainable_by_component"}.
+        Works on meta tensors, on
         ZeRO-3 partitioned parameters (their full size is `ds_numel`; `numel()` is 0 locally) and on 4-bit weights
         (counted by the shape they quantize, not their packed storage)."""
-        by_component, total, trainable = {}, 0, 0
+        by_component, trainable_by, total, trainable = {}, {}, 0, 0
         for comp, params in self.component_params().items():
             if comp == "head" and not params:  # no objective with a head
                 continue
-            count = 0
+            count = count_trainable = 0
             for _, p in params:
                 quant = getattr(p, "quant_state", None)  # 4-bit weights: several packed into one stored element
                 numel = quant.shape.numel() if quant is not None else getattr(p, "ds_numel", p.numel())
                 count += numel
-                trainable += numel if p.requires_grad else 0
-            by_component[comp] = count
-            total += count
-        return {"total": total, "trainable": trainable, "by_component": by_component}
+                count_trainable += numel if p.requires_grad else 0
+            by_component[comp], trainable_by[comp] = count, count_trainable
+            total, trainable = total + count, trainable + count_trainable
+        return {"total": total, "trainable": trainable, "by_component": by_component,
+                "trainable_by_component": trainable_by}
 
 
 def apply_freeze_policy(model: MultimodalModel, cfg: ModelConfig) -> None:
@@ -235,9 +237,41 @@ def apply_freeze_policy(model: MultimodalModel, cfg: ModelConfig) -> None:
         "xattn": cfg.train_xattn,
         "head": True,  # new with the model: it always trains
     }
-    for comp, params in model.component_params().items():
+    groups = model.component_params()
+    for comp, params in groups.items():
         for _, p in params:
             p.requires_grad_(flags[comp])
+    if cfg.train_lm and cfg.lm.train_top_layers:
+        parent, attr = find_decoder_layers(model.lm)
+        _train_top_layers(model, groups["lm"], getattr(parent, attr), cfg.lm.train_top_layers,
+                          "model.lm.train_top_layers")
+    if cfg.train_vision and cfg.vision.train_top_layers:
+        _train_top_layers(model, groups["vision"], _tower_layers(model.vision), cfg.vision.train_top_layers,
+                          "model.vision.train_top_layers")
+
+
+def _tower_layers(tower: nn.Module) -> nn.ModuleList:
+    """A vision tower's layer list: the longest ModuleList in it (a ViT's encoder layers, a conv tower's stages)."""
+    lists = [m for m in tower.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"model.vision.train_top_layers: {type(tower.model).__name__} has no layer list to choose from")
+    return max(lists, key=len)  # (the first of the longest: a conv tower's stages before a stage's blocks)
+
+
+def _train_top_layers(model: nn.Module, params: list[tuple[str, nn.Parameter]], layers: nn.ModuleList, n: int,
+                      field: str) -> None:
+    """Of one component's `params`, only the top `n` of `layers` and what comes after them in the model (the final
+    norm, an untied head) keep training; the rest (embeddings, lower layers) is frozen. A head tied to the input
+    embeddings is one parameter with them, and stays frozen with them."""
+    if n > len(layers):
+        raise ValueError(f"{field}: {n}, but the model has {len(layers)} layers there; give at most {len(layers)}")
+    top = {id(p) for layer in list(layers)[len(layers) - n:] for p in layer.parameters()}
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    order = {id(p): i for i, (_, p) in enumerate(model.named_parameters())}
+    last = max(order[i] for i in in_layers if i in order)
+    for _, p in params:
+        if p.requires_grad and id(p) not in top and (id(p) in in_layers or order[id(p)] < last):
+            p.requires_grad_(False)
 
 
 @dataclass
@@ -266,6 +300,17 @@ class BuildOptions:
         return self.lm_quantization is None and not self.build_whole
 
 
+LM_DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                   "hidden_dropout_prob", "attention_probs_dropout_prob", "activation_dropout", "dropout")
+"""The dropout probabilities `model.lm.dropout` sets, where the LM's Hugging Face config has them (a Llama has
+`attention_dropout` only: its MLP has no dropout)."""
+
+
+def lm_dropout_overrides(config: Any, p: float) -> dict[str, float]:
+    """{key: p} for every dropout key of LM_DROPOUT_KEYS that `config` has ({} when p is 0: the config's own)."""
+    return {k: p for k in LM_DROPOUT_KEYS if p > 0 and hasattr(config, k)} if p else {}
+
+
 def build_lm(cfg: ModelConfig, vocab_size: int | None, meta: bool = False,
              quantization: dict[str, Any] | None = None) -> PreTrainedModel:
     """LlamaForCausalLM from cfg.lm.config (random weights) or any causal LM from the local cfg.lm.path.
@@ -280,22 +325,27 @@ def build_lm(cfg: ModelConfig, vocab_size: int | None, meta: bool = False,
                              "folder of the base LM")
         from transformers import BitsAndBytesConfig
 
+        drop = lm_dropout_overrides(AutoConfig.from_pretrained(cfg.lm.path), cfg.lm.dropout)
         return AutoModelForCausalLM.from_pretrained(cfg.lm.path, quantization_config=BitsAndBytesConfig(**quantization),
-                                                    dtype=quantization["bnb_4bit_compute_dtype"])
+                                                    dtype=quantization["bnb_4bit_compute_dtype"], **drop)
     if cfg.lm.path:
         if meta:
             config = AutoConfig.from_pretrained(cfg.lm.path)
+            for k, v in lm_dropout_overrides(config, cfg.lm.dropout).items():
+                setattr(config, k, v)
             if vocab_size is not None and vocab_size > config.vocab_size:
                 config.vocab_size = vocab_size
             with device:
                 return AutoModelForCausalLM.from_config(config)
-        lm = AutoModelForCausalLM.from_pretrained(cfg.lm.path)
+        lm = AutoModelForCausalLM.from_pretrained(
+            cfg.lm.path, **lm_dropout_overrides(AutoConfig.from_pretrained(cfg.lm.path), cfg.lm.dropout))
         if vocab_size is not None and vocab_size > lm.get_input_embeddings().num_embeddings:
             lm.resize_token_embeddings(vocab_size)
         return lm
     kwargs = dict(cfg.lm.config)
     if vocab_size is not None:
         kwargs["vocab_size"] = vocab_size
+    kwargs.update(lm_dropout_overrides(LlamaConfig(), cfg.lm.dropout))
     with device:  # `_from_config`: the weights are initialised right under ZeRO-3 too (see vision.build_vision)
         return LlamaForCausalLM._from_config(LlamaConfig(**kwargs))
 
@@ -310,9 +360,10 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None, meta: bool = Fa
     lm = build_lm(cfg, vocab_size, meta=meta, quantization=(options or BuildOptions()).lm_quantization)
     r, x = cfg.resampler, cfg.xattn
     with torch.device("meta") if meta else contextlib.nullcontext():
-        resampler = PerceiverResampler(vision.hidden_size, r.depth, r.num_latents, r.heads, r.dim_head, r.ff_mult)
+        resampler = PerceiverResampler(vision.hidden_size, r.depth, r.num_latents, r.heads, r.dim_head, r.ff_mult,
+                                       r.dropout)
         apply_gated_xattn(lm, vision.hidden_size, x.every_n_layers, x.heads, x.dim_head, x.ff_mult, x.backend,
-                          x.gate_init)
+                          x.gate_init, x.dropout)
     if cfg.activation_checkpointing:
         kwargs = {"use_reentrant": False}
         if hasattr(lm, "activation_checkpointing_enable"):

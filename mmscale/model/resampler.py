@@ -16,19 +16,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def feed_forward(dim: int, mult: int) -> nn.Sequential:
-    """Pre-norm MLP used by the resampler and the gated cross-attention blocks (Flamingo: no biases)."""
-    return nn.Sequential(
-        nn.LayerNorm(dim),
-        nn.Linear(dim, dim * mult, bias=False),
-        nn.GELU(),
-        nn.Linear(dim * mult, dim, bias=False),
-    )
+def feed_forward(dim: int, mult: int, dropout: float = 0.0) -> nn.Sequential:
+    """Pre-norm MLP used by the resampler and the gated cross-attention blocks (Flamingo: no biases); `dropout` on
+    its output (a last module, so the weights keep their names: `0` norm, `1` and `3` linear)."""
+    layers = [nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False)]
+    return nn.Sequential(*layers, *([nn.Dropout(dropout)] if dropout > 0 else []))
 
 
 class PerceiverAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, dim_head: int):
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0):
         super().__init__()
+        # on the output, before the residual add (off in eval mode); none at all when 0
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.heads, self.dim_head = heads, dim_head
         inner = heads * dim_head
         self.norm_media = nn.LayerNorm(dim)
@@ -47,16 +46,18 @@ class PerceiverAttention(nn.Module):
         # (N, T, h*d) -> (N, h, T, d)
         q, k, v = (t.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)  # every latent sees every key: no mask
-        return self.to_out(out.transpose(1, 2).reshape(N, n, -1))
+        return self.dropout(self.to_out(out.transpose(1, 2).reshape(N, n, -1)))
 
 
 class PerceiverResampler(nn.Module):
-    def __init__(self, dim: int, depth: int, num_latents: int, heads: int, dim_head: int, ff_mult: int):
+    def __init__(self, dim: int, depth: int, num_latents: int, heads: int, dim_head: int, ff_mult: int,
+                 dropout: float = 0.0):
         super().__init__()
         self.num_latents = num_latents
         self.latents = nn.Parameter(torch.randn(num_latents, dim) * 0.02)
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim, heads, dim_head), feed_forward(dim, ff_mult)]) for _ in range(depth)
+            nn.ModuleList([PerceiverAttention(dim, heads, dim_head, dropout), feed_forward(dim, ff_mult, dropout)])
+            for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
 

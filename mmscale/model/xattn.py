@@ -27,7 +27,7 @@ _LAYER_LIST_NAMES = ("layers", "h", "blocks")
 
 class GatedCrossAttentionBlock(nn.Module):
     def __init__(self, dim_text: int, dim_visual: int, heads: int, dim_head: int, ff_mult: int, backend: str = "auto",
-                 gate_init: float = 0.0):
+                 gate_init: float = 0.0, dropout: float = 0.0):
         super().__init__()
         self.heads, self.dim_head, self.backend = heads, dim_head, backend
         inner = heads * dim_head
@@ -37,7 +37,9 @@ class GatedCrossAttentionBlock(nn.Module):
         self.to_out = nn.Linear(inner, dim_text, bias=False)
         # shape (1,) rather than 0-d: partitioning tools handle 1-d tensors everywhere
         self.attn_gate = nn.Parameter(torch.full((1,), float(gate_init)))
-        self.ff = feed_forward(dim_text, ff_mult)
+        self.ff = feed_forward(dim_text, ff_mult, dropout)
+        # on the attention's output, before its gate (off in eval mode); none at all when 0
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.ff_gate = nn.Parameter(torch.full((1,), float(gate_init)))
 
     def media_kv(self, media: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +63,7 @@ class GatedCrossAttentionBlock(nn.Module):
             k, v = self.to_kv(media.to(x.dtype)).chunk(2, dim=-1)
             k, v = (t.unflatten(-1, (self.heads, self.dim_head)) for t in (k, v))  # (B, Lk, h, d)
         attn = cross_attention(q, k, v, key_range=key_range, kv_lens=kv_lens, backend=self.backend)
-        x = x + self.attn_gate.tanh() * self.to_out(attn.reshape(B, L, -1))
+        x = x + self.attn_gate.tanh() * self.dropout(self.to_out(attn.reshape(B, L, -1)))
         return x + self.ff_gate.tanh() * self.ff(x)
 
 
@@ -134,6 +136,7 @@ def apply_gated_xattn(
     ff_mult: int,
     backend: str = "auto",
     gate_init: float = 0.0,
+    dropout: float = 0.0,
 ) -> list[XAttnDecoderLayer]:
     """Wrap decoder layers 0, N, 2N, ... of `lm` in place with new gated cross-attention blocks.
 
@@ -146,7 +149,7 @@ def apply_gated_xattn(
     for i in range(0, len(layers), every_n_layers):
         if isinstance(layers[i], XAttnDecoderLayer):
             raise ValueError(f"decoder layer {i} already has gated cross-attention")
-        block = GatedCrossAttentionBlock(dim_text, dim_visual, heads, dim_head, ff_mult, backend, gate_init)
+        block = GatedCrossAttentionBlock(dim_text, dim_visual, heads, dim_head, ff_mult, backend, gate_init, dropout)
         layers[i] = XAttnDecoderLayer(layers[i], block)
         wrappers.append(layers[i])
     return wrappers
