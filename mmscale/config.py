@@ -551,6 +551,38 @@ def read_config(path: str | Path | None = None, overrides: list[str] | None = No
     return raw, problems
 
 
+MOVED_KEYS = {"train.lm_loss_weight": "objectives.captioning.weight",
+              "train.cls_loss_weight": "objectives.classification.weight"}
+"""Keys of earlier versions and where they went. A run's recorded config is read in the new form
+(`migrate_recorded`); a config given now that uses one is refused, naming the new key."""
+
+
+def moved_key_problems(raw: dict[str, Any]) -> list[str]:
+    """A problem for each key of MOVED_KEYS that `raw` (a config given now) still uses."""
+    out = []
+    for old, new in MOVED_KEYS.items():
+        section, _, key = old.partition(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            out.append(f"{old}: {raw[section][key]!r}; this key is now {new} (objectives: NAME: {{weight: W}}, see "
+                       f"mmscale.objectives): write {new}={raw[section][key]!r}")
+    return out
+
+
+def migrate_recorded(raw: dict[str, Any]) -> dict[str, Any]:
+    """A run's recorded config (a checkpoint manifest's, a run's config.yaml) written before objectives existed, in
+    today's form: train.lm_loss_weight / cls_loss_weight become `objectives` with the same meaning (the caption
+    loss always measured; classification trained when its weight was > 0). Other configs come back unchanged."""
+    train = raw.get("train")
+    if not isinstance(train, dict) or not ({"lm_loss_weight", "cls_loss_weight"} & set(train)):
+        return raw
+    train = dict(train)
+    lm, cls = train.pop("lm_loss_weight", 1.0), train.pop("cls_loss_weight", 0.0)
+    out = {**raw, "train": train}
+    if not raw.get("objectives") and (lm != 1.0 or cls):
+        out["objectives"] = {"captioning": {"weight": lm}, **({"classification": {"weight": cls}} if cls else {})}
+    return out
+
+
 def build_config(raw: dict[str, Any], model: ModelConfig | None = None) -> tuple[JobConfig, list[str]]:
     """The JobConfig of `raw` over the defaults (and `model`, a preset's values, under the model section), unknown
     keys and values of the wrong type reported (the field then keeps the value it had)."""

@@ -55,7 +55,7 @@ def load_exported(directory: str | Path, dtype: Any = None, adapters: bool = Tru
                          f"mmscale reads {FORMAT!r} up to v{FORMAT_VERSION}")
     # relative paths against this folder where it is now (an export from before: as they were)
     cfg = config_from_dict(run_paths.resolve_config(yaml.safe_load((d / CONFIG_YAML).read_text()), d, legacy=False),
-                           check_paths=False)
+                           check_paths=False, recorded=True)
     tok_path = d / info["tokenizer"]
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(tok_path)))
     tokenizer = load_tokenizer(tok_path)

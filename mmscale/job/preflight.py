@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmscale.config import (ConfigError, DataConfig, JobConfig, build_config, read_config, refused_fields,
-                            schema_problems)
+from mmscale.config import (ConfigError, DataConfig, JobConfig, build_config, migrate_recorded, moved_key_problems,
+                            read_config, refused_fields, schema_problems)
 
 
 def _tokenizer_spells_task(d: DataConfig) -> list[str]:
@@ -103,12 +103,19 @@ def problems_of(cfg: JobConfig, world_size: int | None = None, check_paths: bool
     return schema_problems(cfg, world_size) + registry_problems(cfg) + (file_problems(cfg) if check_paths else [])
 
 
-def config_from_dict(raw: dict[str, Any], world_size: int | None = None, check_paths: bool = True) -> JobConfig:
-    """The validated JobConfig of a raw dict (a YAML file's, a run's recorded one): the model preset it names
+def config_from_dict(raw: dict[str, Any], world_size: int | None = None, check_paths: bool = True,
+                     recorded: bool = False) -> JobConfig:
+    """The validated JobConfig of a raw dict (a YAML file's, or with `recorded` a run's recorded one, which may be
+    in an earlier version's form: mmscale.config.migrate_recorded): the model preset it names
     (mmscale.model.presets), then its values over it. Raises ConfigError listing every problem."""
     from mmscale.model.presets import PRESETS
 
     problems: list[str] = []
+    if recorded:
+        raw = migrate_recorded(raw)
+    else:
+        problems += moved_key_problems(raw)
+        raw = migrate_recorded(raw)  # (so that the report goes on with the rest, not with "unknown key")
     preset = (raw.get("model") or {}).get("preset", "") if isinstance(raw.get("model"), dict) else ""
     model = None
     if preset and isinstance(preset, str):  # (another type is reported with the other fields' types)

@@ -55,7 +55,7 @@ def checkpoint_config(ckpt: Path) -> Any:
                     ckpt, source)
         raw = run_paths.read_run_config(run)
     try:
-        cfg = config_from_dict(raw, check_paths=False)
+        cfg = config_from_dict(raw, check_paths=False, recorded=True)
     except ConfigError as e:
         raise RunOpenError(f"the config in {source} does not load: {e}") from e
     train, val, tok = run_paths.data_paths(cfg)
@@ -76,7 +76,7 @@ def config_for_run(run_dir: str | os.PathLike, check_paths: bool = False) -> Any
     also that its data and tokenizer exist (off by default: reading a run needs the model's part only)."""
     from mmscale.job.preflight import config_from_dict
 
-    return config_from_dict(run_paths.read_run_config(run_dir), check_paths=check_paths)
+    return config_from_dict(run_paths.read_run_config(run_dir), check_paths=check_paths, recorded=True)
 
 
 class CheckpointFitError(ValueError, RuntimeError):

@@ -50,6 +50,19 @@ def _mmap_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
+LEGACY_NAMES = (("classifier.", "objectives.classification.head."),
+                ("active_classes", "objectives.classification.active_classes"))
+"""Tensor names of earlier versions -> today's: the classification head moved into its objective
+(mmscale.objectives). A reader lists today's names and reads the stored ones."""
+
+
+def current_name(name: str) -> str:
+    for old, new in LEGACY_NAMES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
 class _Released:
     """A reader holding memory-mapped files counts the bytes it has read and maps them afresh every
     `release_every` bytes: pages it touched leave this process's resident memory with the old mapping."""
@@ -58,6 +71,18 @@ class _Released:
 
     def __init__(self) -> None:
         self._touched = 0
+        self._legacy: dict[str, str] = {}  # today's name -> the name stored (LEGACY_NAMES)
+
+    def _rename_legacy(self) -> None:
+        """List today's names for tensors stored under an earlier version's (LEGACY_NAMES)."""
+        for i, name in enumerate(self.names):
+            new = current_name(name)
+            if new != name:
+                self._legacy[new] = name
+                self.names[i] = new
+
+    def _stored(self, name: str) -> str:
+        return self._legacy.get(name, name)
 
     def _open(self) -> None:
         raise NotImplementedError
@@ -110,6 +135,7 @@ class CheckpointReader(_Released):
         self.aliases = {a: s for a, s in (m0.get("shared_params") or {}).items() if s in self._where}
         order = [n for n in m0.get("module", {}) if n in self._where]
         self.names = order + [n for n in self._where if n not in set(order)]
+        self._rename_legacy()
 
     def _open(self) -> None:
         self._models = [_mmap_load(f) for f in self._model_files] if self._needs_all_models() else \
@@ -165,17 +191,21 @@ class CheckpointReader(_Released):
                 self._add(name, shape, m0["frozen_param_fragments"][name].dtype, ("frozen3", name))
 
     def shape(self, name: str) -> tuple[int, ...]:
+        name = self._stored(name)
         return self._shapes[self.aliases.get(name, name)]
 
     def dtype(self, name: str) -> Any:
+        name = self._stored(name)
         return self._dtypes[self.aliases.get(name, name)]
 
     def __contains__(self, name: str) -> bool:
+        name = self._stored(name)
         return name in self._where or name in self.aliases
 
     def read(self, name: str) -> torch.Tensor:
         import torch
 
+        name = self._stored(name)
         name = self.aliases.get(name, name)
         how, *args = self._where[name]
         shape = self._shapes[name]
@@ -254,6 +284,7 @@ class SafetensorsReader(_Released):
             raise ValueError(f"{index}: its weight_map and the shards' tensors differ "
                              f"({sorted(set(weight_map) ^ set(self._file_of))[:5]})")
         self.names = list(self._file_of)
+        self._rename_legacy()
         self.aliases: dict[str, str] = {}
         self._handles: dict[str, Any] = {}
 
@@ -261,17 +292,18 @@ class SafetensorsReader(_Released):
         self._handles = {}
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._shapes[name]
+        return self._shapes[self._stored(name)]
 
     def dtype(self, name: str) -> Any:
-        return self._dtypes[name]
+        return self._dtypes[self._stored(name)]
 
     def __contains__(self, name: str) -> bool:
-        return name in self._file_of
+        return self._stored(name) in self._file_of
 
     def read(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
+        name = self._stored(name)
         file = self._file_of[name]
         if file not in self._handles:
             self._handles = {file: safe_open(self.directory / file, framework="pt")}

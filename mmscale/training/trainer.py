@@ -110,11 +110,15 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """Refusals for changes a checkpoint cannot survive; other changes are logged, one line each."""
+    """Refusals for changes a checkpoint cannot survive; other changes are logged, one line each. A field the
+    checkpoint's config does not have (added to mmscale since) is no change while it holds its default."""
     old, new = _flatten(saved), _flatten(now)
+    defaults = _flatten(JobConfig().to_dict())
     refused = []
     for key in sorted(set(old) | set(new)):
         if key.startswith("output_dir") or old.get(key) == new.get(key):
+            continue
+        if key not in old and key in defaults and new.get(key) == defaults[key]:
             continue
         line = f"{key}: {old.get(key, '(unset)')!r} at the checkpoint, {new.get(key, '(unset)')!r} now"
         if key != "model.init_from" and any(key == f or key.startswith(f + ".") for f in _FIXED_ON_RESUME):
