@@ -105,3 +105,14 @@ print(json.dumps(out))
         assert not Path(out["origin"]).resolve().is_relative_to(ROOT), f"`kernels` resolves into the repo: {out}"
     else:
         assert not out["available"], out
+
+
+def test_the_source_tree_finds_its_kernels_without_an_install():
+    """From a checkout whose install is missing or belongs to another checkout, `mmscale.kernels` is still this
+    checkout's kernels/xattn (the finder in mmscale/__init__.py); every install finder is removed first."""
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__]; "
+            f"sys.path.insert(0, {str(ROOT)!r}); import mmscale.kernels as k; print(k.__file__); "
+            "from mmscale.kernels import cross_attention")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tests", capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == str(ROOT / "kernels" / "xattn" / "__init__.py")
