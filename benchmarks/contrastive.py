@@ -162,7 +162,7 @@ def retrieval(run_dir: Path, shards: str | None = None) -> dict[str, float]:
         images.append(out.terms["contrastive"]["image"])
         texts.append(out.terms["contrastive"]["text"])
         for row, m in zip(batch["input_ids"], batch["attention_mask"].bool()):
-            captions.append(tok.decode([t for t in row[m].tolist() if t > 4]))
+            captions.append(tok.decode([t for t in row[m].tolist() if t != tok.image_token_id]))  # (decode drops pad, eos)
     if len(captions) != total:
         raise RuntimeError(f"{shards}: {len(captions)} pairs embedded, sizes.json lists {total}")
     return retrieval_recall(torch.cat(images), torch.cat(texts), captions, ks=(1, 5, 10))
