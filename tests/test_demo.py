@@ -25,7 +25,7 @@ def test_demo_learns_colours_and_shapes_from_the_image(tmp_path):
     out = tmp_path / "demo"
     launch(ROOT / "launchers/train.py", ["--config", "configs/demo.yaml", f"output_dir={out}",
                                          f"train.max_steps={STEPS}", "logging.progress_bar=false"], nprocs=2,
-           timeout=850)
+           timeout=850, launcher="deepspeed")
     records = read_metrics(out / "metrics.jsonl")
     train = [r["loss"] for r in records if "loss" in r]
     val = [r["val_loss"] for r in records if "val_loss" in r]

@@ -33,14 +33,14 @@ Pass 2 runs from a fresh temporary working directory, the repository's paths (`c
 `benchmarks/`, ...) made absolute and the outputs left as the README writes them (relative: into that directory;
 the config files' `runs/demo` resolves there too). It covers a subset, to stay inside the time budget: every
 command that starts no DeepSpeed job (but the Measured section's repeats of evaluate.py and mmscale-demo-objects),
-plus the demo's `deepspeed` train, its `--resume` and the resume of its copy (`output_dir=/tmp/demo-copy
---resume`); the runs it does not make itself (the fine-tuning's and the LoRA run's) are copied from pass 1 into
+plus the demo's `deepspeed` train and the resume of its copy (`output_dir=/tmp/demo-copy --resume`: a
+moved run resumed from another directory); the runs it does not make itself (the fine-tuning's and the LoRA run's) are copied from pass 1 into
 it, so they are also read after a move (their paths are stored relative to the run). Entries with `again=False`
 are pass 1 only.
 
 Each command's time is printed as it finishes (`-s`). Measured on the 2-core AMD EPYC, 2026-12-07, while other
 jobs shared it (load average about 6): pass 1, 38 commands (14 DeepSpeed jobs, 3 of them inside benchmarks), 609 s;
-pass 2, 26 commands (3 DeepSpeed jobs), 283 s; 892 s in all. A 2-rank DeepSpeed job of 2 demo steps costs 20-40 s
+pass 2, 26 commands (3 DeepSpeed jobs; 2 since then), 283 s; 892 s in all. A 2-rank DeepSpeed job of 2 demo steps costs 20-40 s
 here, most of it start-up; a command that starts none, 2-20 s.
 """
 
@@ -229,7 +229,7 @@ TABLE: list[Run | Skip] = [
     Run("python launchers/train.py --config configs/demo.yaml", add=("output_dir={out}/runs/demo-1proc", *STEPS_2)),
     Run("python launchers/train.py --config configs/demo.yaml --print-config", pass1=INTO_DEMO),
     Run("python launchers/train.py --config configs/flamingo-9b.yaml --dry-run --world-size 64"),
-    Run(f"{DEMO} --resume", add=("train.max_steps=4", *TINY_DATA), pass1=INTO_DEMO),
+    Run(f"{DEMO} --resume", add=("train.max_steps=4", *TINY_DATA), pass1=INTO_DEMO, again=False),
     Run(f"{DEMO} --resume auto", add=("train.max_steps=6", *TINY_DATA), pass1=INTO_DEMO, again=False),
     Run(f"{DEMO} --overwrite", add=STEPS_2, pass1=INTO_DEMO, again=False),
     Run("mmscale-image-use --run runs/demo", add=("--batches", "1")),
