@@ -1,7 +1,8 @@
-"""Class-incremental learning on real handwritten digits: naive fine-tuning, replay, EWC, replay + distillation, and
-joint training as the upper bound, each a real 2-rank DeepSpeed ZeRO-3 job of `configs/continual-digits.yaml`.
+"""Class-incremental learning on real handwritten digits: naive fine-tuning, replay, EWC, replay + distillation,
+task adapters (dynamic architecture), and joint training as the upper bound, each a real 2-rank DeepSpeed ZeRO-3 job
+of `configs/continual-digits.yaml`.
 
-    python benchmarks/continual_digits.py [--seeds 0 1 2] [--methods naive replay ewc replay_distill joint]
+    python benchmarks/continual_digits.py [--seeds 0 1 2] [--methods naive replay ewc replay_distill task_adapters joint]
     python benchmarks/continual_digits.py --prepare-only      # just the shards and tokenizer (data/digits-tasks/)
     python benchmarks/continual_digits.py --smoke --out /tmp/continual_digits.json   # checks the script (~1 min)
 
@@ -12,6 +13,12 @@ incremental: no task id at test time). Every method has the same step budget: `m
 times that, on all digits at once). After each task every task is evaluated (R[i][j]: accuracy on task j after
 task i); the summary is the final average accuracy (mean of R's last row) and the average forgetting (mean over the
 first four tasks of the best earlier accuracy minus the final one), mean and spread over the seeds.
+
+`task_adapters` (the callback of that name: a LoRA adapter and a head per task, the shared weights trained in the
+first task only) is measured both ways. Task-incremental, its R: each task evaluated through its own module, with
+its task id. Class-incremental, with no task id: the expert gate (the most confident module wins) over all ten
+digits, `gate_accuracy`, and how often it picked the right task, `gate_task_accuracy`. It also reports the
+parameters each task adds (`params_per_task`).
 
 Writes `benchmarks/results/continual_digits.json` (`--out`) and `continual_digits.png` beside it (R of each method,
 seed 0); the last line printed is one JSON object with forgetting_* and accuracy_* per method. The runs go to
@@ -48,6 +55,7 @@ METHODS = {
     "ewc": ["{name: ewc, args: {lam: 10000.0, fisher_batches: 8}}"],
     "replay_distill": ["{name: replay, args: {capacity: 500, ratio: 1.0}}",
                        "{name: distill, args: {weight: 0.3, temperature: 1.0}}"],
+    "task_adapters": ["{name: task_adapters, args: {r: 8}}"],
     "joint": [],
 }
 EXTRA: list[str] = []  # overrides for every job (--set)
@@ -115,8 +123,14 @@ def run(method: str, seed: int, out: Path, steps: int, timeout: int) -> dict:
         return {"final_row": row, "average_accuracy": sum(row) / len(row), "average_forgetting": None,
                 "matrix": None, "seconds": secs}
     summary = json.loads((out_dir / "continual.json").read_text())
-    return {"final_row": summary["matrix"][-1], "average_accuracy": summary["average_accuracy"],
-            "average_forgetting": summary["average_forgetting"], "matrix": summary["matrix"], "seconds": secs}
+    result = {"final_row": summary["matrix"][-1], "average_accuracy": summary["average_accuracy"],
+              "average_forgetting": summary["average_forgetting"], "matrix": summary["matrix"], "seconds": secs}
+    if method == "task_adapters":  # the expert gate after the last task, and the growth per task
+        records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        gate = [r for r in records if "gate_accuracy" in r][-1]
+        result.update(gate_accuracy=gate["gate_accuracy"], gate_task_accuracy=gate["gate_task_accuracy"],
+                      params_per_task=int(next(r["params_per_task"] for r in records if "params_per_task" in r)))
+    return result
 
 
 def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -201,14 +215,23 @@ def main(argv: list[str] | None = None) -> int:
         summary[m] = {"accuracy": acc, "accuracy_sd": acc_sd, "forgetting": fgt, "forgetting_sd": fgt_sd,
                       "seeds": args.seeds, "runs": rs}
         fg = f"{fgt:.3f} ± {fgt_sd:.3f}" if fgt is not None else "-"
-        print(f"{m:16s} {acc:>12.3f} ± {acc_sd:.3f} {fg:>16s}")
+        print(f"{m:16s} {acc:>12.3f} ± {acc_sd:.3f} {fg:>16s}" + ("   (task id given)" if m == "task_adapters" else ""))
+        if m == "task_adapters":
+            gate, right = _mean_sd([r["gate_accuracy"] for r in rs]), _mean_sd([r["gate_task_accuracy"] for r in rs])
+            print(f"{'  no task id':16s} {gate[0]:>12.3f} ± {gate[1]:.3f}   (expert gate; task chosen right "
+                  f"{right[0]:.3f}; {rs[0]['params_per_task']:,} parameters per task)")
     headline: dict = {"benchmark": "continual_digits"}
-    for m in ("naive", "replay", "ewc", "replay_distill"):
+    for m in ("naive", "replay", "ewc", "replay_distill", "task_adapters"):
         if m in summary:
             headline[f"forgetting_{m}"] = round(summary[m]["forgetting"], 4)
-    for m in ("naive", "replay", "ewc", "replay_distill", "joint"):
+    for m in ("naive", "replay", "ewc", "replay_distill", "task_adapters", "joint"):
         if m in summary:
             headline[f"accuracy_{m}"] = round(summary[m]["accuracy"], 4)
+    if "task_adapters" in summary:  # class-incremental through the expert gate (no task id)
+        runs = summary["task_adapters"]["runs"]
+        for key in ("gate_accuracy", "gate_task_accuracy"):
+            headline[f"{key}_task_adapters"] = round(statistics.fmean(r[key] for r in runs), 4)
+        headline["params_per_task"] = runs[0]["params_per_task"]
     # (None where the denominator is 0: a smoke run's few steps can leave joint at 0 accuracy or naive at 0 forgetting)
     if "replay" in summary and "joint" in summary:
         headline["replay_over_joint"] = (round(summary["replay"]["accuracy"] / summary["joint"]["accuracy"], 4)

@@ -186,6 +186,10 @@ class CrossAttentionConfig:
     gradient to the visual side until the gates move; a model trained from scratch learns faster from e.g. 1.0."""
 
 
+TRAIN_MODES: tuple[str, ...] = ("full", "lora", "frozen")
+"""`model.train_xattn` / `model.train_resampler` values: trained in full, through LoRA adapters, or not at all."""
+
+
 @dataclass
 class ModelConfig:
     preset: str = ""
@@ -202,8 +206,13 @@ class ModelConfig:
     """Train the vision tower (False = frozen)."""
     train_lm: bool = False
     """Train the language model's own weights (False = frozen; the LM's input embeddings and head included)."""
-    train_resampler: bool = True
-    train_xattn: bool = True
+    train_resampler: str = field(default="full", metadata={"aliases": {True: "full", False: "frozen"}})
+    """How the perceiver resampler trains: `full`, `lora` (LoRA on its linear layers, from the `lora`/`qlora`
+    callback's r and alpha; its latents and norms frozen) or `frozen`. `true`/`false` read as full/frozen."""
+    train_xattn: str = field(default="full", metadata={"aliases": {True: "full", False: "frozen"}})
+    """How the gated cross-attention blocks train: `full`, `lora` (LoRA on their linear layers, from the
+    `lora`/`qlora` callback's r and alpha; the tanh gates stay trainable scalars, the norms frozen) or `frozen`.
+    `true`/`false` read as full/frozen."""
     activation_checkpointing: bool = False
     """Recompute decoder layers in the backward pass to save memory."""
     num_classes: int = 0
@@ -471,6 +480,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str], ba
             # preset or the YAML gave: `model.lm.config.num_hidden_layers=8` changes one key of the preset's LM,
             # it does not replace the preset's whole LM config with one key.
             value = _merge_dict_field(current, value)
+        aliases = next(f.metadata.get("aliases", {}) for f in dataclasses.fields(cls) if f.name == key)
+        if aliases and isinstance(value, bool):  # e.g. model.train_xattn: true, as before it took a mode
+            value = aliases[value]
         checked = _coerce(value, hints[key], where, problems)
         if checked is not INVALID:  # a value of the wrong type leaves the field as it was (named in the report)
             setattr(obj, key, checked)
@@ -782,8 +794,10 @@ def schema_problems(cfg: JobConfig, world_size: int | None = None) -> list[str]:
         if isinstance(value, int) and value > 0 and not on:
             p.append(f"{where}: {value} trains the top layers of a component {flag}=false freezes; set {flag}=true, "
                      f"or drop {where}")
-    if not (m.train_vision or m.train_lm or m.train_resampler or m.train_xattn):
-        p.append("model.train_*: every component is frozen, nothing would train; set e.g. model.train_xattn=true")
+    for name in ("train_resampler", "train_xattn"):
+        _choice(p, f"model.{name}", getattr(m, name), TRAIN_MODES)
+    if not (m.train_vision or m.train_lm or m.train_resampler != "frozen" or m.train_xattn != "frozen"):
+        p.append("model.train_*: every component is frozen, nothing would train; set e.g. model.train_xattn=full")
 
     for name in ("global_batch_size", "micro_batch_size", "max_steps", "eval_batches", "keep_checkpoints"):
         _positive(p, f"train.{name}", getattr(t, name))

@@ -578,6 +578,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (each image's generator: seed and its index)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--task", default=None, help="a task_adapters model: the task whose module runs (its name)")
     p.add_argument("--classify", action="store_true", help="also classify (the model needs a classification head)")
     p.add_argument("--classify-input", choices=("image", "caption"), default="image",
                    help="text the head pools over: `<image> eos` (default, a caption-less labelled training "
@@ -610,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
 
                 resolve_shards(args.shards)
             model, tokenizer, cfg = load_model(args.model, args.device)
+            from mmscale.callbacks.task_adapters import choose_task
+
+            choose_task(model, args.task, "--task")
             if args.classify and "classification" not in model.objectives:
                 raise ValueError(f"--classify: the model in {args.model} has no classification head (it was "
                                  f"trained without the classification objective)")

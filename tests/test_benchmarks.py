@@ -234,7 +234,8 @@ def test_gpu_check_exit_status(tmp_path, cuda_rc, tests_rc, bench_rc, want_rc, w
 
 @pytest.mark.slow
 def test_peft_memory_benchmark_smoke(tmp_path):
-    """Full fine-tuning, LoRA and QLoRA through 2 ZeRO-3 ranks in one job (about 80 s): the headline and the file
+    """Full fine-tuning, LoRA (with the cross-attention and resampler in full, and through LoRA too) and QLoRA
+    through 2 ZeRO-3 ranks in one job (about 80 s): the headline and the file
     agree, and the byte counts say what the methods are for. Packed 4-bit weights are a quarter of their bf16
     partitions only if ZeRO-3 partitions them; the adapters have Adam state only if the steps ran."""
     import math
@@ -247,16 +248,19 @@ def test_peft_memory_benchmark_smoke(tmp_path):
     lines = [x for x in res.stdout.splitlines() if x.startswith('{"benchmark": "peft_memory"')]
     assert len(lines) == 1, res.stdout[-3000:]
     headline = json.loads(lines[0])
-    for key in ("qlora_base_bytes_ratio", "trainable_state_ratio", "qlora_over_lora_loss", "cpu_model", "steps",
+    for key in ("qlora_base_bytes_ratio", "trainable_state_ratio", "trainable_state_ratio_full_xattn",
+                "qlora_over_lora_loss", "cpu_model", "steps",
                 "targets_met"):
         assert key in headline, key
     assert headline["steps"] == 3 and headline["smoke"] is True and headline["world_size"] == 2
     payload = json.loads(out.read_text())
     assert {k: payload[k] for k in headline} == headline
     v = payload["variants"]
-    assert all(len(v[m]["per_rank"]) == 2 for m in ("full", "lora", "qlora"))
+    assert all(len(v[m]["per_rank"]) == 2 for m in ("full", "lora_full_xattn", "lora", "qlora"))
     for rank in range(2):
         full, lora, qlora = (v[m]["per_rank"][rank] for m in ("full", "lora", "qlora"))
+        # LoRA on the cross-attention and the resampler too: less trains than with them in full
+        assert lora["trainable_state"] < v["lora_full_xattn"]["per_rank"][rank]["trainable_state"]
         assert lora["trainable_state"] < full["trainable_state"]
         assert lora["params_frozen"] > full["params_frozen"]  # LoRA froze the LM full fine-tuning trains
         assert qlora["params_frozen"] < lora["params_frozen"]  # the same frozen LM, in 4 bits
@@ -275,10 +279,11 @@ def test_peft_memory_benchmark_smoke(tmp_path):
 
 
 # (script, ranks, extra arguments): the benchmarks that start DeepSpeed jobs. The continual ones launch their own
-# 2-rank jobs; continual_digits adds joint, whose results are read another way (per-class accuracy from metrics).
+# 2-rank jobs; continual_digits runs task_adapters (read from two places: R, and the gate's figures in the metrics)
+# and joint (per-class accuracy from the metrics); continual_captions runs replay_distill.
 DEEPSPEED_SMOKES = {
     "train_step": (2, []),
-    "continual_digits": (1, ["--methods", "replay_distill", "joint"]),
+    "continual_digits": (1, ["--methods", "task_adapters", "joint"]),
     "continual_captions": (1, []),
     "contrastive": (1, []),
 }
@@ -310,10 +315,12 @@ def test_deepspeed_benchmark_smoke(name, tmp_path):
         assert "mmscale samples/s" in res.stdout and headline["ratio_mmscale_over_bare"] > 0
         assert payload["setup"]["world_size"] == 2 and payload["setup"]["preset"] == "tiny"
     elif name == "continual_digits":
-        assert set(payload["summary"]) == {"replay_distill", "joint"} and out.with_suffix(".png").is_file()
-        assert 0 <= headline["accuracy_joint"] <= 1 and 0 <= headline["accuracy_replay_distill"] <= 1
-        assert len(payload["summary"]["replay_distill"]["runs"][0]["matrix"]) == 2  # the smoke's two tasks
-        assert "final avg accuracy" in res.stdout
+        assert set(payload["summary"]) == {"task_adapters", "joint"} and out.with_suffix(".png").is_file()
+        assert 0 <= headline["accuracy_joint"] <= 1 and 0 <= headline["accuracy_task_adapters"] <= 1
+        assert len(payload["summary"]["task_adapters"]["runs"][0]["matrix"]) == 2  # the smoke's two tasks
+        assert headline["forgetting_task_adapters"] == 0.0  # a finished task's module never changes
+        assert 0 <= headline["gate_accuracy_task_adapters"] <= 1 and headline["params_per_task"] > 0
+        assert "final avg accuracy" in res.stdout and "expert gate" in res.stdout
     elif name == "contrastive":
         assert headline["gathered_vs_single_max_rel_diff"] < 1e-5, headline
         assert payload["demo"]["num_pairs"] == 64 and payload["digits"]["distinct_captions"] == 10

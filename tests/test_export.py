@@ -243,14 +243,29 @@ def test_qlora_merge_dequantizes_then_adds_the_adapters(tmp_path):
 # ----------------------------------------------------------------------------------------------- 2-rank runs (slow)
 
 
+def tiny_model_blocks() -> list:
+    from mmscale.job.build import model_recipe
+    from mmscale.job.preflight import load_config
+
+    return model_recipe(load_config(ROOT / "configs/tiny.yaml", check_paths=False)).build(64, meta=True).xattn_blocks()
+
+
+def tiny_resampler_depth() -> int:
+    from mmscale.job.preflight import load_config
+
+    return load_config(ROOT / "configs/tiny.yaml", check_paths=False).model.resampler.depth
+
+
 @pytest.fixture(scope="module")
 def lora_run(source_run):
-    """LoRA on the LM from the base run's weights, 2 ranks under ZeRO-2 (another stage's files); its checkpoints
-    hold only what trains (adapters, resampler, cross-attention)."""
+    """LoRA on the LM, the cross-attention and the resampler (model.train_xattn / train_resampler = lora) from the
+    base run's weights, 2 ranks under ZeRO-2 (another stage's files); its checkpoints hold only what trains (the
+    adapters and the cross-attention's gates)."""
     tmp, data = source_run
     out = tmp / "lora"
     launch(ROOT / "launchers/train.py", ["--config", "configs/tiny.yaml", f"output_dir={out}", *data,
                                          f"model.init_from={tmp / 'src'}", "callbacks=[{name: lora}]",
+                                         "model.train_xattn=lora", "model.train_resampler=lora",
                                          "deepspeed.zero_stage=2", "train.max_steps=4", "train.lr=1e-2",
                                          "train.warmup_steps=1"], nprocs=2)
     return out
@@ -337,7 +352,11 @@ def test_lora_run_exports_merged_and_separate(lora_run, lora_exports, tmp_path):
     merged, separate = lora_exports
     engine = manifest_of(lora_run)["metrics"]
     info = json.loads((merged / "config.json").read_text())
-    assert info["adapters"]["mode"] == "merged" and info["adapters"]["lora_merged"] == 8
+    # 8 on the LM (q, k, v, o x 2 layers), 5 in each cross-attention block and each resampler layer
+    others = 5 * (len(tiny_model_blocks()) + tiny_resampler_depth())
+    assert info["adapters"]["mode"] == "merged" and info["adapters"]["lora_merged"] == 8 + others
+    separate_info = json.loads((separate / "config.json").read_text())["adapters"]
+    assert (separate_info["lora_merged"], separate_info["lora_removed"]) == (others, 8)  # only the LM's set aside
     assert "lora_" not in " ".join(load_file(merged / "model.safetensors"))
     got, logits = reload(merged, tmp_path / "merged")  # fails if peft is imported
     assert got["val_loss"] == pytest.approx(engine["val_loss"], rel=1e-5), (got, engine)

@@ -73,7 +73,7 @@ def test_sources_are_checked_and_compared(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "adapters", "prompt_tuning", "bitfit"])
+@pytest.mark.parametrize("method", ["lora", "adapters", "prompt_tuning", "bitfit", "dora", "ia3"])
 def test_peft_method_under_zero3_trains_only_what_it_says(source_run, method):
     """2 ranks, ZeRO-3, persistence threshold 0 (no small weight stays resident to hide a partitioning bug), from
     the source run's weights: the loss falls; the checkpoint holds exactly what trains; rebuilt in one process
@@ -104,7 +104,8 @@ def test_peft_method_under_zero3_trains_only_what_it_says(source_run, method):
     buffers = {n for n, _ in model.named_buffers()}
     saved = consolidated_state_dict(ckpt)
     assert set(saved) - buffers == trainable, sorted(set(saved) ^ trainable)[:5]  # only what trains
-    own = {"lora": "lora_", "adapters": ".adapter.", "prompt_tuning": "prompt.", "bitfit": "norm"}[method]
+    own = {"lora": "lora_", "adapters": ".adapter.", "prompt_tuning": "prompt.", "bitfit": "norm", "dora": "lora_",
+           "ia3": "ia3_l"}[method]
     assert any(own in n and n.startswith(("lm.", "prompt.")) for n in trainable)
     assert all(n.startswith(("resampler.", "prompt.")) or ".xattn." in n or own in n for n in trainable), trainable
     source = consolidated_state_dict(latest_checkpoint(tmp / "src/checkpoints"))

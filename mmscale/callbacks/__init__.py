@@ -40,6 +40,7 @@ def build_callbacks(specs: list[Any]) -> list[Callback]:
 
 
 from mmscale.callbacks import early_stopping  # noqa: E402,F401  (registers itself)
-from mmscale.callbacks import peft_methods  # noqa: E402,F401  (registers lora, bitfit)
+from mmscale.callbacks import peft_methods  # noqa: E402,F401  (registers lora, qlora, dora, ia3, adapters, prompt_tuning, bitfit)
 from mmscale.callbacks import continual  # noqa: E402,F401  (registers replay, distill)
 from mmscale.callbacks import ewc  # noqa: E402,F401  (registers ewc)
+from mmscale.callbacks import task_adapters  # noqa: E402,F401  (registers task_adapters)

@@ -1,5 +1,5 @@
-"""Parameter-efficient fine-tuning as callbacks: `lora` and `qlora` (through peft and bitsandbytes), `adapters`,
-`prompt_tuning` and `bitfit`.
+"""Parameter-efficient fine-tuning as callbacks: `lora`, `dora`, `qlora` and `ia3` (through peft and bitsandbytes),
+`adapters`, `prompt_tuning` and `bitfit`.
 
 Checkpoints of a run that uses one hold only what trains; the frozen weights come back from `model.init_from` /
 `model.lm.path` when it resumes or is reloaded (BuildOptions.checkpoint_frozen, checked by a fingerprint).
@@ -88,7 +88,13 @@ class BitFit(_PEFT):
 @register_callback("lora")
 class LoRA(_PEFT):
     """Low-rank adapters (Hu et al., 2021) on the linear layers named in `target_modules` of `components`, through
-    peft; the adapted components' own weights are frozen."""
+    peft; the adapted components' own weights are frozen. With model.train_xattn / train_resampler = lora, every
+    linear layer of the cross-attention blocks / the resampler gets adapters of the same r and alpha too."""
+
+    adapts_lora_modes = True
+    """It is what `lora` in model.train_xattn / train_resampler asks for (checked by mmscale.job.preflight)."""
+    use_dora = False
+    """Weight-decomposed adapters (the `dora` subclass)."""
 
     def __init__(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  target_modules: list[str] | str = ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -105,14 +111,24 @@ class LoRA(_PEFT):
         self.r, self.alpha, self.dropout, self.targets = r, float(alpha), float(dropout), targets
         self.components = _check_components(components)
 
+    def lora_config(self, targets: list[str], **extra: Any) -> Any:
+        """peft's LoraConfig of these adapters on the modules named `targets` (`extra`: peft's own fields)."""
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
+                          bias="none", use_dora=self.use_dora, **extra)
+
+    def peft_config(self, **extra: Any) -> Any:
+        """peft's config of the adapters on `components` (an exported adapter's `adapter_config.json`)."""
+        return self.lora_config(self.targets, **extra)
+
     def on_model_built(self, model: torch.nn.Module) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import inject_adapter_in_model
 
         # peft marks everything but its adapters frozen in the module it adapts, and the cross-attention blocks
         # live inside the LM's layer list: remember the freeze policy and give it back to whatever is not adapted.
-        before = {name: p.requires_grad for name, p in model.named_parameters()}
-        config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                            target_modules=self.targets, bias="none")
+        before = {id(p): p.requires_grad for p in model.parameters()}  # (by identity: peft renames what it wraps)
+        config = self.lora_config(self.targets)
         for comp in self.components:
             part = model.lm if comp == "lm" else model.vision
             found = [n for n, _ in part.named_modules() if n.rsplit(".", 1)[-1] in self.targets]
@@ -120,6 +136,13 @@ class LoRA(_PEFT):
                 raise ValueError(f"lora: no module of the {comp} is named any of {self.targets}")
             with _new_weights():
                 inject_adapter_in_model(config, part)
+        # model.train_xattn / train_resampler = lora: every linear layer of each cross-attention block and of the
+        # resampler gets the same adapters (their gates, latents and norms stay as the freeze policy set them)
+        modes = getattr(model, "train_modes", {})
+        for i, part in enumerate(_lora_parts(model, modes)):
+            linears = [n for n, m in part.named_modules() if type(m) is nn.Linear]
+            with _new_weights(1 + i):
+                inject_adapter_in_model(self.lora_config(linears), part)
         adapted = set(self.components)
         for comp, params in model.component_params().items():
             for name, p in params:
@@ -128,8 +151,85 @@ class LoRA(_PEFT):
                 elif comp in adapted:
                     p.requires_grad_(False)
                 else:
-                    p.requires_grad_(before[name])
+                    p.requires_grad_(before[id(p)])
         _report(self.name, model)  # "qlora" for the subclass
+
+
+def _lora_parts(model: torch.nn.Module, modes: dict[str, str]) -> list[nn.Module]:
+    """The modules that model.train_xattn / train_resampler = lora put LoRA on: each cross-attention block, the
+    resampler."""
+    parts = list(model.xattn_blocks()) if modes.get("xattn") == "lora" else []
+    return parts + ([model.resampler] if modes.get("resampler") == "lora" else [])
+
+
+@register_callback("dora")
+class DoRA(LoRA):
+    """Weight-decomposed low-rank adaptation (Liu et al., 2024), through peft's `use_dora`: each adapted weight is
+    m * (W + B A * alpha / r) / ||W + B A * alpha / r|| (the norm per output row), a trainable magnitude `m` (peft's
+    `lora_magnitude_vector`, starting at ||W||: the adapted model starts as it was) on top of LoRA's A and B. The
+    same arguments, targets and components as `lora`, model.train_xattn / train_resampler = lora included.
+
+    Under ZeRO-3 its start reads the partitioned base weights (for ||W||): peft gathers them, transformers' ZeRO-3
+    config being alive while the engine builds. Its forward reads the base weight again, outside the base layer's
+    own forward: DeepSpeed's engine gathers a parameter read that way (its external-parameter discovery)."""
+
+    use_dora = True
+
+
+def _names(value: Any, what: str, empty_ok: bool = False) -> list[str]:
+    """`value` (a name or a list of them) as a list of module names, or an error naming `what`."""
+    names = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if names is None or (not names and not empty_ok) or not all(isinstance(t, str) and t for t in names):
+        raise ValueError(f"{what} must be a {'' if empty_ok else 'non-empty '}list of module names, got {value!r}")
+    return names
+
+
+@register_callback("ia3")
+class IA3(_PEFT):
+    """(IA)^3 (Liu et al., 2022), through peft: a learned vector scales the output of each linear layer named in
+    `target_modules` of `components`, or its input for those also in `feedforward_modules`; the vectors start at
+    one (the adapted model starts as it was) and train, the adapted components' own weights are frozen. Not for
+    model.train_xattn / train_resampler = lora (LoRA's). Under ZeRO-3 the vectors, which peft reads from a
+    ParameterDict in the layer's forward, are gathered by the engine's external-parameter discovery."""
+
+    def __init__(self, target_modules: list[str] | str = ("k_proj", "v_proj", "down_proj"),
+                 feedforward_modules: list[str] | str = ("down_proj",), components: list[str] | str = ("lm",)):
+        self.targets = _names(target_modules, "target_modules")
+        self.feedforward = _names(feedforward_modules, "feedforward_modules", empty_ok=True)
+        outside = [f for f in self.feedforward if f not in self.targets]
+        if outside:
+            raise ValueError(f"feedforward_modules {outside} are not in target_modules {self.targets}: the "
+                             f"feed-forward ones are target modules whose input is scaled; add them to target_modules")
+        self.components = _check_components(components)
+
+    def peft_config(self, **extra: Any) -> Any:
+        """peft's IA3Config of these vectors (`extra`: peft's own fields)."""
+        from peft import IA3Config
+
+        return IA3Config(target_modules=self.targets, feedforward_modules=self.feedforward, **extra)
+
+    def on_model_built(self, model: torch.nn.Module) -> None:
+        from peft import inject_adapter_in_model
+
+        # as for LoRA: peft freezes all but its vectors in what it adapts (the cross-attention blocks included)
+        before = {id(p): p.requires_grad for p in model.parameters()}  # (by identity: peft renames what it wraps)
+        for comp in self.components:
+            part = model.lm if comp == "lm" else model.vision
+            found = [n for n, _ in part.named_modules() if n.rsplit(".", 1)[-1] in self.targets]
+            if not found:
+                raise ValueError(f"ia3: no module of the {comp} is named any of {self.targets}")
+            with _new_weights():  # peft draws the vectors at random before it sets them to one
+                inject_adapter_in_model(self.peft_config(), part)
+        adapted = set(self.components)
+        for comp, params in model.component_params().items():
+            for name, p in params:
+                if "ia3_l" in name:
+                    p.requires_grad_(True)
+                elif comp in adapted:
+                    p.requires_grad_(False)
+                else:
+                    p.requires_grad_(before[id(p)])
+        _report("ia3", model)
 
 
 class BottleneckAdapter(nn.Module):

@@ -1,7 +1,7 @@
 """Evaluate a trained model on test shards, alone or against a base model (before / after fine-tuning).
 
     python launchers/evaluate.py --checkpoint RUN_OR_CHECKPOINT [--shards SPEC | --config CFG] [--batches 32]
-                                 [--compare BASE] [--out DIR]
+                                 [--compare BASE] [--out DIR] [--task NAME]
 
 What it measures, over one pass of the shards (the same batches for every model):
 
@@ -19,7 +19,8 @@ verify). The model is built in this process from the config recorded with those 
 (mmscale.job.runs.open_run) as training built it (fine-tuning method, frozen weights from their sources; see
 mmscale.job.runs.build_from_checkpoint), in the run's precision.
 The test data: `--shards`, else the `data.val_shards` of `--config`, else the run's own validation shards.
-`--compare BASE` evaluates BASE on the same batches and writes `report.json` and `report.md` (a before/after table)
+A run with per-task modules (the `task_adapters` callback) evaluates with the module and classes of `--task NAME`,
+which it then requires. `--compare BASE` evaluates BASE on the same batches and writes `report.json` and `report.md` (a before/after table)
 into `--out` (default `{run}/eval`); the last line printed is the JSON result.
 """
 
@@ -162,10 +163,14 @@ def test_shards(run_cfg: Any, shards: str | None, config: str | None) -> tuple[s
 
 
 def evaluate(checkpoint: str | Path, shards: str | None = None, config: str | None = None, batches: int = 32,
-             compare: str | Path | None = None) -> dict[str, Any]:
-    """The result of the module doc: {"models": {"model": {...}, "base": {...}}, "shards": ..., ...}."""
+             compare: str | Path | None = None, task: str | None = None) -> dict[str, Any]:
+    """The result of the module doc: {"models": {"model": {...}, "base": {...}}, "shards": ..., ...}. `task`: the
+    task whose module a task_adapters model evaluates with (its classes too)."""
+    from mmscale.callbacks.task_adapters import choose_task
+
     run, ckpt = split_checkpoint(checkpoint)
     cfg, model, tok = load_run(run, ckpt)
+    choose_task(model, task, "--task")
     spec, data_cfg = test_shards(cfg, shards, config)
     data = _batches(data_cfg, tok, spec, batches)  # the same batches for every model evaluated
     classes = word_classes(data_cfg)
@@ -173,15 +178,23 @@ def evaluate(checkpoint: str | Path, shards: str | None = None, config: str | No
     if compare:
         base_run, base_ckpt = split_checkpoint(compare)
         base_cfg, base_model, base_tok = load_run(base_run, base_ckpt)
+        if task is not None and base_model_has_tasks(base_model):
+            choose_task(base_model, task, "--task")
         if base_tok.vocab_size != tok.vocab_size:
             raise ValueError(f"--compare {compare}: its tokenizer has {base_tok.vocab_size} tokens, the model's "
                              f"{tok.vocab_size}: both must read the same token ids")
         models = {"base": (str(compare), base_cfg, base_model, base_tok), **models}
-    result = {"shards": spec, "batches": len(data), "samples": sum(int(b["input_ids"].shape[0]) for b in data),
+    result = {**({"task": task} if task is not None else {}), "shards": spec, "batches": len(data), "samples": sum(int(b["input_ids"].shape[0]) for b in data),
               "word_classes": classes, "models": {}}
     for name, (where, c, m, _) in models.items():
         result["models"][name] = {"checkpoint": where, **evaluate_model(as_trained(m, c), data, tok, classes)}
     return result
+
+
+def base_model_has_tasks(model: torch.nn.Module) -> bool:
+    from mmscale.callbacks.task_adapters import task_names
+
+    return bool(task_names(model))
 
 
 def _rows(metrics: dict[str, Any]) -> list[tuple[str, float]]:
@@ -216,9 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=32, help="micro batches of the test shards (at most)")
     p.add_argument("--compare", default=None, help="a base run or checkpoint to evaluate beside it")
     p.add_argument("--out", default=None, help="where report.json and report.md go (default {run}/eval)")
+    p.add_argument("--task", default=None, help="a task_adapters run: the task whose module (and classes) evaluate")
     args = p.parse_args(argv)
     try:
-        result = evaluate(args.checkpoint, args.shards, args.config, args.batches, args.compare)
+        result = evaluate(args.checkpoint, args.shards, args.config, args.batches, args.compare, args.task)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,13 +20,15 @@ def _model_parser(p: Any) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="a checkpoint directory of the run (default: its newest that passes its manifest)")
     p.add_argument("--adapters", choices=("merged", "separate"), default="merged",
-                   help="lora/qlora runs: merge the adapters into the weights (default), or write the base without "
+                   help="lora/qlora/dora/ia3 runs: merge the adapters into the weights (default), or write the base without "
                         "them plus the adapters in peft's format")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                    help="above this, several model-0000i-of-0000N.safetensors and an index (default 2GB; 10^9 bytes "
                         "a GB, 2^30 a GiB)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the run's train.precision)")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier export")
+    p.add_argument("--task", default=None,
+                   help="a task_adapters run: the task whose model to export (its adapter merged, its heads)")
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     command = " ".join([prog, *argv[1:]] if prog else ["python -m mmscale.export", *argv])
     try:
         summary = export_model(args.run, args.out, args.checkpoint, args.adapters, args.max_shard_size, args.dtype,
-                               args.overwrite, command=command)
+                               args.overwrite, command=command, task=args.task)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

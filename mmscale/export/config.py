@@ -1,13 +1,14 @@
 """The exported config: the run's config rewritten to describe the exported model and nothing outside it
-(model.init_from cleared, a model.lm.path Llama / model.vision.path tower turned into its architecture, lora/qlora
-taken out of the callbacks, data.tokenizer the copy in the folder), with every change listed."""
+(model.init_from cleared, a model.lm.path Llama / model.vision.path tower turned into its architecture, lora / dora /
+qlora / ia3 taken out of the callbacks and `lora` train modes made `full`, data.tokenizer the copy in the folder), with
+every change listed."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from mmscale.export.layout import ADAPTER_DIR, LORA_METHODS
+from mmscale.export.layout import TASK_METHOD, ADAPTER_DIR, ADAPTER_METHODS
 
 _HF_CONFIG_NOISE = ("architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype",
                     "quantization_config", "model_type", "_attn_implementation_autoset")
@@ -45,11 +46,19 @@ def export_config(cfg: Any, tokenizer_name: str, vocab_size: int) -> tuple[Any, 
         model = dataclasses.replace(model, vision=dataclasses.replace(m.vision, path="", config=config))
         changes.append(f"model.vision.path: {m.vision.path!r} -> '' (its architecture in model.vision.config; its "
                        f"weights in this folder)")
-    callbacks = [CallbackSpec(**dataclasses.asdict(c)) for c in cfg.callbacks if c.name not in LORA_METHODS]
+    callbacks = [CallbackSpec(**dataclasses.asdict(c)) for c in cfg.callbacks
+                 if c.name not in (*ADAPTER_METHODS, TASK_METHOD)]
     for c in cfg.callbacks:
-        if c.name in LORA_METHODS:
+        if c.name in ADAPTER_METHODS:
             changes.append(f"callbacks: {c.name} taken out (the adapters are merged into the weights, or in "
                            f"{ADAPTER_DIR}/)")
+        elif c.name == TASK_METHOD:
+            changes.append(f"callbacks: {c.name} taken out (one task's adapter is merged into the weights, its heads "
+                           f"are the model's: config.json's adapters.task)")
+    for name in ("train_xattn", "train_resampler"):
+        if getattr(m, name) == "lora":  # its adapters are merged now: a plain component, trained in full
+            model = dataclasses.replace(model, **{name: "full"})
+            changes.append(f"model.{name}: 'lora' -> 'full' (its adapters are merged into the weights)")
     data = dataclasses.replace(cfg.data, tokenizer=tokenizer_name)
     changes.append(f"data.tokenizer: {cfg.data.tokenizer!r} -> {tokenizer_name!r} (the copy in this folder)")
     return dataclasses.replace(cfg, model=model, callbacks=callbacks, data=data), changes

@@ -11,7 +11,13 @@ FORMAT_VERSION = 1
 CONFIG_JSON = "config.json"
 CONFIG_YAML = "config.yaml"
 ADAPTER_DIR = "adapter"
-LORA_METHODS = ("lora", "qlora")
+LORA_METHODS = ("lora", "dora", "qlora")
+"""The callbacks whose adapters are peft LoRA layers (DoRA's included): merged into the weights, or set aside."""
+ADAPTER_METHODS = (*LORA_METHODS, "ia3")
+TASK_METHOD = "task_adapters"
+"""A run with one module per task (mmscale.callbacks.task_adapters): exported one task at a time (--task NAME)."""
+"""Every callback whose layers export merges or sets aside (in peft's format): LoRA's and IA3's. The exported config
+leaves them out."""
 
 
 class ExportError(ValueError):

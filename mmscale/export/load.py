@@ -88,13 +88,15 @@ def _apply_adapters(model: Any, path: Path, ad: dict[str, Any], dtype: torch.dty
     import torch
     from safetensors.torch import load_file
 
-    from mmscale.callbacks.peft_methods import LoRA
+    from mmscale.callbacks import CALLBACKS
 
-    lora_args = {k: v for k, v in (ad.get("args") or {}).items()
-                 if k in ("r", "alpha", "dropout", "target_modules", "components")}
-    LoRA(**lora_args).on_model_built(model)
+    method = ad.get("method", "lora")
+    method = "lora" if method == "qlora" else method  # (the base is plain now: dequantized)
+    args = {k: v for k, v in (ad.get("args") or {}).items()
+            if k in ("r", "alpha", "dropout", "target_modules", "feedforward_modules", "components")}
+    CALLBACKS[method](**args).on_model_built(model)
     saved = load_file(path / "adapter_model.safetensors")
-    params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    params = {n: p for n, p in model.named_parameters() if "lora_" in n or "ia3_l" in n}
     keys = {n: adapter_key(n) for n in params}
     missing = [k for k in keys.values() if k not in saved]
     if missing or len(saved) != len(keys):

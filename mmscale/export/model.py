@@ -1,7 +1,8 @@
 """`export_model`: one checkpoint of a run written as one folder (the layout: the package docstring), every problem
 with what it is given reported before any work, then written into a temporary sibling folder and renamed into place
 when complete. The weights stream from the checkpoint's files (a checkpoint that holds them all) or from the model
-rebuilt once (one that holds only what trained: its LoRA adapters merged or set aside in peft's format)."""
+rebuilt once (one that holds only what trained: its LoRA / DoRA / IA3 adapters merged or set aside in peft's
+format)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mmscale.export.adapter import lora_settings, write_adapter
+from mmscale.callbacks.task_adapters import TaskHeads, select_task
+from mmscale.export.adapter import adapter_settings, not_lm_adapter, write_adapter
 from mmscale.export.config import export_config
 from mmscale.export.inputs import open_run, out_problems
-from mmscale.export.layout import (ADAPTER_DIR, CONFIG_JSON, CONFIG_YAML, FORMAT, FORMAT_VERSION, LORA_METHODS,
+from mmscale.export.layout import (TASK_METHOD, ADAPTER_DIR, ADAPTER_METHODS, CONFIG_JSON, CONFIG_YAML, FORMAT, FORMAT_VERSION,
                                    ExportError)
 from mmscale.export.merge import plain_linears
 from mmscale.export.readme import mmscale_version, provenance, readme
@@ -40,12 +42,32 @@ def _copy_tokenizer(src: str, out: Path) -> str:
     return "tokenizer"
 
 
+def task_problems(cfg: Any, task: str | None, adapters: str) -> list[str]:
+    """What `--task` must be for this run: a task of a task_adapters run (and nothing for any other run)."""
+    names = [t.name for t in cfg.continual.tasks]
+    if TASK_METHOD not in [c.name for c in cfg.callbacks]:
+        return [f"--task {task}: the run has no per-task modules (no task_adapters callback); leave --task out"] \
+            if task is not None else []
+    p = []
+    if task is None:
+        p.append(f"the run has one module per task ({', '.join(names)}, from task_adapters): give --task NAME to "
+                 f"export that task's model")
+    elif task not in names:
+        p.append(f"--task {task}: not one of the run's tasks ({', '.join(names)})")
+    if adapters != "merged":
+        p.append("--adapters separate: a task_adapters run exports one task merged (--task NAME); one peft "
+                 "adapter per task is not written yet")
+    return p
+
+
 def export_model(run_dir: str | Path, out: str | Path, checkpoint_dir: str | Path | None = None,
                  adapters: str = "merged", max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
-                 dtype: str | None = None, overwrite: bool = False, command: str | None = None) -> dict[str, Any]:
+                 dtype: str | None = None, overwrite: bool = False, command: str | None = None,
+                 task: str | None = None) -> dict[str, Any]:
     """Export one checkpoint of the run in `run_dir` to the folder `out` (see the package's docstring). Written into
     a temporary sibling folder and renamed into place when complete. Returns a summary (files, sizes, peak memory).
-    Raises ExportError naming every problem (and its fix) before any work."""
+    Raises ExportError naming every problem (and its fix) before any work. `task`: a task_adapters run is exported
+    as the plain model of one task (its adapter merged, its heads the model's), which the export records."""
     from mmscale.data import load_tokenizer
     from mmscale.job.build import build_as_trained, model_recipe
     from mmscale.job.runs import build_from_checkpoint
@@ -63,16 +85,18 @@ def export_model(run_dir: str | Path, out: str | Path, checkpoint_dir: str | Pat
         problems.append(str(e))
     cfg, ckpt = open_run(run, checkpoint_dir, problems)
     problems += out_problems(out, run, overwrite)
-    lora = None
+    peft_method = None  # --adapters separate: the callback whose adapters are set aside
     if cfg is not None:
-        methods = [c.name for c in cfg.callbacks if c.name in LORA_METHODS]
+        problems += task_problems(cfg, task, adapters)
+        methods = [c.name for c in cfg.callbacks if c.name in ADAPTER_METHODS]
         if adapters == "separate":
             if not methods:
                 problems.append(f"--adapters separate: the run's callbacks ({[c.name for c in cfg.callbacks]}) hold "
-                                f"no lora or qlora; leave --adapters out")
+                                f"no lora or qlora; leave --adapters out (separate is for the adapters of lora, "
+                                f"qlora, dora and ia3)")
             else:
                 try:
-                    lora = lora_settings(cfg)
+                    peft_method = adapter_settings(cfg)
                 except ValueError as e:
                     problems.append(f"--adapters separate: {e}; export with --adapters merged")
         if not Path(cfg.data.tokenizer).exists():
@@ -87,7 +111,7 @@ def export_model(run_dir: str | Path, out: str | Path, checkpoint_dir: str | Pat
 
     manifest = ckpts.read_manifest(ckpt) or {}
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    methods = [c.name for c in cfg.callbacks if c.name in LORA_METHODS]
+    methods = [c.name for c in cfg.callbacks if c.name in ADAPTER_METHODS]
     run_model = model_recipe(cfg).build(tokenizer.vocab_size, meta=True)
     vocab_size = int(run_model.lm.get_input_embeddings().num_embeddings)
     del run_model
@@ -106,7 +130,8 @@ def export_model(run_dir: str | Path, out: str | Path, checkpoint_dir: str | Pat
         num_params = sum(math.prod(s) for s in expected.values())
         del expected_model, state
 
-        full = not manifest.get("frozen_fingerprint")
+        per_task = TASK_METHOD in [c.name for c in cfg.callbacks]
+        full = not manifest.get("frozen_fingerprint") and not per_task
         merge_counts: dict[str, int] = {}
         model = None
         if full:  # every weight is in the checkpoint: straight from its files to ours
@@ -114,12 +139,20 @@ def export_model(run_dir: str | Path, out: str | Path, checkpoint_dir: str | Pat
             log.info("streaming the ZeRO-%d checkpoint %s (world size %s)", source.stage, ckpt,
                      manifest.get("world_size"))
         else:  # only what trained: rebuild once, frozen weights from their sources; merge or set aside the adapters
-            log.info("rebuilding the model of %s (its checkpoint holds only what trained)", ckpt)
+            log.info("rebuilding the model of %s (%s)", ckpt, f"task {task}'s module of a task_adapters run"
+                     if per_task else "its checkpoint holds only what trained")
             model = build_from_checkpoint(cfg, ckpt, tokenizer.vocab_size)
-            if lora is not None:
-                n = write_adapter(model, lora, tmp / ADAPTER_DIR, cfg.model.lm.path or None, run)
+            if per_task:  # one task's module: its adapter is the active one (the one merged), its heads the model's
+                select_task(model, task)
+                for objective in model.objectives.values():
+                    if isinstance(getattr(objective, "head", None), TaskHeads):
+                        objective.head = objective.head.heads[objective.head.active]
+            if peft_method is not None:
+                n = write_adapter(model, peft_method, tmp / ADAPTER_DIR, cfg.model.lm.path or None, run)
                 log.info("wrote %d adapter tensors in peft's format to %s/", n, ADAPTER_DIR)
-            merge_counts = plain_linears(model, merge=adapters == "merged")
+            # separate: the LM's adapters are set aside (written above); those on the cross-attention and the
+            # resampler (model.train_xattn / train_resampler = lora) have no place in the LM's adapter and merge
+            merge_counts = plain_linears(model, merge=adapters == "merged", merge_also=not_lm_adapter(model))
             source = ModelTensors(model)
         missing = [n for n in expected if n not in source]
         unexpected = [n for n in source.names if n not in expected and n not in tied]
@@ -142,8 +175,11 @@ def export_model(run_dir: str | Path, out: str | Path, checkpoint_dir: str | Pat
         (tmp / CONFIG_YAML).write_text(run_paths.portable_yaml(here, out))
         changes.append(f"output_dir: {cfg.output_dir!r} -> '.' (this folder; the run is trained_by.run)")
         adapters_info = None
-        if methods:
-            callback = next(c for c in cfg.callbacks if c.name in LORA_METHODS)
+        if per_task:
+            adapters_info = {"method": TASK_METHOD, "task": task, "tasks": [t.name for t in cfg.continual.tasks],
+                             "mode": "merged", **merge_counts}
+        elif methods:
+            callback = next(c for c in cfg.callbacks if c.name in ADAPTER_METHODS)
             adapters_info = {"method": callback.name, "args": dict(callback.args), "mode": adapters,
                              **({"path": ADAPTER_DIR, "format": "peft"} if adapters == "separate" else {}),
                              **merge_counts}

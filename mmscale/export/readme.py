@@ -11,6 +11,10 @@ from typing import Any
 from mmscale.export.layout import ADAPTER_DIR
 from mmscale.training.readers import SAFETENSORS_INDEX
 
+_MERGE = {"lora": "W + B A * alpha / r", "dora": "m / ||W + B A * alpha / r|| per row, times W + B A * alpha / r",
+          "ia3": "W scaled by the learned vector, per output row or per input column"}
+"""What a merged export folds in, by method (qlora: as lora)."""
+
 
 def mmscale_version() -> str:
     try:
@@ -74,7 +78,7 @@ def readme(info: dict[str, Any], out: Path) -> str:
     if ad is None:
         adapters = "No LoRA adapters: the weights are the checkpoint's."
     elif ad["mode"] == "merged":
-        adapters = (f"The {ad['method']} adapters are merged into the base weights (W + B A * alpha / r, in fp32"
+        adapters = (f"The {ad['method']} adapters are merged into the base weights ({_MERGE.get(ad['method'], _MERGE['lora'])}, in fp32"
                     f"{', the 4-bit base dequantized first' if ad['method'] == 'qlora' else ''}): a plain model, peft "
                     f"is not needed to load it.")
     else:

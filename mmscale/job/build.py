@@ -59,6 +59,7 @@ class ModelRecipe:
 def model_recipe(cfg: JobConfig) -> ModelRecipe:
     callbacks, options = build_callbacks(cfg.callbacks), BuildOptions()
     for cb in callbacks:
+        cb.on_config(cfg)
         cb.on_build(options)
     return ModelRecipe(cfg, callbacks, options)
 

@@ -34,11 +34,14 @@ inter-node link once a job spans nodes):
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from mmscale.config import JobConfig
 from mmscale.model import build_model
+
+log = logging.getLogger("mmscale.job")
 
 GiB = 1024**3
 
@@ -224,8 +227,12 @@ def dry_run_vocab_size(cfg: JobConfig) -> int | None:
     from mmscale.data import load_tokenizer
 
     d = cfg.data
-    if d.tokenizer:
+    if d.tokenizer and Path(d.tokenizer).exists():
         return load_tokenizer(d.tokenizer).vocab_size
+    if d.tokenizer:  # not made yet (a dry run checks no paths): the model is sized as its config says
+        log.warning("dry run: data.tokenizer %r does not exist yet; the LM keeps its configured vocabulary",
+                    d.tokenizer)
+        return None
     if not d.train_shards and d.synthetic_train_samples > 0:
         made = Path(cfg.output_dir) / "data" / "tokenizer.model"
         return load_tokenizer(made).vocab_size if made.is_file() else d.tokenizer_vocab_size

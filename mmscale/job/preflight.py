@@ -84,6 +84,10 @@ def registry_problems(cfg: JobConfig) -> list[str]:
             p.append(f"callbacks[{i}].name: unknown callback {cb.name!r}. Registered: {', '.join(sorted(CALLBACKS))}")
         else:
             p += callback_problems(i, cb.name, cb.args, cfg)
+    lora_modes = [f"model.{f}" for f in ("train_xattn", "train_resampler") if getattr(cfg.model, f) == "lora"]
+    if lora_modes and not any(getattr(CALLBACKS.get(cb.name), "adapts_lora_modes", False) for cb in cfg.callbacks):
+        p.append(f"{' and '.join(lora_modes)}: 'lora' puts the adapters of a lora or qlora callback there, and "
+                 f"callbacks has none; add callbacks=[{{name: lora}}], or set {lora_modes[0]}=full or frozen")
     return p
 
 

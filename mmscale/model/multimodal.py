@@ -66,6 +66,9 @@ class MultimodalModel(nn.Module):
         self.resampler = resampler
         self.lm = lm
         self.media_mode = media_mode
+        self.train_modes: dict[str, str] = {"resampler": "full", "xattn": "full"}
+        """How the resampler and the cross-attention train (`full`, `lora`, `frozen`): set by apply_freeze_policy,
+        read by the lora/qlora callback, which puts adapters on the `lora` ones."""
         self.prompt: nn.Module | None = None
         """Optional (prompt tuning): a module mapping the batch size to (B, k, D) embeddings put before the text's.
         The k positions see no image and are dropped from the logits: outputs line up with `input_ids`."""
@@ -229,18 +232,28 @@ class MultimodalModel(nn.Module):
 
 
 def apply_freeze_policy(model: MultimodalModel, cfg: ModelConfig) -> None:
-    """Set requires_grad per component from cfg.train_vision / train_resampler / train_lm / train_xattn."""
+    """Set requires_grad per component from cfg.train_vision / train_resampler / train_lm / train_xattn.
+
+    A component in `lora` mode (cross-attention, resampler) is frozen here but for the cross-attention's tanh gates,
+    which stay trainable scalars; `model.train_modes` records the modes, and the lora/qlora callback puts its
+    adapters on the components it names (mmscale.callbacks.peft_methods)."""
+    modes = {"resampler": train_mode(cfg.train_resampler), "xattn": train_mode(cfg.train_xattn)}
     flags = {
         "vision": cfg.train_vision,
-        "resampler": cfg.train_resampler,
+        "resampler": modes["resampler"] == "full",
         "lm": cfg.train_lm,
-        "xattn": cfg.train_xattn,
+        "xattn": modes["xattn"] == "full",
         "head": True,  # new with the model: it always trains
     }
     groups = model.component_params()
     for comp, params in groups.items():
         for _, p in params:
             p.requires_grad_(flags[comp])
+    if modes["xattn"] == "lora":
+        for block in model.xattn_blocks():
+            block.attn_gate.requires_grad_(True)
+            block.ff_gate.requires_grad_(True)
+    model.train_modes = modes
     if cfg.train_lm and cfg.lm.train_top_layers:
         parent, attr = find_decoder_layers(model.lm)
         _train_top_layers(model, groups["lm"], getattr(parent, attr), cfg.lm.train_top_layers,
@@ -248,6 +261,11 @@ def apply_freeze_policy(model: MultimodalModel, cfg: ModelConfig) -> None:
     if cfg.train_vision and cfg.vision.train_top_layers:
         _train_top_layers(model, groups["vision"], _tower_layers(model.vision), cfg.vision.train_top_layers,
                           "model.vision.train_top_layers")
+
+
+def train_mode(value: str | bool) -> str:
+    """`full`, `lora` or `frozen` for a model.train_xattn / train_resampler value (true/false: full/frozen)."""
+    return {True: "full", False: "frozen"}.get(value, value) if isinstance(value, bool) else value
 
 
 def _tower_layers(tower: nn.Module) -> nn.ModuleList:

@@ -5,6 +5,7 @@ never imports a callback; callbacks live in `mmscale.callbacks` and depend on th
 
 Event order in one run::
 
+    on_config(cfg)                   # the job's config, before the model is built (task_adapters: the tasks)
     on_build(options)                # before the model is built: requests to the builder (quantize the LM)
     on_model_built(model)            # before DeepSpeed wraps it: swap layers, add adapters, freeze
     on_train_start(trainer)          # after resume: the trainer's step, engine and data are ready
@@ -16,6 +17,8 @@ Event order in one run::
         on_step_end(trainer, metrics)                # after the optimizer step; may add metrics (numbers:
                                                      # logged as their mean over each log window)
     on_eval_end(trainer, metrics)    # after each validation; may set trainer.should_stop
+    on_task_eval(trainer, task)      # a task sequence, at the end of a task: before task `task` is evaluated into
+                                     # R, and with None after the row (task_adapters picks that task's module)
     on_task_end(trainer, task, row)  # a task sequence: after task `task`'s last step and the evaluation of every
                                      # task (`row`: R[task][j]); EWC takes its Fisher here, replay its task id
     on_train_end(trainer)
@@ -54,6 +57,10 @@ class Callback:
         problem, naming the field and the fix."""
         return []
 
+    def on_config(self, cfg: Any) -> None:
+        """The job's validated config (a JobConfig), before `on_build`, wherever the model is built (training,
+        evaluation, export): what the callback needs of it to build (task_adapters: the task list)."""
+
     def on_build(self, options: Any) -> None:
         """`options` is a mmscale.model.BuildOptions: set what must happen while the model is built."""
 
@@ -76,6 +83,9 @@ class Callback:
         pass
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_task_eval(self, trainer: Trainer, task: int | None) -> None:
         pass
 
     def on_task_end(self, trainer: Trainer, task: int, row: list[float]) -> None:

@@ -303,20 +303,39 @@ class _AdamWSkipNonFinite(torch.optim.AdamW):
         return super().step(closure)
 
 
+LR_STEPS = "mmscale_lr_steps"
+"""A parameter attribute (start, end): the optimizer steps (0-based, as the schedule counts them) in which it trains;
+its learning rate is 0 before and after, so Adam leaves it exactly as it is (weight decay included, which AdamW
+scales by the learning rate). task_adapters sets it: each task's module trains in its task only."""
+
+
 def build_optimizer(model: torch.nn.Module, cfg: JobConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: one group with weight decay and one without, each split further by the
+    steps its parameters train in (LR_STEPS; most have none: every step). The groups' `lr_steps` give the schedule
+    (lr_lambdas)."""
     t = cfg.train
-    decay, no_decay = [], []
+    split: dict[tuple[bool, tuple[int, int] | None], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if _no_decay(name, p) else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": t.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+            split.setdefault((_no_decay(name, p), getattr(p, LR_STEPS, None)), []).append(p)
+    groups = [{"params": params, "weight_decay": 0.0 if no_decay else t.weight_decay,
+               **({"lr_steps": steps} if steps is not None else {})}
+              for (no_decay, steps), params in sorted(split.items(), key=lambda kv: (kv[0][1] is not None,
+                                                                                      kv[0][1] or (0, 0), kv[0][0]))]
     # ZeRO stages 1-3 and DeepSpeed's bf16 optimizer skip a step with a non-finite gradient norm themselves
     cls = _AdamWSkipNonFinite if cfg.deepspeed.zero_stage == 0 and cfg.train.precision == "fp32" else \
         torch.optim.AdamW
     return cls([g for g in groups if g["params"]], lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+
+
+def lr_lambdas(cfg: JobConfig, optimizer: torch.optim.Optimizer) -> list[Callable[[int], float]]:
+    """The schedule of each parameter group: lr_lambda's, times 0 outside the group's `lr_steps`."""
+    f = lr_lambda(cfg)
+
+    def within(start: int, end: int) -> Callable[[int], float]:
+        return lambda step: f(step) if start <= step < end else 0.0
+
+    return [within(*g["lr_steps"]) if "lr_steps" in g else f for g in optimizer.param_groups]
 
 
 def lr_lambda(cfg: JobConfig) -> Callable[[int], float]:
@@ -363,7 +382,8 @@ class Engine:
 
     @property
     def lr(self) -> float:
-        return self.ds.get_lr()[0]
+        """The learning rate of this step (the largest of the groups': those with LR_STEPS are 0 outside theirs)."""
+        return max(self.ds.get_lr())
 
     def train(self, mode: bool = True) -> None:
         self.ds.train(mode)
@@ -707,7 +727,7 @@ def build_engine(cfg: JobConfig, build_model: Callable[[], torch.nn.Module], wor
             if p.is_floating_point() and p.dtype != dtype and type(p).__name__ != "Params4bit":
                 p.data = p.data.to(dtype)
     optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(cfg, optimizer))
     ds_engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )

@@ -766,7 +766,13 @@ class Trainer:
         from mmscale.continual import metrics as cl
 
         i, metric = len(self.task_rows), self.tasks.metric
-        row = [float(self.measure(loader)[metric]) for loader in self.tasks.eval_loaders]
+        row = []
+        for j, loader in enumerate(self.tasks.eval_loaders):
+            for cb in self.callbacks:
+                cb.on_task_eval(self, j)
+            row.append(float(self.measure(loader)[metric]))
+        for cb in self.callbacks:
+            cb.on_task_eval(self, None)
         self.task_rows.append(row)
         self._log({"task_end": self.tasks.names[i], f"R_row_{metric}": row})
         for cb in self.callbacks:
