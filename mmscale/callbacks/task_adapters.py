@@ -4,7 +4,8 @@ module, chosen by task id or, without one, by the data.
     callbacks: [{name: task_adapters, args: {r: 8}}]
 
 What each task owns: a LoRA adapter (peft's multi-adapter layers: one named adapter per task, `task0`, `task1`, ...)
-on the LM's `target_modules` and on every linear layer of the gated cross-attention blocks, and its own copy of each
+on the LM's `target_modules` and on every linear layer of the gated cross-attention blocks, of the resampler and of
+the vision tower (each of those three can be left out: args `xattn`, `resampler`, `vision`), and its own copy of each
 objective head (the classification objective's; `TaskHeads`). All of them are built with the model, before
 DeepSpeed wraps it, so that ZeRO-3 partitions them like any other parameter and every checkpoint, resume (between
 and within tasks) and reload sees the same parameter set.
@@ -131,7 +132,8 @@ class TaskAdapters(Callback):
     state_is_global = True
 
     def __init__(self, method: str = "lora", r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                 target_modules: list[str] | str = ("q_proj", "k_proj", "v_proj", "o_proj"), xattn: bool = True):
+                 target_modules: list[str] | str = ("q_proj", "k_proj", "v_proj", "o_proj"), xattn: bool = True,
+                 resampler: bool = True, vision: bool = True):
         if method != "lora":
             raise ValueError(f"method: {method!r}; task_adapters builds LoRA adapters (method: lora)")
         if not isinstance(r, int) or r < 1:
@@ -143,9 +145,11 @@ class TaskAdapters(Callback):
         targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
         if not targets or not all(isinstance(t, str) and t for t in targets):
             raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
-        if not isinstance(xattn, bool):
-            raise ValueError(f"xattn must be true or false (adapters on the cross-attention too), got {xattn!r}")
-        self.r, self.alpha, self.dropout, self.targets, self.xattn = r, float(alpha), float(dropout), targets, xattn
+        for name, value in (("xattn", xattn), ("resampler", resampler), ("vision", vision)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false (adapters on the {name} too, or not), got {value!r}")
+        self.r, self.alpha, self.dropout, self.targets = r, float(alpha), float(dropout), targets
+        self.xattn, self.resampler, self.vision = xattn, resampler, vision
         self.names: list[str] = []
         self.ends: list[int] = []
         self.classes: list[list[int]] = []
@@ -185,11 +189,14 @@ class TaskAdapters(Callback):
         if not self.names:
             raise RuntimeError("task_adapters: on_config was not called with the job's config before the build")
         before = {id(p): p.requires_grad for p in model.parameters()}
-        blocks = list(model.xattn_blocks()) if self.xattn else []
+        # the parts whose every linear layer gets each task's adapter (names taken before any is injected)
+        blocks = (list(model.xattn_blocks()) if self.xattn else []) + ([model.resampler] if self.resampler else []) \
+            + ([model.vision] if self.vision else [])
         found = [n for n, _ in model.lm.named_modules() if n.rsplit(".", 1)[-1] in self.targets]
         if not found:
             raise ValueError(f"task_adapters: no module of the LM is named any of {self.targets}")
         block_linears = [[n for n, m in block.named_modules() if type(m) is nn.Linear] for block in blocks]
+        blocks, block_linears = [b for b, n in zip(blocks, block_linears) if n], [n for n in block_linears if n]
         growth = []
         for task in range(len(self.names)):
             name = adapter_name(task)
@@ -226,10 +233,12 @@ class TaskAdapters(Callback):
         model.task_names, model.task_classes = list(self.names), [list(c) for c in self.classes]
         select_task(model, 0)
         self.params_per_task = [sum(getattr(p, "ds_numel", p.numel()) for p in params) for params in growth]
+        parts = [n for n, on in (("cross-attention", self.xattn), ("resampler", self.resampler),
+                                 ("vision tower", self.vision)) if on]
         log.info("task_adapters: %d tasks; each adds %s parameters (LoRA r=%d on the LM's %s%s, and its own heads); "
                  "the shared %s parameters train in the first task only", len(self.names),
                  f"{self.params_per_task[0]:,}", self.r, self.targets,
-                 " and the cross-attention" if blocks else "",
+                 f" and every linear layer of the {', '.join(parts)}" if parts else "",
                  f"{sum(getattr(p, 'ds_numel', p.numel()) for p in shared):,}")
 
     # --------------------------------------------------------------------------------------------- training
