@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 from mmscale.config import ConfigError
 from mmscale.job.preflight import load_config
@@ -125,7 +126,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trainer = build_trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+        started, at_start = time.monotonic(), (trainer.samples_seen, trainer.step)
         trainer.train()
+        if trainer.is_main and trainer.preempted is None:  # what the run did, and what to run next
+            from mmscale.job.summary import write_summary
+
+            write_summary(trainer, time.monotonic() - started, *at_start)
     except (ResumeError, NonFiniteError, InitFromError, SharedDirError, BadDataError) as e:  # on every rank alike
         from mmscale.training.engine import barrier
 

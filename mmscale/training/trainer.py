@@ -190,6 +190,12 @@ def frozen_problems(saved: str, built: str, name: str, cfg: JobConfig) -> list[s
             f"weights it started from"]
 
 
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """`name value` pairs of a metrics record's numbers (lists and nested records left out)."""
+    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)) or "no figures"
+
+
 class Trainer:
     def __init__(
         self,
@@ -399,6 +405,8 @@ class Trainer:
         if self.eval_data is None:
             return {}
         metrics = self.measure(self.eval_data)
+        if self.is_main:  # each validation's figures in one line
+            log.info("step %d validation: %s", self.step, format_metrics(metrics))
         for cb in self.callbacks:
             cb.on_eval_end(self, metrics)
         self.last_eval = {"step": self.step, **metrics}  # recorded in the manifest of a checkpoint at this step
