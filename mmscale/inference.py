@@ -60,7 +60,7 @@ def is_export_dir(path: Path) -> bool:
     return (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, Any, Any]:
+def load_model(path: str | Path, device: str | torch.device = "cpu", task: str | None = None) -> tuple[Any, Any, Any]:
     """(model, tokenizer, cfg) of a RUN directory (its newest checkpoint that verifies against its manifest), a
     checkpoint directory inside one (`RUN/checkpoints/step_N`, which must verify), or an exported directory; the
     model in eval mode on `device`. A run's model is built from the config recorded with those weights
@@ -73,7 +73,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[An
     if is_export_dir(path):
         from mmscale.export import load_exported  # lazily: written beside this module
 
-        model, tokenizer, cfg = load_exported(path)
+        model, tokenizer, cfg = load_exported(path, task=task)  # (a per-task export: that task's adapter)
     elif is_run_dir(path) or is_checkpoint_dir(path):
         from mmscale.job.runs import load_run
 
@@ -610,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
                 from mmscale.data.shards import resolve_shards
 
                 resolve_shards(args.shards)
-            model, tokenizer, cfg = load_model(args.model, args.device)
+            model, tokenizer, cfg = load_model(args.model, args.device, args.task)
             from mmscale.callbacks.task_adapters import choose_task
 
             choose_task(model, args.task, "--task")

@@ -299,7 +299,7 @@ def test_load_model_refuses_what_is_neither_run_nor_export(tmp_path, monkeypatch
     exp.mkdir()
     (exp / "model.safetensors.index.json").write_text("{}")
     seen = []
-    monkeypatch.setattr(mmscale.export, "load_exported", lambda d: seen.append(d) or (torch.nn.Linear(1, 1), "tok",
+    monkeypatch.setattr(mmscale.export, "load_exported", lambda d, **kw: seen.append(d) or (torch.nn.Linear(1, 1), "tok",
                                                                                        "cfg"), raising=False)
     model, tok, cfg = inference.load_model(exp)
     assert seen == [exp] and (tok, cfg) == ("tok", "cfg") and not model.training
@@ -315,7 +315,7 @@ def test_cli_bad_input(tmp_path, capsys, tiny, monkeypatch):
     assert inference.main(["--model", str(tmp_path), "--shards", str(tmp_path / "empty")]) == 2
     assert "no .tar files" in capsys.readouterr().err
     model, tok, cfg = tiny  # no classification head
-    monkeypatch.setattr(inference, "load_model", lambda path, device: (model, tok, cfg))
+    monkeypatch.setattr(inference, "load_model", lambda path, device, task=None: (model, tok, cfg))
     assert inference.main(["--model", "x", "--images", str(d), "--classify"]) == 2
     assert "no classification head" in capsys.readouterr().err
     assert inference.main(["--model", "x", "--images", str(d), "--max-new-tokens", "2", "--mode", "beam",

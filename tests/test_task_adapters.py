@@ -176,6 +176,30 @@ def test_task_adapters_two_ranks_forget_nothing_and_resume_mid_task(tiny_data, t
     assert torch.equal(active, got > -1e30) and active[:, 2:].all() and not active[:, :2].any()  # b's classes
     assert (got[active] - want[active]).abs().max() <= 1e-4
 
+    # every task's adapter apart: peft's format for the LM, the rest beside it; each loads back as its task's model
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mmscale.training import weights
+
+    assert export_main(["model", "--run", str(tmp_path / "full"), "--out", str(tmp_path / "exp-sep"),
+                        "--adapters", "separate"]) == 0
+    with pytest.raises(ValueError, match="holds one adapter per task"):
+        load_exported(tmp_path / "exp-sep")
+    for name in ("a", "b"):
+        model_t, _, _ = load_exported(tmp_path / "exp-sep", task=name)
+        select_task(run_model, name)
+        with torch.no_grad():
+            want = run_model(**inputs).terms["classification"]["logits"]
+            got = model_t.eval()(**inputs).terms["classification"]["logits"]
+        active = want > -1e30
+        assert torch.equal(active, got > -1e30) and (got[active] - want[active]).abs().max() <= 1e-4, name
+    plain_cfg = load_config(TINY, ["data.synthetic_train_samples=8", f"model.init_from={tmp_path / 'exp-sep'}"],
+                            check_paths=False)
+    weights.export_base_lm(plain_cfg, info["vocab_size"], tmp_path / "plain_lm")
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "plain_lm"),
+                              tmp_path / "exp-sep/adapter/b")  # peft itself loads a task's LM adapter
+
     from mmscale.evaluation.evaluate import main as evaluate_main
 
     assert evaluate_main(["--checkpoint", str(tmp_path / "full"), "--shards", str(tmp_path / "a/val"),

@@ -110,3 +110,70 @@ def adapter_key(name: str) -> str:
     inside = re.sub(r"\.lora_magnitude_vector\.default\.weight$", ".lora_magnitude_vector", name.removeprefix("lm."))
     inside = re.sub(r"\.(lora_[A-Za-z_]+|ia3_l)\.default(?=\.|$)", r".\1", inside)
     return "base_model.model." + plain_lm_name(inside)
+
+
+TASK_PARTS = "mmscale_parts.safetensors"
+"""Beside a task's peft adapter (`adapters/<task>/`): what peft's format of the plain LM has no place for, the task's
+LoRA on the cross-attention, resampler and vision tower and its heads, named as in the model with one task."""
+
+
+def write_task_adapters(model: Any, cfg: Any, out: Path) -> int:
+    """Every task of a task_adapters run (mmscale.callbacks.task_adapters) in `out/<task>/`: its LM adapter in peft's
+    format (`PeftModel.from_pretrained` loads it onto the exported base LM) and the rest in TASK_PARTS
+    (`load_exported(..., task=NAME)` puts both back). Returns how many tasks."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from mmscale.callbacks import CALLBACKS
+
+    spec = next(c for c in cfg.callbacks if c.name == "task_adapters")
+    settings = CALLBACKS["task_adapters"](**spec.args)
+    inside = {id(m) for block in model.xattn_blocks() for m in block.modules()}
+    lm_own = {f"lm.{n}" for n, m in model.lm.named_modules() if id(m) not in inside}
+    for i, task in enumerate(t.name for t in cfg.continual.tasks):
+        folder = out / task
+        folder.mkdir(parents=True, exist_ok=True)
+        lm, parts = {}, {}
+        for name, p in model.named_parameters():
+            if f".task{i}." in name and name.split(".lora_", 1)[0] in lm_own:
+                lm[adapter_key(name.replace(f".task{i}.", ".default."))] = p.detach().float().contiguous()
+            elif f".task{i}." in name:
+                parts[name.replace(f".task{i}.", ".task0.")] = p.detach().float().contiguous()
+            elif f".heads.{i}." in name:
+                parts[name.replace(f".heads.{i}.", ".heads.0.")] = p.detach().float().contiguous()
+        LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                   target_modules=settings.targets, bias="none", task_type="CAUSAL_LM").save_pretrained(folder)
+        save_file(lm, folder / "adapter_model.safetensors")
+        save_file(parts, folder / TASK_PARTS)
+    return len(cfg.continual.tasks)
+
+
+def apply_task_adapter(model: Any, cfg: Any, ad: dict[str, Any], folder: Path, task: str, dtype: Any) -> None:
+    """One task's module of a separate task_adapters export onto its base `model`: the callback builds the module
+    of a one-task sequence (adapter `task0`, one head), then the task's tensors go in; the task is selected."""
+    import torch
+    from safetensors.torch import load_file
+
+    from mmscale.callbacks import CALLBACKS
+    from mmscale.callbacks.task_adapters import select_task
+
+    tasks = [t for t in cfg.continual.tasks if t.name == task]
+    if not tasks or not (folder / task).is_dir():
+        raise ValueError(f"task {task!r}: not one of this export's tasks ({', '.join(ad.get('tasks') or [])})")
+    cb = CALLBACKS["task_adapters"](**(ad.get("args") or {}))
+    cb.names, cb.classes, cb.ends = [task], [list(tasks[0].classes)], [1]
+    cb.on_model_built(model)
+    lm, parts = load_file(folder / task / "adapter_model.safetensors"), load_file(folder / task / TASK_PARTS)
+    params = dict(model.named_parameters())
+    wanted = {n for n in params if ".task0." in n or ".heads.0." in n}
+    got = {}
+    for n in wanted:
+        key = adapter_key(n.replace(".task0.", ".default."))
+        got[n] = parts[n] if n in parts else lm.get(key)
+    missing = sorted(n for n, t in got.items() if t is None)
+    if missing or len(lm) + len(parts) != len(wanted):
+        raise ValueError(f"{folder / task}: its adapter does not fit the model: missing {missing[:5]}")
+    with torch.no_grad():
+        for n, t in got.items():
+            params[n].data = t.to(dtype)
+    select_task(model, 0)

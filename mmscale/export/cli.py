@@ -28,7 +28,8 @@ def _model_parser(p: Any) -> None:
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the run's train.precision)")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier export")
     p.add_argument("--task", default=None,
-                   help="a task_adapters run: the task whose model to export (its adapter merged, its heads)")
+                   help="a task_adapters run: the task whose model to export (its adapter merged, its heads); "
+                        "--adapters separate exports every task's instead")
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -32,7 +32,8 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def load_exported(directory: str | Path, dtype: Any = None, adapters: bool = True) -> tuple[Any, Any, Any]:
+def load_exported(directory: str | Path, dtype: Any = None, adapters: bool = True,
+                  task: str | None = None) -> tuple[Any, Any, Any]:
     """(model, tokenizer, cfg) of an exported folder: the model built from its config.yaml (no DeepSpeed, no process
     group) in `dtype` (default: the export's), its weights loaded tensor by tensor from the safetensors (one file or
     shards), in eval mode. An export with separate adapters gets them applied (peft needed) unless
@@ -78,7 +79,17 @@ def load_exported(directory: str | Path, dtype: Any = None, adapters: bool = Tru
             state[name].copy_(reader.read(name))
     del reader
     ad = info.get("adapters") or {}
-    if adapters and ad.get("mode") == "separate":
+    if adapters and ad.get("mode") == "separate" and ad.get("method") == "task_adapters":
+        if task is None:
+            raise ValueError(f"{d} holds one adapter per task ({', '.join(ad.get('tasks') or [])}): give the task "
+                             f"(--task NAME, load_exported(..., task=NAME))")
+        from mmscale.export.adapter import apply_task_adapter
+
+        apply_task_adapter(model, cfg, ad, d / ad.get("path", ADAPTER_DIR), task, dt)
+    elif task is not None:
+        raise ValueError(f"--task {task}: {d} has no per-task adapters (a task_adapters run exported with "
+                         f"--adapters separate has)")
+    elif adapters and ad.get("mode") == "separate":
         _apply_adapters(model, d / ad.get("path", ADAPTER_DIR), ad, dt)
     return model.eval(), tokenizer, cfg
 

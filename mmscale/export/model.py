@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mmscale.callbacks.task_adapters import TaskHeads, select_task
-from mmscale.export.adapter import adapter_settings, not_lm_adapter, write_adapter
+from mmscale.export.adapter import adapter_settings, not_lm_adapter, write_adapter, write_task_adapters
 from mmscale.export.config import export_config
 from mmscale.export.inputs import open_run, out_problems
 from mmscale.export.layout import (TASK_METHOD, ADAPTER_DIR, ADAPTER_METHODS, CONFIG_JSON, CONFIG_YAML, FORMAT, FORMAT_VERSION,
@@ -49,14 +49,16 @@ def task_problems(cfg: Any, task: str | None, adapters: str) -> list[str]:
         return [f"--task {task}: the run has no per-task modules (no task_adapters callback); leave --task out"] \
             if task is not None else []
     p = []
-    if task is None:
+    if task is None and adapters != "separate":
         p.append(f"the run has one module per task ({', '.join(names)}, from task_adapters): give --task NAME to "
                  f"export that task's model")
     elif task not in names:
         p.append(f"--task {task}: not one of the run's tasks ({', '.join(names)})")
-    if adapters != "merged":
-        p.append("--adapters separate: a task_adapters run exports one task merged (--task NAME); one peft "
-                 "adapter per task is not written yet")
+    if adapters == "separate" and task is not None:
+        p.append(f"--task {task} with --adapters separate: separate writes every task's adapter (leave --task out); "
+                 f"--task exports that one task merged")
+    elif adapters == "separate":
+        return []  # every task's adapter in its own folder
     return p
 
 
@@ -89,7 +91,7 @@ def export_model(run_dir: str | Path, out: str | Path, checkpoint_dir: str | Pat
     if cfg is not None:
         problems += task_problems(cfg, task, adapters)
         methods = [c.name for c in cfg.callbacks if c.name in ADAPTER_METHODS]
-        if adapters == "separate":
+        if adapters == "separate" and TASK_METHOD not in [c.name for c in cfg.callbacks]:
             if not methods:
                 problems.append(f"--adapters separate: the run's callbacks ({[c.name for c in cfg.callbacks]}) hold "
                                 f"no lora or qlora; leave --adapters out (separate is for the adapters of lora, "
@@ -142,8 +144,12 @@ def export_model(run_dir: str | Path, out: str | Path, checkpoint_dir: str | Pat
             log.info("rebuilding the model of %s (%s)", ckpt, f"task {task}'s module of a task_adapters run"
                      if per_task else "its checkpoint holds only what trained")
             model = build_from_checkpoint(cfg, ckpt, tokenizer.vocab_size)
+            if per_task and adapters == "separate":  # every task's module in adapters/<task>/; the base: none
+                n = write_task_adapters(model, cfg, tmp / ADAPTER_DIR)
+                log.info("wrote %d tasks' adapters to %s/ (peft's format for the LM, the rest beside it)", n,
+                         ADAPTER_DIR)
             if per_task:  # one task's module: its adapter is the active one (the one merged), its heads the model's
-                select_task(model, task)
+                select_task(model, task if task is not None else 0)  # (separate: the base's heads are task 0's)
                 for objective in model.objectives.values():
                     if isinstance(getattr(objective, "head", None), TaskHeads):
                         objective.head = objective.head.heads[objective.head.active]
@@ -152,7 +158,8 @@ def export_model(run_dir: str | Path, out: str | Path, checkpoint_dir: str | Pat
                 log.info("wrote %d adapter tensors in peft's format to %s/", n, ADAPTER_DIR)
             # separate: the LM's adapters are set aside (written above); those on the cross-attention and the
             # resampler (model.train_xattn / train_resampler = lora) have no place in the LM's adapter and merge
-            merge_counts = plain_linears(model, merge=adapters == "merged", merge_also=not_lm_adapter(model))
+            merge_counts = plain_linears(model, merge=adapters == "merged",
+                                         merge_also=None if per_task else not_lm_adapter(model))
             source = ModelTensors(model)
         missing = [n for n in expected if n not in source]
         unexpected = [n for n in source.names if n not in expected and n not in tied]
@@ -177,7 +184,9 @@ def export_model(run_dir: str | Path, out: str | Path, checkpoint_dir: str | Pat
         adapters_info = None
         if per_task:
             adapters_info = {"method": TASK_METHOD, "task": task, "tasks": [t.name for t in cfg.continual.tasks],
-                             "mode": "merged", **merge_counts}
+                             "args": dict(next(c for c in cfg.callbacks if c.name == TASK_METHOD).args),
+                             "mode": adapters, **({"path": ADAPTER_DIR} if adapters == "separate" else {}),
+                             **merge_counts}
         elif methods:
             callback = next(c for c in cfg.callbacks if c.name in ADAPTER_METHODS)
             adapters_info = {"method": callback.name, "args": dict(callback.args), "mode": adapters,
