@@ -200,6 +200,16 @@ def test_task_adapters_two_ranks_forget_nothing_and_resume_mid_task(tiny_data, t
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "plain_lm"),
                               tmp_path / "exp-sep/adapter/b")  # peft itself loads a task's LM adapter
 
+    # model.init_from the run: a new model gets every shared weight (its heads are per task: not a base weight)
+    import dataclasses
+
+    from mmscale.training.weights import load_initial_weights
+
+    fresh = model_recipe(dataclasses.replace(cfg, callbacks=[])).build(tok.vocab_size)
+    report = load_initial_weights(fresh, str(tmp_path / "full"), 0)
+    assert sorted(report["missing"]) == ["objectives.classification.head.bias",
+                                         "objectives.classification.head.weight"], report["missing"]
+
     from mmscale.evaluation.evaluate import main as evaluate_main
 
     assert evaluate_main(["--checkpoint", str(tmp_path / "full"), "--shards", str(tmp_path / "a/val"),
@@ -210,3 +220,14 @@ def test_task_adapters_two_ranks_forget_nothing_and_resume_mid_task(tiny_data, t
                           "--batches", "2", "--task", "a", "--out", str(tmp_path / "eval")]) == 0
     report = json.loads((tmp_path / "eval/report.json").read_text())
     assert report["task"] == "a" and set(report["models"]["model"]["cls_accuracy_per_class"]) <= {"0", "1"}
+
+
+def test_init_from_reads_a_base_weight_under_peft_s_name():
+    """A run whose checkpoint holds peft's layers in place (task_adapters saves every weight) gives a new run its
+    base weights: `q_proj.base_layer.weight` is the built model's `q_proj.weight`; the adapters match nothing."""
+    from mmscale.training.weights import base_names
+
+    names = ["lm.a.q_proj.base_layer.weight", "lm.a.q_proj.lora_A.task0.weight", "lm.a.norm.weight"]
+    assert base_names(names) == {"lm.a.q_proj.weight": "lm.a.q_proj.base_layer.weight",
+                                 "lm.a.q_proj.lora_A.task0.weight": "lm.a.q_proj.lora_A.task0.weight",
+                                 "lm.a.norm.weight": "lm.a.norm.weight"}

@@ -155,6 +155,16 @@ class InitFromError(RuntimeError):
     """`model.init_from` cannot be used (unreadable, or a shape mismatch); raised on every rank alike."""
 
 
+def base_names(names: list[str]) -> dict[str, str]:
+    """{name in a freshly built model: name in the source}: a source saved with peft's layers in place (a lora or
+    task_adapters run whose checkpoint holds every weight) keeps a base weight as `....q_proj.base_layer.weight`,
+    which is the built model's `....q_proj.weight`; the adapters' own tensors are nobody's base and stay unmatched."""
+    out = {n: n for n in names if ".base_layer." not in n}
+    for n in names:
+        out.setdefault(n.replace(".base_layer.", "."), n)
+    return out
+
+
 def load_initial_weights(model: torch.nn.Module, source: str, rank: int) -> dict[str, Any]:
     """Copy the weights of `source` into the freshly built model, before DeepSpeed wraps it (or, in one process, as
     evaluation and export build a run's model). Rank 0 opens the source (mmscale.training.readers: one tensor in
@@ -174,7 +184,8 @@ def load_initial_weights(model: torch.nn.Module, source: str, rank: int) -> dict
         try:
             reader = open_source(source)
             where = getattr(reader, "ckpt", None) or reader.directory
-            report = compare(shapes, {n: torch.empty(reader.shape(n), device="meta") for n in reader.names
+            alias = base_names(reader.names)
+            report = compare(shapes, {n: torch.empty(reader.shape(src), device="meta") for n, src in alias.items()
                                       if n not in quantized})
             error = (f"model.init_from {where}: shapes differ from the model built here:\n  "
                      + "\n  ".join(report["mismatched"][:20])) if report["mismatched"] else None
@@ -194,10 +205,10 @@ def load_initial_weights(model: torch.nn.Module, source: str, rank: int) -> dict
 
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                     if rank == 0:
-                        p.data.copy_(reader.read(name))
+                        p.data.copy_(reader.read(alias[name]))
             else:
                 if rank == 0:
-                    p.copy_(reader.read(name))
+                    p.copy_(reader.read(alias[name]))
                 if dist.is_initialized() and dist.get_world_size() > 1:
                     dist.broadcast(p.data, src=0)
     if rank == 0:
