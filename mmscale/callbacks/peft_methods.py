@@ -59,6 +59,31 @@ class _PEFT(Callback):
     def on_build(self, options: Any) -> None:
         options.checkpoint_frozen = False
 
+    def _inject(self, model: torch.nn.Module, config: Any) -> dict[int, bool]:
+        """peft's `config` injected into each of `self.components` (whose names must match `self.targets`).
+        Returns the freeze policy as it was before (by parameter identity: peft renames what it wraps), which
+        `_train_only` gives back: peft marks everything but its own weights frozen in what it adapts, and the
+        cross-attention blocks live inside the LM's layer list."""
+        from peft import inject_adapter_in_model
+
+        before = {id(p): p.requires_grad for p in model.parameters()}
+        for comp in self.components:
+            part = model.lm if comp == "lm" else model.vision
+            if not any(n.rsplit(".", 1)[-1] in self.targets for n, _ in part.named_modules()):
+                raise ValueError(f"{self.name}: no module of the {comp} is named any of {self.targets}")
+            with _new_weights():  # (ia3: peft draws its vectors at random before it sets them to one)
+                inject_adapter_in_model(config, part)
+        return before
+
+    def _train_only(self, model: torch.nn.Module, before: dict[int, bool], marker: str) -> None:
+        """The method's own weights (`marker` in their names) train, the adapted components' own weights are
+        frozen, everything else keeps the freeze policy it had before; then the counts are logged."""
+        adapted = set(self.components)
+        for comp, params in model.component_params().items():
+            for name, p in params:
+                p.requires_grad_(marker in name or (comp not in adapted and before[id(p)]))
+        _report(self.name, model)
+
 
 @contextlib.contextmanager
 def _new_weights(seed: int = 0) -> Iterator[None]:
@@ -105,10 +130,8 @@ class LoRA(_PEFT):
             raise ValueError(f"alpha must be > 0, got {alpha!r}")
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-        if not targets or not all(isinstance(t, str) and t for t in targets):
-            raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
-        self.r, self.alpha, self.dropout, self.targets = r, float(alpha), float(dropout), targets
+        self.r, self.alpha, self.dropout = r, float(alpha), float(dropout)
+        self.targets = _names(target_modules, "target_modules")
         self.components = _check_components(components)
 
     def lora_config(self, targets: list[str], **extra: Any) -> Any:
@@ -125,34 +148,14 @@ class LoRA(_PEFT):
     def on_model_built(self, model: torch.nn.Module) -> None:
         from peft import inject_adapter_in_model
 
-        # peft marks everything but its adapters frozen in the module it adapts, and the cross-attention blocks
-        # live inside the LM's layer list: remember the freeze policy and give it back to whatever is not adapted.
-        before = {id(p): p.requires_grad for p in model.parameters()}  # (by identity: peft renames what it wraps)
-        config = self.lora_config(self.targets)
-        for comp in self.components:
-            part = model.lm if comp == "lm" else model.vision
-            found = [n for n, _ in part.named_modules() if n.rsplit(".", 1)[-1] in self.targets]
-            if not found:
-                raise ValueError(f"lora: no module of the {comp} is named any of {self.targets}")
-            with _new_weights():
-                inject_adapter_in_model(config, part)
+        before = self._inject(model, self.lora_config(self.targets))
         # model.train_xattn / train_resampler = lora: every linear layer of each cross-attention block and of the
         # resampler gets the same adapters (their gates, latents and norms stay as the freeze policy set them)
-        modes = getattr(model, "train_modes", {})
-        for i, part in enumerate(_lora_parts(model, modes)):
+        for i, part in enumerate(_lora_parts(model, getattr(model, "train_modes", {}))):
             linears = [n for n, m in part.named_modules() if type(m) is nn.Linear]
             with _new_weights(1 + i):
                 inject_adapter_in_model(self.lora_config(linears), part)
-        adapted = set(self.components)
-        for comp, params in model.component_params().items():
-            for name, p in params:
-                if "lora_" in name:
-                    p.requires_grad_(True)
-                elif comp in adapted:
-                    p.requires_grad_(False)
-                else:
-                    p.requires_grad_(before[id(p)])
-        _report(self.name, model)  # "qlora" for the subclass
+        self._train_only(model, before, "lora_")  # "qlora" / "dora" in the log for the subclasses
 
 
 def _lora_parts(model: torch.nn.Module, modes: dict[str, str]) -> list[nn.Module]:
@@ -209,27 +212,7 @@ class IA3(_PEFT):
         return IA3Config(target_modules=self.targets, feedforward_modules=self.feedforward, **extra)
 
     def on_model_built(self, model: torch.nn.Module) -> None:
-        from peft import inject_adapter_in_model
-
-        # as for LoRA: peft freezes all but its vectors in what it adapts (the cross-attention blocks included)
-        before = {id(p): p.requires_grad for p in model.parameters()}  # (by identity: peft renames what it wraps)
-        for comp in self.components:
-            part = model.lm if comp == "lm" else model.vision
-            found = [n for n, _ in part.named_modules() if n.rsplit(".", 1)[-1] in self.targets]
-            if not found:
-                raise ValueError(f"ia3: no module of the {comp} is named any of {self.targets}")
-            with _new_weights():  # peft draws the vectors at random before it sets them to one
-                inject_adapter_in_model(self.peft_config(), part)
-        adapted = set(self.components)
-        for comp, params in model.component_params().items():
-            for name, p in params:
-                if "ia3_l" in name:
-                    p.requires_grad_(True)
-                elif comp in adapted:
-                    p.requires_grad_(False)
-                else:
-                    p.requires_grad_(before[id(p)])
-        _report("ia3", model)
+        self._train_only(model, self._inject(model, self.peft_config()), "ia3_l")
 
 
 class BottleneckAdapter(nn.Module):

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from mmscale.callbacks import register_callback
-from mmscale.callbacks.peft_methods import _new_weights
+from mmscale.callbacks.peft_methods import LoRA, _new_weights
 from mmscale.training.callbacks import Callback
 from mmscale.training.engine import LR_STEPS, all_reduce_sum
 
@@ -136,24 +136,14 @@ class TaskAdapters(Callback):
                  resampler: bool = True, vision: bool = True):
         if method != "lora":
             raise ValueError(f"method: {method!r}; task_adapters builds LoRA adapters (method: lora)")
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be an integer >= 1, got {r!r}")
-        if not isinstance(alpha, (int, float)) or alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {alpha!r}")
-        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-        if not targets or not all(isinstance(t, str) and t for t in targets):
-            raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
+        self.lora = LoRA(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules)  # checks them
         for name, value in (("xattn", xattn), ("resampler", resampler), ("vision", vision)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false (adapters on the {name} too, or not), got {value!r}")
-        self.r, self.alpha, self.dropout, self.targets = r, float(alpha), float(dropout), targets
         self.xattn, self.resampler, self.vision = xattn, resampler, vision
         self.names: list[str] = []
         self.ends: list[int] = []
         self.classes: list[list[int]] = []
-        self.training_task = -1
 
     # ----------------------------------------------------------------------------------------------- config
 
@@ -184,7 +174,7 @@ class TaskAdapters(Callback):
     # ------------------------------------------------------------------------------------------------ build
 
     def on_model_built(self, model: nn.Module) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import inject_adapter_in_model
 
         if not self.names:
             raise RuntimeError("task_adapters: on_config was not called with the job's config before the build")
@@ -192,9 +182,9 @@ class TaskAdapters(Callback):
         # the parts whose every linear layer gets each task's adapter (names taken before any is injected)
         blocks = (list(model.xattn_blocks()) if self.xattn else []) + ([model.resampler] if self.resampler else []) \
             + ([model.vision] if self.vision else [])
-        found = [n for n, _ in model.lm.named_modules() if n.rsplit(".", 1)[-1] in self.targets]
-        if not found:
-            raise ValueError(f"task_adapters: no module of the LM is named any of {self.targets}")
+        targets = self.lora.targets
+        if not any(n.rsplit(".", 1)[-1] in targets for n, _ in model.lm.named_modules()):
+            raise ValueError(f"task_adapters: no module of the LM is named any of {targets}")
         block_linears = [[n for n, m in block.named_modules() if type(m) is nn.Linear] for block in blocks]
         blocks, block_linears = [b for b, n in zip(blocks, block_linears) if n], [n for n in block_linears if n]
         growth = []
@@ -204,12 +194,9 @@ class TaskAdapters(Callback):
             with _new_weights(task), warnings.catch_warnings():
                 # (peft warns that a second adapter goes into a model that has one: that is the point here)
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                inject_adapter_in_model(LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                                                   target_modules=self.targets, bias="none"),
-                                        model.lm, adapter_name=name)
+                inject_adapter_in_model(self.lora.lora_config(targets), model.lm, adapter_name=name)
                 for block, linears in zip(blocks, block_linears):
-                    inject_adapter_in_model(LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                                                       target_modules=linears, bias="none"), block, adapter_name=name)
+                    inject_adapter_in_model(self.lora.lora_config(linears), block, adapter_name=name)
             new = [p for p in model.parameters() if id(p) not in ids_before]
             growth.append(new)
         with _new_weights(len(self.names)):
@@ -237,7 +224,7 @@ class TaskAdapters(Callback):
                                  ("vision tower", self.vision)) if on]
         log.info("task_adapters: %d tasks; each adds %s parameters (LoRA r=%d on the LM's %s%s, and its own heads); "
                  "the shared %s parameters train in the first task only", len(self.names),
-                 f"{self.params_per_task[0]:,}", self.r, self.targets,
+                 f"{self.params_per_task[0]:,}", self.lora.r, targets,
                  f" and every linear layer of the {', '.join(parts)}" if parts else "",
                  f"{sum(getattr(p, 'ds_numel', p.numel()) for p in shared):,}")
 
@@ -248,16 +235,21 @@ class TaskAdapters(Callback):
         return next((i for i, end in enumerate(self.ends) if step < end), len(self.ends) - 1)
 
     def _train_task(self, trainer: Trainer) -> None:
+        """The module of the task the next step trains, if another one is active (a task end, an evaluation of
+        every task, a resume or a rollback changed it)."""
         task = self._task_of_step(trainer.step)
-        model = trainer.engine.module
-        if getattr(model, "active_task", None) != task or task != self.training_task:
-            select_task(model, task)
+        if trainer.engine.module.active_task != task:
+            select_task(trainer.engine.module, task)
             trainer._activate_classes()  # the trainer's classes for training (the tasks so far)
-            self.training_task = task
+
+    def _reselect(self, trainer: Trainer) -> None:
+        """The training task's module and the trainer's classes again, after the build or a measurement selected
+        modules (and classes) of its own."""
+        trainer.engine.module.active_task = None
+        self._train_task(trainer)
 
     def on_train_start(self, trainer: Trainer) -> None:
-        self.training_task = -1
-        self._train_task(trainer)
+        self._reselect(trainer)
         if trainer.is_main:
             trainer._log({"params_per_task": float(self.params_per_task[0])})
 
@@ -267,16 +259,14 @@ class TaskAdapters(Callback):
 
     def on_task_eval(self, trainer: Trainer, task: int | None) -> None:
         if task is None:
-            self.training_task = -1
-            self._train_task(trainer)
+            self._reselect(trainer)
         else:
             select_task(trainer.engine.module, task)
 
     def on_task_end(self, trainer: Trainer, task: int, row: list[float]) -> None:
         if "classification" in trainer.objectives:
             trainer._log(self.gate_metrics(trainer, task))
-        self.training_task = -1
-        self._train_task(trainer)
+        self._reselect(trainer)
 
     @torch.no_grad()
     def gate_metrics(self, trainer: Trainer, last: int) -> dict[str, float]:

@@ -166,7 +166,7 @@ def evaluate(checkpoint: str | Path, shards: str | None = None, config: str | No
              compare: str | Path | None = None, task: str | None = None) -> dict[str, Any]:
     """The result of the module doc: {"models": {"model": {...}, "base": {...}}, "shards": ..., ...}. `task`: the
     task whose module a task_adapters model evaluates with (its classes too)."""
-    from mmscale.callbacks.task_adapters import choose_task
+    from mmscale.callbacks.task_adapters import choose_task, task_names
 
     run, ckpt = split_checkpoint(checkpoint)
     cfg, model, tok = load_run(run, ckpt)
@@ -178,7 +178,7 @@ def evaluate(checkpoint: str | Path, shards: str | None = None, config: str | No
     if compare:
         base_run, base_ckpt = split_checkpoint(compare)
         base_cfg, base_model, base_tok = load_run(base_run, base_ckpt)
-        if task is not None and base_model_has_tasks(base_model):
+        if task is not None and task_names(base_model):
             choose_task(base_model, task, "--task")
         if base_tok.vocab_size != tok.vocab_size:
             raise ValueError(f"--compare {compare}: its tokenizer has {base_tok.vocab_size} tokens, the model's "
@@ -189,12 +189,6 @@ def evaluate(checkpoint: str | Path, shards: str | None = None, config: str | No
     for name, (where, c, m, _) in models.items():
         result["models"][name] = {"checkpoint": where, **evaluate_model(as_trained(m, c), data, tok, classes)}
     return result
-
-
-def base_model_has_tasks(model: torch.nn.Module) -> bool:
-    from mmscale.callbacks.task_adapters import task_names
-
-    return bool(task_names(model))
 
 
 def _rows(metrics: dict[str, Any]) -> list[tuple[str, float]]:

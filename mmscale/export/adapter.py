@@ -17,21 +17,6 @@ WRAPPER_XATTN = ".xattn."
 """In a name inside the LM: a cross-attention block's (mmscale.model.xattn.XAttnDecoderLayer.xattn)."""
 
 
-def lora_settings(cfg: Any) -> Any:
-    """The run's `lora` / `dora` / `qlora` callback (its r, alpha, dropout, targets), or an error saying there is
-    none."""
-    from mmscale.callbacks import build_callbacks
-    from mmscale.callbacks.peft_methods import LoRA
-
-    found = [cb for cb in build_callbacks(cfg.callbacks) if isinstance(cb, LoRA)]
-    if not found:
-        raise ValueError(f"the run's callbacks ({[c.name for c in cfg.callbacks]}) hold no lora, dora or qlora: no "
-                         f"LoRA adapter to export")
-    if found[0].components != ["lm"]:
-        raise ValueError(f"only adapters on the LM export in peft's format; this run adapts {found[0].components}")
-    return found[0]
-
-
 def adapter_settings(cfg: Any) -> Any:
     """The run's `lora` / `dora` / `qlora` / `ia3` callback (its settings, `peft_config()`), or an error saying there
     is none."""
@@ -121,28 +106,25 @@ def write_task_adapters(model: Any, cfg: Any, out: Path) -> int:
     """Every task of a task_adapters run (mmscale.callbacks.task_adapters) in `out/<task>/`: its LM adapter in peft's
     format (`PeftModel.from_pretrained` loads it onto the exported base LM) and the rest in TASK_PARTS
     (`load_exported(..., task=NAME)` puts both back). Returns how many tasks."""
-    from peft import LoraConfig
     from safetensors.torch import save_file
 
     from mmscale.callbacks import CALLBACKS
 
     spec = next(c for c in cfg.callbacks if c.name == "task_adapters")
-    settings = CALLBACKS["task_adapters"](**spec.args)
-    inside = {id(m) for block in model.xattn_blocks() for m in block.modules()}
-    lm_own = {f"lm.{n}" for n, m in model.lm.named_modules() if id(m) not in inside}
+    lora = CALLBACKS["task_adapters"](**spec.args).lora  # the adapters' settings
+    not_lm = not_lm_adapter(model)
     for i, task in enumerate(t.name for t in cfg.continual.tasks):
         folder = out / task
         folder.mkdir(parents=True, exist_ok=True)
         lm, parts = {}, {}
         for name, p in model.named_parameters():
-            if f".task{i}." in name and name.split(".lora_", 1)[0] in lm_own:
+            if f".task{i}." in name and not not_lm(name.split(".lora_", 1)[0]):
                 lm[adapter_key(name.replace(f".task{i}.", ".default."))] = p.detach().float().contiguous()
             elif f".task{i}." in name:
                 parts[name.replace(f".task{i}.", ".task0.")] = p.detach().float().contiguous()
             elif f".heads.{i}." in name:
                 parts[name.replace(f".heads.{i}.", ".heads.0.")] = p.detach().float().contiguous()
-        LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                   target_modules=settings.targets, bias="none", task_type="CAUSAL_LM").save_pretrained(folder)
+        lora.peft_config(task_type="CAUSAL_LM").save_pretrained(folder)
         save_file(lm, folder / "adapter_model.safetensors")
         save_file(parts, folder / TASK_PARTS)
     return len(cfg.continual.tasks)

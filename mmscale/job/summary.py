@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mmscale.training import checkpoint
+from mmscale.training.trainer import format_metrics
 
 
 def _best(records: list[dict[str, Any]], key: str) -> tuple[float, int] | None:
@@ -61,7 +62,7 @@ def format_summary(s: dict[str, Any]) -> str:
              f"({s['samples_per_s']} samples/s)" if resumed else
              f"run done: {s['steps']} steps in {s['wall_s']:.0f} s ({s['samples_per_s']} samples/s)"]
     if s["final_validation"]:
-        lines.append("  final validation: " + ", ".join(f"{k} {v:.4g}" for k, v in s["final_validation"].items()))
+        lines.append("  final validation: " + format_metrics(s["final_validation"]))
         lines.append("  best validation:  " + ", ".join(f"{k} {b['value']:.4g} (step {b['step']})"
                                                          for k, b in s["best_validation"].items()))
     lines.append(f"  newest checkpoint: {s['newest_checkpoint'] or 'none'}")
