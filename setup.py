@@ -24,6 +24,7 @@ setup(
         "mmscale.objectives",
         "mmscale.job",
         "mmscale.export",
+        "mmscale.media",
         "mmscale.kernels",
     ],
     package_dir={"mmscale": "mmscale", "mmscale.kernels": "kernels/xattn"},
@@ -44,7 +45,9 @@ setup(
         "numpy<3",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "scikit-learn>=1.4,<2"],
+        "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "scikit-learn>=1.4,<2", "av>=12,<19", "soundfile>=0.12,<1"],
+        "video": ["av>=12,<19"],  # video files (mp4, webm...) as media; frame members need nothing
+        "audio": ["soundfile>=0.12,<1"],  # flac and non-PCM wav; 16-bit PCM wav reads without it
         "flash": ["flash-attn>=2.6,<3"],
     },
     entry_points={
@@ -53,6 +56,7 @@ setup(
             "mmscale-write-shards=mmscale.data.write_shards:main",
             "mmscale-train-tokenizer=mmscale.data.tokenizer:main",
             "mmscale-make-demo-data=mmscale.data.synthetic:main",
+            "mmscale-make-media-data=mmscale.data.media_demo:main",
             "mmscale-interleaved=mmscale.data.interleaved:main",
             "mmscale-digits=mmscale.data.digits:main",
             "mmscale-demo-objects=mmscale.evaluation.demo_objects:main",
