@@ -118,6 +118,10 @@ class DataConfig:
     http_backoff_s: float = 1.0
     """Wait before the first retry of an http(s) shard; it doubles with each further retry of the same shard (up
     to a minute)."""
+    text_only: bool = False
+    """Accept samples with a caption and no media member (no image, and none of `media`'s kinds) as text-only
+    samples: they pass no encoder and see no media, which keeps the LM's language in a mixture (Flamingo, IDEFICS).
+    False: such a sample is skipped and counted as `missing_image`."""
     allow_pipe: bool = False
     """Accept `pipe:COMMAND` shards (in `train_shards`, `val_shards` and shard list files): each one runs a shell
     command. Off by default, so that a shard list cannot run commands unasked."""
@@ -361,6 +365,10 @@ class JobConfig:
     keys}`, summed with their weights; weight 0 = measured, not trained. Empty = `captioning` alone, weight 1. E.g.
     `{captioning: {weight: 0}, classification: {weight: 1}}` trains a classifier and still reports the caption
     loss; `{contrastive: {weight: 1}}` trains image-text retrieval alone."""
+    media: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Media besides images (mmscale.media), each `NAME: {max_items: N, ...its own keys}`: `video` (frames through
+    the image tower, with time embeddings) and `audio` (a conv or Whisper encoder). They feed the same resampler and
+    cross-attention as images. Empty = images alone."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A part may import only the parts before it (and itself). `config` is the schema, which imports none
 # of what it describes; `job` assembles a run from a config; the CLIs (launchers/) sit above everything.
-LAYERS = ("config", "kernels", "data", "model", "objectives", "continual", "training", "callbacks", "job", "export",
+LAYERS = ("config", "kernels", "data", "media", "model", "objectives", "continual", "training", "callbacks", "job", "export",
           "inference", "evaluation")
 SOURCES = {"mmscale": ROOT / "mmscale", "mmscale.kernels": ROOT / "kernels" / "xattn"}  # (setup.py's package_dir)
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from mmscale.callbacks import register_callback
 from mmscale.objectives import active_objectives
 from mmscale.continual.replay_buffer import BALANCE_MEMBERS, ReservoirBuffer
+from mmscale.media import bind_media
 from mmscale.training.callbacks import Callback
 
 log = logging.getLogger("mmscale.continual")
@@ -73,6 +74,7 @@ class Replay(Callback):
         self._pending: dict[str, Any] | None = None  # a checkpoint's state, loaded before the buffer exists
         self._new: list[dict[str, Any]] = []
         self._data_cfg = self._tokenizer = None
+        self._media: list = []
         self._k = 0
 
     def config_problems(self, cfg: Any) -> list[str]:
@@ -108,6 +110,7 @@ class Replay(Callback):
             self.replayed = int(self._pending.get("replayed", 0))
             self._pending = None
         self._data_cfg, self._tokenizer = cfg.data, trainer.tokenizer
+        self._media = bind_media(cfg, trainer.tokenizer)  # a replayed video or sound decodes as it did in training
         self._k = max(1, round(self.ratio * t.micro_batch_size))
         if trainer.is_main:
             log.info("replay: %d samples over %d rank(s) in %s (%s), %d replayed per micro batch of %d; rank 0 holds "
@@ -127,13 +130,14 @@ class Replay(Callback):
             return batch
         drawn = self.buffer.sample(self._k)
         try:
-            samples = [decode_for_training(r, self._data_cfg, self._tokenizer) for r in drawn]
+            samples = [decode_for_training(r, self._data_cfg, self._tokenizer, 0, self._media) for r in drawn]
         except SampleError as e:  # it decoded when it was trained on: the buffer's files changed since
             raise RuntimeError(f"callbacks replay: a buffered sample no longer decodes ({e}); the buffer under "
                                f"{self.buffer.root} is damaged") from None
         tok = self._tokenizer
         extra = collate_samples(samples, pad_id=tok.pad_id, image_token_id=tok.image_token_id,
-                                max_images=self._data_cfg.max_images, seq_len=batch["input_ids"].shape[1])
+                                max_images=self._data_cfg.max_images, seq_len=batch["input_ids"].shape[1],
+                                media=self._media, image_shape=tuple(batch["pixel_values"].shape[2:]))
         out = dict(batch)
         for key, value in extra.items():
             if isinstance(value, torch.Tensor) and value.dim() > 0:

@@ -146,13 +146,17 @@ def decode_sample(
     std: Sequence[float],
     max_pixels: int = DEFAULT_MAX_PIXELS,
     num_classes: int = 0,
+    media: Sequence[Any] = (),
+    text_only: bool = False,
 ) -> dict[str, Any]:
-    """Raw tar sample -> {"__key__", "images": [(3, S, S)], "caption": str, "class_label": int}; raises SampleError
-    (with its kind) if unusable. `class_label` is the `.cls` member (an integer, as webdataset writes it), -100
-    without one; a sample with a label may have no caption (classification data). A label must be in
-    [0, `num_classes`) (`model.num_classes`; 0: no head, no upper bound): one outside would make the loss index out
-    of range, on one rank. The image is the first member of IMAGE_EXTS present, opened by `load_image`
-    (`max_pixels`: `data.max_image_pixels`)."""
+    """Raw tar sample -> {"__key__", "images": [(3, S, S)], "caption": str, "class_label": int, and each medium's
+    items under its `sample_key`}; raises SampleError (with its kind) if unusable. `class_label` is the `.cls` member
+    (an integer, as webdataset writes it), -100 without one; a sample with a label may have no caption
+    (classification data). A label must be in [0, `num_classes`) (`model.num_classes`; 0: no head, no upper
+    bound): one outside would make the loss index out of range, on one rank. The image is the first member of
+    IMAGE_EXTS present, opened by `load_image` (`max_pixels`: `data.max_image_pixels`). `media`: the other media
+    (mmscale.media, bound to their config), each decoding its own members when the sample has them. A sample with
+    no media member at all is a text-only sample when `text_only` (`data.text_only`), else skipped."""
     key = raw.get("__key__", "?")
     where = f"{key} in {raw.get('__url__', '?')}"
     refuse_oversized(raw, where)
@@ -177,15 +181,23 @@ def decode_sample(
     caption = "" if caption is None else _utf8(caption, where, "caption (.txt member)", BAD_ENCODING).strip()
     if not caption and label == IGNORE_INDEX:
         raise SampleError(f"{where}: empty caption", EMPTY_CAPTION)
+    out: dict[str, Any] = {"__key__": key, "images": [], "caption": caption, "class_label": label}
+    for m in media:
+        if m.present(raw):
+            out[m.sample_key] = m.decode(raw, where)
     data = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
     if data is None:
-        raise SampleError(f"{where}: no image member (one of {', '.join(IMAGE_EXTS)})", MISSING_IMAGE)
+        if len(out) == 4 and not text_only:  # no medium either
+            others = "".join(f"; {m.name}: {m.members}" for m in media)
+            raise SampleError(f"{where}: no image member (one of {', '.join(IMAGE_EXTS)}){others}; set "
+                              f"data.text_only=true to train on text-only samples", MISSING_IMAGE)
+        return out
     try:
         img = load_image(data, max_pixels)
     except SampleError as e:
         raise SampleError(f"{where}: {e}", e.kind) from None
-    pixels = image_to_tensor(img, image_size, mean, std)
-    return {"__key__": key, "images": [pixels], "caption": caption, "class_label": label}
+    out["images"] = [image_to_tensor(img, image_size, mean, std)]
+    return out
 
 
 RAW_MEMBERS = ("txt", "cls", *IMAGE_EXTS)
@@ -193,29 +205,41 @@ RAW_MEMBERS = ("txt", "cls", *IMAGE_EXTS)
 
 
 def raw_members(raw: dict[str, Any]) -> dict[str, Any]:
-    """`raw`'s key and the members that make the sample (caption, label, image bytes), nothing decoded."""
+    """`raw`'s key and its members (caption, label, image bytes, other media's members...), nothing decoded; not the
+    reader's own entries (`__url__`...)."""
     from mmscale.data.interleaved import document_members, is_document
 
     if is_document(raw):  # its .json and numbered image members (0.jpg, 1.png...)
         return document_members(raw)
-    return {"__key__": raw.get("__key__", "?"), **{k: raw[k] for k in RAW_MEMBERS if k in raw}}
+    return {"__key__": raw.get("__key__", "?"),
+            **{k: v for k, v in raw.items() if not k.startswith("__")}}
 
 
 def decode_for_training(
-    raw: dict[str, Any], cfg: DataConfig, tokenizer: Tokenizer, num_classes: int = 0
+    raw: dict[str, Any], cfg: DataConfig, tokenizer: Tokenizer, num_classes: int = 0, media: Sequence[Any] = ()
 ) -> dict[str, Any]:
     """Stages 6-7 for one raw sample, as the training stream does them (a replayed sample goes through these).
-    `num_classes`: `model.num_classes`, the bound on class labels (0: none)."""
+    `num_classes`: `model.num_classes`, the bound on class labels (0: none). `media`: the other media, bound
+    (mmscale.media.bind_media); the text starts with the placeholder of each item: the image's, then the others'
+    in their registration order."""
     from mmscale.data.interleaved import decode_document, is_document  # (it imports this module)
 
     refuse_oversized(raw, f"{raw.get('__key__', '?')} in {raw.get('__url__', '?')}")
     if is_document(raw):  # an interleaved image-text document: several images at their places in the text
         return decode_document(raw, cfg, tokenizer)
-    s = decode_sample(raw, cfg.image_size, cfg.image_mean, cfg.image_std, cfg.max_image_pixels, num_classes)
-    s["input_ids"] = caption_to_ids(s.pop("caption"), tokenizer, cfg.max_text_len)
+    s = decode_sample(raw, cfg.image_size, cfg.image_mean, cfg.image_std, cfg.max_image_pixels, num_classes, media,
+                      cfg.text_only)
+    marks = [tokenizer.image_token_id] * len(s["images"])
+    for m in media:
+        marks += [m.token_id] * len(s.get(m.sample_key, ()))
+    s["input_ids"] = caption_to_ids(s.pop("caption"), tokenizer, cfg.max_text_len, marks)
     return s
 
 
-def caption_to_ids(caption: str, tokenizer: Tokenizer, max_text_len: int) -> list[int]:
-    """[<image>] + caption tokens + [eos]: at most 1 + max_text_len ids (the caption is truncated, eos kept)."""
-    return [tokenizer.image_token_id] + tokenizer.encode(caption)[: max_text_len - 1] + [tokenizer.eos_id]
+def caption_to_ids(caption: str, tokenizer: Tokenizer, max_text_len: int,
+                   placeholders: Sequence[int] | None = None) -> list[int]:
+    """placeholders + caption tokens + [eos]: at most 1 + max_text_len ids (the caption is truncated, eos kept).
+    `placeholders`: the ids marking the sample's media, in slot order; None: one `<image>`; [] for a text-only
+    sample."""
+    marks = [tokenizer.image_token_id] if placeholders is None else list(placeholders)
+    return marks + tokenizer.encode(caption)[: max(0, 1 + max_text_len - len(marks) - 1)] + [tokenizer.eos_id]

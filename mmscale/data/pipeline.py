@@ -456,9 +456,11 @@ class _SlotStream(IterableDataset):
         plan: dict[str, Any] | None = None,
         keep_raw: bool = False,
         num_classes: int = 0,
+        media: Sequence[Any] = (),
     ):
         self.sources, self.sizes, self.cfg, self.tokenizer = sources, sizes, cfg, tokenizer
         self.num_classes = num_classes
+        self.media = list(media)
         self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
         self.num_batches, self.start_batch, self.num_epochs = num_batches, start_batch, num_epochs
@@ -474,7 +476,7 @@ class _SlotStream(IterableDataset):
             return None
         reader.decoded += 1
         try:
-            s = decode_for_training(raw, self.cfg, self.tokenizer, self.num_classes)
+            s = decode_for_training(raw, self.cfg, self.tokenizer, self.num_classes, self.media)
         except SampleError as e:
             counter.skip(e)
             return None
@@ -536,6 +538,8 @@ class _SlotStream(IterableDataset):
             image_token_id=self.tokenizer.image_token_id,
             max_images=self.cfg.max_images,
             seq_len=self.seq_len,
+            media=self.media,
+            image_shape=(3, self.cfg.image_size, self.cfg.image_size),
         )
         count, reasons = counter.take()
         batch["num_skipped"] = torch.tensor(count, dtype=torch.int64)
@@ -767,6 +771,7 @@ class TrainLoader(_WorkerOwner):
         pin_memory: bool = False,
         keep_raw: bool = False,
         num_classes: int = 0,
+        media: Sequence[Any] = (),
     ):
         super().__init__()
         if not 0 <= rank < world_size:
@@ -779,6 +784,7 @@ class TrainLoader(_WorkerOwner):
         # bytes cost a copy across the worker boundary (~2 ms per batch of 32 224-px JPEGs)
         self.keep_raw = keep_raw
         self.num_classes = num_classes
+        self.media = list(media)  # the other media (mmscale.media.bind_media): decoded and collated with the images
         self.num_workers = max(1, cfg.num_workers)
         self.block = max(1, cfg.shuffle_buffer)
         spec = shards or cfg.train_shards
@@ -1076,7 +1082,7 @@ class TrainLoader(_WorkerOwner):
             micro_batch_size=self.micro_batch_size, rank=self.rank, world_size=self.world_size, seed=self.seed,
             epoch=self.epoch, num_batches=self.steps_per_epoch, start_batch=self.batch_in_epoch, shuffle=True,
             num_epochs=None, endless=self.endless, positions=copy.deepcopy(self._positions),
-            plan=copy.deepcopy(self._plan), keep_raw=self.keep_raw, num_classes=self.num_classes,
+            plan=copy.deepcopy(self._plan), keep_raw=self.keep_raw, num_classes=self.num_classes, media=self.media,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -1138,6 +1144,7 @@ class EvalLoader(_WorkerOwner):
         max_batches: int,
         pin_memory: bool = False,
         num_classes: int = 0,
+        media: Sequence[Any] = (),
     ):
         super().__init__()
         if not 0 <= rank < world_size:
@@ -1145,6 +1152,7 @@ class EvalLoader(_WorkerOwner):
         self.cfg, self.tokenizer, self.micro_batch_size = cfg, tokenizer, micro_batch_size
         self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
         self.num_classes = num_classes
+        self.media = list(media)  # the other media (mmscale.media.bind_media): decoded and collated with the images
         self.shards = resolve_shards(shards, cfg.allow_pipe)
         self.sizes = read_sizes(self.shards)
         self.num_batches = max_batches
@@ -1164,7 +1172,7 @@ class EvalLoader(_WorkerOwner):
             sources=[_Source("eval", self.shards, 1.0, 0, False)], sizes=self.sizes, cfg=self.cfg,
             tokenizer=self.tokenizer, micro_batch_size=self.micro_batch_size, rank=self.rank,
             world_size=self.world_size, seed=0, epoch=0, num_batches=self.num_batches, start_batch=0, shuffle=False,
-            num_epochs=1, num_classes=self.num_classes,
+            num_epochs=1, num_classes=self.num_classes, media=self.media,
         )
         batches = _load_batches(stream, self.cfg.num_workers, self.pin_memory)
         try:

@@ -59,7 +59,10 @@ UNDECODABLE_IMAGE = "undecodable_image"
 IMAGE_TOO_LARGE = "image_too_large"
 """An image over `data.max_image_pixels` (a decompression bomb), refused from its header, before decoding."""
 MISSING_IMAGE = "missing_image"
-"""A sample with no image member."""
+"""A sample with no image member (no media member of any kind, where other media are configured), unless
+`data.text_only` accepts it as a text-only sample."""
+UNDECODABLE_MEDIA = "undecodable_media"
+"""A video or audio member that cannot be decoded, or is unusable as decoded (a clip with too few frames)."""
 MISSING_CAPTION = "missing_caption"
 """A sample with neither a caption (`.txt`) nor a class label (`.cls`)."""
 EMPTY_CAPTION = "empty_caption"
@@ -75,7 +78,7 @@ OTHER = "other"
 """A skip whose reporter named no kind."""
 BAD_KINDS = (
     BROKEN_TAR, UNREADABLE_SHARD, UNDECODABLE_IMAGE, IMAGE_TOO_LARGE, MISSING_IMAGE, MISSING_CAPTION, EMPTY_CAPTION,
-    BAD_ENCODING, BAD_LABEL, MEMBER_TOO_LARGE, OTHER,
+    BAD_ENCODING, UNDECODABLE_MEDIA, BAD_LABEL, MEMBER_TOO_LARGE, OTHER,
 )
 """The kinds of bad input mmscale's reader and decoder report (each one sample, or one shard, skipped)."""
 

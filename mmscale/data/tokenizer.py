@@ -134,6 +134,16 @@ class Tokenizer:
     def image_token_id(self) -> int:
         return self._image
 
+    def piece_id(self, piece: str) -> int | None:
+        """The id of `piece` as one token (e.g. a medium's placeholder, `<video>`), None when there is none."""
+        if piece == IMAGE_TOKEN:
+            return self.image_token_id
+        if self._sp is not None:
+            i = self._sp.piece_to_id(piece)
+            return None if i == self._sp.unk_id() else i
+        i = self._hf.convert_tokens_to_ids(piece)
+        return None if i is None or i == self._hf.unk_token_id else i
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without bos/eos."""
         if self._sp is not None:
@@ -246,6 +256,7 @@ def train_sentencepiece(
     vocab_size: int = 64,
     model_type: str = "auto",
     max_sentences: int = 1_000_000,
+    extra_symbols: Sequence[str] = (),
 ) -> Path:
     """Train a sentencepiece model on `texts`; writes `{out_prefix}.model` (and `.vocab`) and returns the former.
 
@@ -253,14 +264,15 @@ def train_sentencepiece(
     like the demo's: each word is one token, nothing is split) and `unigram` otherwise (subwords, with every
     character kept so unseen words still encode). `vocab_size` is an upper bound (`hard_vocab_limit=False`): a
     corpus with fewer pieces gets a smaller vocabulary instead of an error. Ids: pad 0, unk 1, bos 2, eos 3,
-    `<image>` 4.
+    `<image>` 4, then `extra_symbols` (e.g. the placeholders of other media, `<video>` and `<audio>`) from 5 on.
     """
     import sentencepiece as spm
 
     texts = [t.strip() for t, _ in zip(texts, range(max_sentences)) if t and t.strip()]
     if not texts:
         raise ValueError("train_sentencepiece: no non-empty texts to train on")
-    num_special = 5
+    extra_symbols = [t for t in extra_symbols if t != IMAGE_TOKEN]
+    num_special = 5 + len(extra_symbols)
     if model_type == "auto":
         words = {w for t in texts for w in t.split()}
         model_type = "word" if len(words) + num_special <= vocab_size else "unigram"
@@ -287,7 +299,7 @@ def train_sentencepiece(
         unk_id=1,
         bos_id=2,
         eos_id=3,
-        user_defined_symbols=[IMAGE_TOKEN],
+        user_defined_symbols=[IMAGE_TOKEN, *extra_symbols],
         num_threads=1,
         minloglevel=2,
     )
@@ -320,13 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=64)
     parser.add_argument("--model-type", default="auto", choices=("auto", "word", "unigram", "bpe", "char"))
     parser.add_argument("--max-sentences", type=int, default=1_000_000)
+    parser.add_argument("--extra-symbols", default="",
+                        help="comma-separated pieces kept whole after <image>, e.g. other media's placeholders: "
+                             "'<video>,<audio>'")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.shards:
         texts = captions_from_shards(args.shards, limit=args.max_sentences)
     else:
         texts = Path(args.captions).read_text(encoding="utf-8").splitlines()
-    path = train_sentencepiece(texts, args.out, args.vocab_size, args.model_type, args.max_sentences)
+    extra = [t for t in args.extra_symbols.split(",") if t]
+    path = train_sentencepiece(texts, args.out, args.vocab_size, args.model_type, args.max_sentences, extra)
     print(f"wrote {path}: {load_tokenizer(path)}")
     return 0
 

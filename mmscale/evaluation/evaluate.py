@@ -38,6 +38,7 @@ import torch
 from mmscale.evaluation.finetune_report import as_trained
 from mmscale.evaluation.image_use import word_token_ids
 from mmscale.job.runs import load_run
+from mmscale.media import bind_media, media_input_keys
 from mmscale.objectives.captioning import next_token_loss
 
 _INPUTS = ("pixel_values", "image_mask", "input_ids", "attention_mask", "media_index", "labels")
@@ -98,9 +99,15 @@ def evaluate_model(model: torch.nn.Module, batches: Iterable[dict[str, Any]], to
         masks = {"all": target != -100, **{name: torch.isin(target, i) for name, i in ids.items()}}
         for name, m in masks.items():
             sums[name].n += int(m.sum())
+        # the other media's tensors (mmscale.media), floats in the model's dtype; "shuffled" rolls every medium's
+        # items across the batch as it does the images
+        media = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch.items()
+                 if k in media_input_keys()}
         pixels = batch["pixel_values"].to(dtype)
         for which, px in (("true", pixels), ("shuffled", pixels.roll(1, dims=0))):
-            out = model(**{**{k: batch[k] for k in _INPUTS}, "pixel_values": px},
+            shown = media if which == "true" else {k: (v.roll(1, dims=0) if k.endswith("_values") else v)
+                                                   for k, v in media.items()}
+            out = model(**{**{k: batch[k] for k in _INPUTS}, "pixel_values": px}, **shown,
                         **({"class_labels": batch["class_labels"]} if which == "true" and _has_head(model) else {}))
             token_loss = next_token_loss(out.logits, batch["labels"])
             right = (out.logits[:, :-1].argmax(-1) == target).float()
@@ -141,7 +148,7 @@ def _batches(cfg: Any, tokenizer: Any, shards: str, n: int) -> list[dict[str, An
     from mmscale.data import EvalLoader
 
     return list(EvalLoader(cfg.data, tokenizer, cfg.train.micro_batch_size, 0, 1, shards=shards, max_batches=n,
-                           num_classes=cfg.model.num_classes))
+                           num_classes=cfg.model.num_classes, media=bind_media(cfg, tokenizer)))
 
 
 def test_shards(run_cfg: Any, shards: str | None, config: str | None) -> tuple[str, Any]:

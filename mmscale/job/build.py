@@ -25,6 +25,7 @@ from mmscale.callbacks import build_callbacks
 from mmscale.config import JobConfig
 # (imported here, not where used: `ModelRecipe.build` runs inside deepspeed.zero.Init, which patches tensor creation,
 # and a module first imported there can fail to import)
+from mmscale.media import MEDIA, attach_media, bind_media
 from mmscale.model import BuildOptions, build_model
 from mmscale.objectives import attach_objectives
 from mmscale.training import checkpoint, run_paths
@@ -45,10 +46,11 @@ class ModelRecipe:
     options: Any  # mmscale.model.BuildOptions
 
     def build(self, vocab_size: int | None, meta: bool = False) -> torch.nn.Module:
-        """The model and its objectives' heads (under zero.Init when the engine builds it: both sharded)."""
+        """The model, its objectives' heads and its media encoders (under zero.Init when the engine builds it: all
+        sharded)."""
         model = build_model(self.cfg.model, vocab_size=vocab_size, meta=meta, options=self.options)
         with torch.device("meta") if meta else contextlib.nullcontext():
-            return attach_objectives(model, self.cfg)
+            return attach_media(attach_objectives(model, self.cfg), self.cfg)
 
     def finish(self, model: torch.nn.Module) -> None:
         """The callbacks' changes to the built model (after `model.init_from`'s weights): adapters, freezing."""
@@ -111,7 +113,8 @@ def prepare_data(cfg: JobConfig, rank: int) -> tuple[str, str, str]:
                 if not fresh:
                     # + one line of every task's words: a word model then holds each as one piece
                     texts = [*captions_from_shards(train), " ".join(synthetic_words())]
-                    train_sentencepiece(texts, str(root / "tokenizer"), d.tokenizer_vocab_size)
+                    extra = [MEDIA[name].token for name in cfg.media if name in MEDIA]  # placeholders
+                    train_sentencepiece(texts, str(root / "tokenizer"), d.tokenizer_vocab_size, extra_symbols=extra)
                     trained_on.write_text(split)
         rank0_done(what)
     return train, val, tok
@@ -162,29 +165,30 @@ def build_trainer(cfg: JobConfig, resume: str | None = None, overwrite: bool = F
     keep_raw = any(cb.needs_raw_samples for cb in callbacks)  # a replay buffer stores the samples' bytes
     pin = torch.cuda.is_available()  # page-locked batches: the copy to the GPU overlaps (non_blocking=True)
     ncls = cfg.model.num_classes  # the decoders skip a label outside [0, ncls) as bad_label (0: no head, no bound)
+    media = bind_media(cfg, tokenizer)  # the other media the loaders decode and collate (video, audio)
     if cfg.continual.tasks and train_data is None:  # a task sequence: each task its loaders, one after the other
         from mmscale.continual.sequence import Tasks, TaskSequence
 
         specs, micro = cfg.continual.tasks, cfg.train.micro_batch_size
         steps = [t.max_steps for t in specs]
         train_data = TaskSequence([TrainLoader(cfg.data, tokenizer, micro, rank, world_size, seed=cfg.train.seed + i,
-                                               shards=t.train_shards, keep_raw=keep_raw, pin_memory=pin, num_classes=ncls)
+                                               shards=t.train_shards, keep_raw=keep_raw, pin_memory=pin, num_classes=ncls, media=media)
                                    for i, t in enumerate(specs)],
                                   steps, engine.grad_accum)
         tasks = Tasks([t.name for t in specs], steps,
                       [EvalLoader(cfg.data, tokenizer, micro, rank, world_size, shards=t.val_shards,
-                                  max_batches=cfg.train.eval_batches, num_classes=ncls) for t in specs],
+                                  max_batches=cfg.train.eval_batches, num_classes=ncls, media=media) for t in specs],
                       cfg.continual.metric, [list(t.classes) for t in specs], [t.train_shards for t in specs],
                       lambda shards, n: EvalLoader(cfg.data, tokenizer, micro, rank, world_size, shards=shards,
-                                                   max_batches=n, num_classes=ncls))
+                                                   max_batches=n, num_classes=ncls, media=media))
     if train_data is None:
         train_data = TrainLoader(cfg.data, tokenizer, cfg.train.micro_batch_size, rank, world_size,
                                  seed=cfg.train.seed, shards=train_shards or None,  # None: data.sources
-                                 keep_raw=keep_raw, pin_memory=pin, num_classes=ncls)
+                                 keep_raw=keep_raw, pin_memory=pin, num_classes=ncls, media=media)
     if eval_data is None and val_shards:
         eval_data = EvalLoader(cfg.data, tokenizer, cfg.train.micro_batch_size, rank, world_size,
                                shards=val_shards, max_batches=cfg.train.eval_batches, pin_memory=pin,
-                               num_classes=ncls)
+                               num_classes=ncls, media=media)
     trainer = Trainer(cfg, engine, train_data, eval_data=eval_data, callbacks=callbacks, tokenizer=tokenizer,
                       tasks=tasks)
     if resume:

@@ -69,9 +69,10 @@ def registry_problems(cfg: JobConfig) -> list[str]:
     callbacks (each built once: its constructor checks its arguments and does no work, see the Callback protocol)."""
     from mmscale.callbacks import CALLBACKS, callback_problems
     from mmscale.data.synthetic import SYNTHETIC_TASKS
+    from mmscale.media import media_problems
     from mmscale.objectives import metric_problems, objective_problems
 
-    p: list[str] = objective_problems(cfg)
+    p: list[str] = objective_problems(cfg) + media_problems(cfg)
     if cfg.train.keep_best:
         p += metric_problems("train.keep_best", cfg.train.keep_best, cfg, "keep_best=val_loss")
     if cfg.continual.tasks:
@@ -96,8 +97,25 @@ def file_problems(cfg: JobConfig) -> list[str]:
     from mmscale.training.weights import source_problems
 
     p = _data_problems(cfg.data)
+    if not p and cfg.data.tokenizer and cfg.media:
+        p += _placeholder_problems(cfg)
     if cfg.model.init_from:
         p += source_problems(cfg.model.init_from)
+    return p
+
+
+def _placeholder_problems(cfg: JobConfig) -> list[str]:
+    """The tokenizer has each configured medium's placeholder token (`<video>`, `<audio>`)."""
+    from mmscale.data import load_tokenizer
+    from mmscale.media import MEDIA, placeholder_id
+
+    tok, p = load_tokenizer(cfg.data.tokenizer), []
+    for name in cfg.media:
+        if name in MEDIA:
+            try:
+                placeholder_id(tok, MEDIA[name].token, "data.tokenizer")
+            except ValueError as e:
+                p.append(str(e))
     return p
 
 

@@ -29,7 +29,7 @@ from mmscale.model.resampler import PerceiverResampler
 from mmscale.model.vision import VisionTower, build_vision_tower
 from mmscale.model.xattn import GatedCrossAttentionBlock, XAttnDecoderLayer, apply_gated_xattn, find_decoder_layers
 
-COMPONENTS = ("vision", "resampler", "lm", "xattn", "head")
+COMPONENTS = ("vision", "resampler", "lm", "xattn", "head", "media")
 
 
 @dataclass
@@ -72,6 +72,10 @@ class MultimodalModel(nn.Module):
         self.prompt: nn.Module | None = None
         """Optional (prompt tuning): a module mapping the batch size to (B, k, D) embeddings put before the text's.
         The k positions see no image and are dropped from the logits: outputs line up with `input_ids`."""
+        self.media = nn.ModuleDict()
+        """The encoders of the media besides images (mmscale.media: video, audio), attached by the job that builds
+        the model (mmscale.job.build); empty for an images-only model. (Last among the submodules: an images-only
+        model's parameter order is the one it had before media existed.)"""
 
     # --------------------------------------------------------------------------------------------- forward
 
@@ -91,36 +95,66 @@ class MultimodalModel(nn.Module):
     def vision_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.vision.parameters())
 
-    def encode_media(self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, M, 3, H, W) -> visual tokens (B, M*n, Dv), image after image; the shape is static whatever the mask.
+    def encode_media(self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None,
+                     **media: torch.Tensor) -> torch.Tensor:
+        """(B, M, 3, H, W) images and every other medium's items -> media tokens (B, S*n, Dv), media slot after
+        media slot (mmscale.media.base); the shape is static whatever the masks. S: the slots of every medium
+        together (M alone for an images-only model).
 
         image_mask (B, M) bool: only the slots it marks real go through the vision tower and the resampler; the
-        tokens of the other (padded) slots are zeros. None: every slot is encoded. A batch without a real image
-        still runs both modules once, on one padded slot whose tokens are multiplied by zero: under ZeRO-3 every
-        rank must call each module's forward (its parameters are gathered in a collective) and get a gradient for
-        each parameter, whatever its batch holds. A frozen tower runs under no_grad.
+        tokens of the other (padded) slots are zeros. None: every slot is encoded. `media`: the batch's
+        `{name}_values`, `{name}_mask` and `{name}_slot` of each medium in `self.media` (and `image_slot` when
+        there are several media: each item's slot; without one a medium's items follow the ones before it).
+
+        A medium without a real item in the batch still runs its encoder and the resampler once, on one padded item
+        whose tokens are multiplied by zero: under ZeRO-3 every rank must call each module's forward (its parameters
+        are gathered in a collective) and get a gradient for each parameter, whatever its batch holds. A frozen
+        tower runs under no_grad.
         """
         B, M = pixel_values.shape[:2]
-        flat = pixel_values.flatten(0, 1)  # (B*M, 3, H, W)
-        real = None
-        if image_mask is not None:
-            if image_mask.shape != (B, M):
-                raise ValueError(f"encode_media: image_mask {tuple(image_mask.shape)} does not match pixel_values "
-                                 f"{tuple(pixel_values.shape)}; want (B, M) = {(B, M)}")
-            real = image_mask.flatten().nonzero().squeeze(1)  # note: a CPU-GPU sync point (a data-dependent size)
-        keep = None
-        if real is not None and real.numel() == 0:
-            real, keep = real.new_zeros(1), 0.0  # slot 0 stands in; its tokens are zeroed below
+        if image_mask is not None and image_mask.shape != (B, M):
+            raise ValueError(f"encode_media: image_mask {tuple(image_mask.shape)} does not match pixel_values "
+                             f"{tuple(pixel_values.shape)}; want (B, M) = {(B, M)}")
+        kinds = [("image", pixel_values, image_mask, media.get("image_slot"))]
+        for name in self.media:
+            values = media.get(f"{name}_values")
+            if values is None:  # a batch made without this medium (e.g. captioning images): none of its items. A
+                continue        # training batch carries every configured medium's tensors: every rank runs each
+            kinds.append((name, values, media.get(f"{name}_mask"), media.get(f"{name}_slot")))
+        S = sum(values.shape[1] for _, values, _, _ in kinds)
+        out, first = None, 0
+        for name, values, mask, slot in kinds:
+            Mk = values.shape[1]
+            flat = values.flatten(0, 1)  # (B*Mk, ...)
+            # note: a CPU-GPU sync point (a data-dependent size)
+            real = None if mask is None else mask.flatten().nonzero().squeeze(1)
+            empty = real is not None and real.numel() == 0
+            if empty:  # the padded first item stands in; its tokens are zeroed below
+                real = real.new_zeros(1)
+            feats = self._media_features(name, flat if real is None else flat[real])  # (R, P, Dv)
+            tokens = self.resampler(feats)  # (R, n, Dv)
+            n, dv = tokens.shape[1:]
+            if out is None:
+                out = tokens.new_zeros(B * S, n, dv)
+            if empty:  # the graph still reaches every parameter: all-zero gradients, never missing ones
+                out = out + tokens.sum() * 0.0
+                continue
+            if slot is None:  # this medium's items after the ones before it
+                slot = torch.arange(first, first + Mk, device=tokens.device).expand(B, Mk)
+            rows = torch.arange(B, device=tokens.device).unsqueeze(1) * S
+            target = (rows + slot).flatten()
+            target = target if real is None else target[real]
+            out = out.index_copy(0, target, tokens)  # gradients flow back to the real items
+            first += Mk
+        return out.reshape(B, S * n, dv)
+
+    def _media_features(self, name: str, values: torch.Tensor) -> torch.Tensor:
+        """A medium's items (R, ...) -> the resampler's input (R, P, Dv): images through the vision tower, any
+        other medium through its encoder (`self.media[name]`)."""
+        if name != "image":
+            return self.media[name](values, self.vision)
         with torch.no_grad() if self.vision_frozen else contextlib.nullcontext():
-            feats = self.vision.encode_images(flat if real is None else flat[real])  # (R, P, Dv)
-        tokens = self.resampler(feats)  # (R, n, Dv)
-        n, dv = tokens.shape[1:]
-        if real is None:
-            return tokens.reshape(B, M * n, dv)
-        if keep is not None:
-            tokens = tokens * keep  # the graph still reaches every parameter: all-zero gradients, never missing ones
-        out = tokens.new_zeros(B * M, n, dv).index_copy(0, real, tokens)  # gradients flow back to the real slots
-        return out.reshape(B, M * n, dv)
+            return self.vision.encode_images(values)
 
     def forward(
         self,
@@ -132,19 +166,23 @@ class MultimodalModel(nn.Module):
         labels: torch.Tensor | None = None,
         return_token_loss: bool = False,
         class_labels: torch.Tensor | None = None,
+        **media: torch.Tensor,
     ) -> MultimodalOutput:
         """pixel_values (B, M, 3, H, W) float; image_mask (B, M) bool (real slots first, padding after);
-        input_ids, attention_mask, media_index, labels (B, L) int64; media_index[b, t] = latest image at or
-        before token t, -1 before the first image."""
+        input_ids, attention_mask, media_index, labels (B, L) int64; media_index[b, t] = the latest media slot at
+        or before token t, -1 before the first. `media`: the other media's tensors (see `encode_media`)."""
         if pixel_values.shape[:2] != image_mask.shape or media_index.shape != input_ids.shape:
             raise ValueError(
                 f"batch shapes disagree: pixel_values {tuple(pixel_values.shape)} vs image_mask"
                 f" {tuple(image_mask.shape)} (want (B, M, 3, H, W) and (B, M)); media_index {tuple(media_index.shape)} vs input_ids"
                 f" {tuple(input_ids.shape)} (want both (B, L))"
             )
-        media = self.encode_media(pixel_values, image_mask)
+        media_tokens = self.encode_media(pixel_values, image_mask, **media)
         n = self.resampler.num_latents
-        kv_lens = image_mask.sum(dim=1) * n  # (B,) assumes real images fill the first slots
+        # (B,) real items of every medium fill the first slots (they are numbered in text order)
+        kv_lens = (image_mask.sum(dim=1) + sum(media[f"{name}_mask"].sum(dim=1) for name in self.media
+                                               if f"{name}_mask" in media)) * n
+        media = media_tokens
         lm_inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}
         k = 0  # prompt tuning: k soft tokens before the text, which see no image and leave the outputs after
         if self.prompt is not None:
@@ -217,7 +255,7 @@ class MultimodalModel(nn.Module):
         (counted by the shape they quantize, not their packed storage)."""
         by_component, trainable_by, total, trainable = {}, {}, 0, 0
         for comp, params in self.component_params().items():
-            if comp == "head" and not params:  # no objective with a head
+            if comp in ("head", "media") and not params:  # no objective with a head; images only
                 continue
             count = count_trainable = 0
             for _, p in params:
@@ -244,9 +282,12 @@ def apply_freeze_policy(model: MultimodalModel, cfg: ModelConfig) -> None:
         "lm": cfg.train_lm,
         "xattn": modes["xattn"] == "full",
         "head": True,  # new with the model: it always trains
+        "media": None,  # the media encoders': set as they are attached (mmscale.media.attach_media)
     }
     groups = model.component_params()
     for comp, params in groups.items():
+        if flags[comp] is None:
+            continue
         for _, p in params:
             p.requires_grad_(flags[comp])
     if modes["xattn"] == "lora":

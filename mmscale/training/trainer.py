@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from mmscale.config import JobConfig
 from mmscale.data.reading import BAD_KINDS, NETWORK_RETRY, BadDataError, BadInputMonitor
+from mmscale.media import media_input_keys
 from mmscale.training import checkpoint
 from mmscale.training import cluster, run_paths
 from mmscale.training.callbacks import Callback
@@ -41,7 +42,10 @@ log = logging.getLogger("mmscale.trainer")
 SKIP_KINDS = (*BAD_KINDS, NETWORK_RETRY)
 """What the data pipeline counts, by kind: the bad inputs it skipped and the network reads it retried."""
 
-MODEL_INPUTS = ("pixel_values", "image_mask", "input_ids", "attention_mask", "media_index", "labels", "class_labels")
+MODEL_INPUTS = ("pixel_values", "image_mask", "input_ids", "attention_mask", "media_index", "labels", "class_labels",
+                *media_input_keys())
+"""What the model's forward takes from a batch: the text's and the images' tensors, and whatever the registered media
+put in it (mmscale.media: `{name}_values`, `{name}_mask`, `{name}_slot`), passed without naming any."""
 
 
 class ResumeError(RuntimeError):
@@ -98,7 +102,7 @@ def set_rng_state(rng: dict[str, Any]) -> None:
 # digest (`tokenizer_problems`; its path may change, a moved run's does). Everything else (lr, max_steps, logging,
 # ...) may change and is logged.
 _FIXED_ON_RESUME = ("model", "train.precision", "train.seed", "deepspeed.zero_stage", "data.image_size",
-                    "data.image_mean", "data.image_std", "data.max_text_len")
+                    "data.image_mean", "data.image_std", "data.max_text_len", "media")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -248,7 +252,7 @@ class Trainer:
     def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = {}
         for k in MODEL_INPUTS:
-            if k not in batch:  # class_labels: only batches from the data pipeline carry them
+            if k not in batch:  # class_labels: only batches from the data pipeline; a medium's: when configured
                 continue
             t = batch[k]
             out[k] = t.to(self.engine.device, dtype=self._dtype if t.is_floating_point() else None, non_blocking=True)
