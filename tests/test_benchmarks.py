@@ -286,6 +286,7 @@ DEEPSPEED_SMOKES = {
     "continual_digits": (1, ["--methods", "task_adapters", "joint"]),
     "continual_captions": (1, []),
     "contrastive": (1, []),
+    "text_only": (1, []),
 }
 
 
@@ -326,6 +327,10 @@ def test_deepspeed_benchmark_smoke(name, tmp_path):
         assert payload["demo"]["num_pairs"] == 64 and payload["digits"]["distinct_captions"] == 10
         assert all(0 <= headline[k] <= 1 for k in ("i2t_recall_at_1", "t2i_recall_at_5", "digits_i2t_recall_at_1"))
         assert "image->text R@1" in res.stdout
+    elif name == "text_only":
+        assert set(payload["runs"]) == {"with", "without"} and headline["steps"] == 4
+        assert headline["heldout_text_loss_with"] > 0 and headline["heldout_text_loss_without"] > 0
+        assert "held-out text loss" in res.stdout
     else:
         assert set(payload["results"]) == {"replay_distill"}
         assert "shapes after counts" in res.stdout and headline["loss_shapes_after_counts_replay_distill"] > 0
