@@ -38,7 +38,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mmscale.config import JobConfig
+from mmscale.media import attach_media, media_problems
 from mmscale.model import build_model
 
 log = logging.getLogger("mmscale.job")
@@ -156,7 +159,13 @@ def dry_run(cfg: JobConfig, world_size: int, vocab_size: int | None, gpu_tflops:
             raise ValueError(f"{name}: {value!r} must be > 0")
     problems = problems_of(cfg, world_size=world_size, check_paths=False)  # sizing needs no data
     recipe = model_recipe(cfg) if not problems else None
-    model = recipe.build(vocab_size, meta=True) if recipe else build_model(cfg.model, vocab_size=vocab_size, meta=True)
+    if recipe:
+        model = recipe.build(vocab_size, meta=True)
+    else:  # a config with problems: the model as far as it can be built (its media encoders when those are fine)
+        model = build_model(cfg.model, vocab_size=vocab_size, meta=True)
+        if not media_problems(cfg):
+            with torch.device("meta"):
+                attach_media(model, cfg)
     patches = patches_per_image(model, cfg.data.image_size)
     quantized, quant_bytes = 0, 0.5
     if recipe is not None:  # the fine-tuning methods change what trains, and so the gradient and optimizer memory
