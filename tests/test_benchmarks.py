@@ -292,7 +292,7 @@ DEEPSPEED_SMOKES = {
 
 def test_every_benchmark_has_a_smoke_test():
     """A new benchmark needs a smoke run here (or in a test of its own above)."""
-    covered = {*DEEPSPEED_SMOKES, "peft_memory", "xattn_kernels", "data_throughput", "kernel_host_overhead"}
+    covered = {*DEEPSPEED_SMOKES, "media", "peft_memory", "xattn_kernels", "data_throughput", "kernel_host_overhead"}
     assert {Path(p).stem for p in BENCHMARKS} == covered
 
 

@@ -296,6 +296,9 @@ TABLE: list[Run | Skip] = [
     # checks their output contract (table, JSON file = last-line headline): not twice.
     Skip("python benchmarks/continual_digits.py", SMOKED_BY_TEST_BENCHMARKS),
     Skip("python benchmarks/continual_captions.py", SMOKED_BY_TEST_BENCHMARKS),
+    Skip("python benchmarks/media.py", "trains three small models (~12 min); tests/test_media_benchmark.py runs it at "
+         "--quick (slow tier) and checks its headline and results file"),
+    Skip("python benchmarks/text_only.py", SMOKED_BY_TEST_BENCHMARKS),
     Skip("deepspeed --num_gpus 2 benchmarks/peft_memory.py --steps 100", SMOKED_BY_TEST_BENCHMARKS),
     Run("python benchmarks/data_throughput.py", add=bench("data_throughput")),
     Skip("python -m pytest tests/test_slurm.py",
