@@ -337,3 +337,20 @@ def test_the_pipeline_decodes_media_and_counts_bad_clips(setup, tmp_path):
     for b in batches:  # each row's mask says what it holds
         for i, key in enumerate(b["__key__"]):
             assert bool(b["video_mask"][i, 0]) == key.startswith("v") and bool(b["audio_mask"][i, 0]) == key.startswith("a")
+
+
+def test_a_stand_in_pass_leaves_batch_norm_statistics_alone(setup):
+    """A trained conv tower's running statistics move with real images and videos only: a batch without any (text
+    only) runs the tower on a padded stand-in, which must not pull them towards its zeros."""
+    cfg = config(setup, "model.train_vision=true", "model.vision.type=resnet",
+                 "model.vision.config={embedding_size: 8, hidden_sizes: [8, 16], depths: [1, 1]}")
+    model, text = model_and_batch(cfg, [{"__key__": "t", "txt": b"hello world"}] * 2)
+    model.train()
+    stats = {n: b.clone() for n, b in model.vision.named_buffers() if "running" in n}
+    assert stats
+    model(**text).terms["captioning"]["loss_sum"].backward()
+    assert all(torch.equal(b, stats[n]) for n, b in model.vision.named_buffers() if n in stats)
+    _, with_video = model_and_batch(cfg, [video_raw(0), video_raw(1)])
+    model(**with_video)
+    assert any(not torch.equal(b, stats[n]) for n, b in model.vision.named_buffers() if "running_mean" in n)
+    assert model.training and all(m.training for m in model.modules())

@@ -72,8 +72,9 @@ PITCHES: tuple[str, ...] = ("low", "high")
 PITCH_HZ: dict[str, float] = {"low": 440.0, "high": 1760.0}
 
 DIGITS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-SPEECH_VOICES: tuple[str, ...] = ("en", "en-us", "en+m3", "en+f2", "en-us+m7")
-"""Default voices of the speech task (train and, unless others are given, validation)."""
+SPEECH_VOICES: tuple[str, ...] = ("en-us", "en+m3", "en+f2", "en-us+m7")
+"""Default voices of the speech task (train and, unless others are given, validation). Not `en`: espeak-ng
+renders it byte for byte as `en-gb`, a held-out voice."""
 HELD_OUT_VOICES: tuple[str, ...] = ("en-gb", "en+f4")
 """Voices disjoint from `SPEECH_VOICES`, for a held-out-voice validation split (`--val-voices en-gb,en+f4`)."""
 SPEECH_SPEEDS: tuple[int, ...] = (130, 150, 170, 190)

@@ -131,8 +131,9 @@ class MultimodalModel(nn.Module):
             empty = real is not None and real.numel() == 0
             if empty:  # the padded first item stands in; its tokens are zeroed below
                 real = real.new_zeros(1)
-            feats = self._media_features(name, flat if real is None else flat[real])  # (R, P, Dv)
-            tokens = self.resampler(feats)  # (R, n, Dv)
+            with _statistics_frozen(self) if empty else contextlib.nullcontext():
+                feats = self._media_features(name, flat if real is None else flat[real])  # (R, P, Dv)
+                tokens = self.resampler(feats)  # (R, n, Dv)
             n, dv = tokens.shape[1:]
             if out is None:
                 out = tokens.new_zeros(B * S, n, dv)
@@ -267,6 +268,20 @@ class MultimodalModel(nn.Module):
             total, trainable = total + count, trainable + count_trainable
         return {"total": total, "trainable": trainable, "by_component": by_component,
                 "trainable_by_component": trainable_by}
+
+
+@contextlib.contextmanager
+def _statistics_frozen(model: nn.Module):
+    """BatchNorm layers in eval mode for a stand-in pass (a padded item run only so that every rank calls every
+    module): its zeros must not move the running statistics that evaluation uses."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
 
 
 def apply_freeze_policy(model: MultimodalModel, cfg: ModelConfig) -> None:

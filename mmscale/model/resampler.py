@@ -6,7 +6,8 @@ Any number of patches becomes `num_latents` visual tokens of the same width:
 
     (N, P, Dv) -> (N, num_latents, Dv)
 
-Single images only: Flamingo's learned per-frame time embeddings (for video) are not modelled.
+One item at a time: a video's frames come flattened into its patches, with their time embeddings already added
+(mmscale.media.video).
 """
 
 from __future__ import annotations
