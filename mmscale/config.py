@@ -620,6 +620,26 @@ def build_section(cls: type, data: dict[str, Any], prefix: str) -> tuple[Any, li
     return _build(cls, data, prefix, problems), problems
 
 
+def registered_sections(entries: dict[str, Any], registry: dict[str, Any], prefix: str, what: str,
+                        example: str) -> tuple[dict[str, Any], list[str]]:
+    """The sections of registered parts named in `entries` (`{name: {its keys}}`, e.g. `objectives` or `media`):
+    each built from its `registry[name].Section` under `{prefix}.{name}`; unknown names, a non-mapping and the
+    sections' own problems reported (`what`: the part's kind, `example`: a mapping to show)."""
+    sections, problems = {}, []
+    for name, raw in entries.items():
+        where = f"{prefix}.{name}"
+        if name not in registry:
+            problems.append(f"{where}: unknown {what} {name!r}. Registered: {', '.join(sorted(registry))}")
+            continue
+        if raw is not None and not isinstance(raw, dict):
+            problems.append(f"{where}: expected a mapping of its keys (e.g. {example}), got {raw!r}")
+            continue
+        section, found = build_section(registry[name].Section, raw or {}, where)
+        problems += found
+        sections[name] = section
+    return sections, problems
+
+
 def refused_fields(problems: list[str]) -> list[re.Pattern[str]]:
     """Patterns matching the fields `problems` refused a value of: what validation says about such a field would be
     about a value nobody gave, and is left out of the report (which names the field already)."""

@@ -127,27 +127,19 @@ class Medium:
 
 def media_sections(cfg: Any) -> tuple[dict[str, MediumSection], list[str]]:
     """Each configured medium's section, built from `cfg.media` (unknown names and keys, wrong types reported)."""
-    from mmscale.config import build_section
+    from mmscale.config import registered_sections
 
-    sections, problems = {}, []
-    for name, raw in (getattr(cfg, "media", None) or {}).items():
-        where = f"media.{name}"
-        if name == "image":
-            problems.append(f"{where}: images are every model's own medium, configured by data.image_size, "
-                            "data.max_images and model.vision; remove media.image")
-            continue
-        if name not in MEDIA:
-            problems.append(f"{where}: unknown medium {name!r}. Registered: {', '.join(sorted(MEDIA))}")
-            continue
-        if raw is not None and not isinstance(raw, dict):
-            problems.append(f"{where}: expected a mapping of its keys (e.g. {{max_items: 1}}), got {raw!r}")
-            continue
-        section, found = build_section(MEDIA[name].Section, raw or {}, where)
-        problems += found
+    entries = dict(getattr(cfg, "media", None) or {})
+    problems = []
+    if "image" in entries:
+        del entries["image"]
+        problems.append("media.image: images are every model's own medium, configured by data.image_size, "
+                        "data.max_images and model.vision; remove media.image")
+    sections, found = registered_sections(entries, MEDIA, "media", "medium", "{max_items: 1}")
+    for name, section in sections.items():
         if isinstance(section.max_items, int) and section.max_items < 1:
-            problems.append(f"{where}.max_items: {section.max_items} must be >= 1 (remove media.{name} to have none)")
-        sections[name] = section
-    return sections, problems
+            found.append(f"media.{name}.max_items: {section.max_items} must be >= 1 (remove media.{name} to have none)")
+    return sections, problems + found
 
 
 def media_problems(cfg: Any) -> list[str]:

@@ -25,21 +25,9 @@ __all__ = ["DEFAULT_OBJECTIVES", "IGNORE_INDEX", "OBJECTIVES", "ModelDims", "Obj
 
 def objective_sections(cfg: Any) -> tuple[dict[str, ObjectiveSection], list[str]]:
     """Each active objective's section, built from the config (unknown keys and wrong types reported)."""
-    from mmscale.config import build_section
+    from mmscale.config import registered_sections
 
-    sections, problems = {}, []
-    for name, raw in active_objectives(cfg).items():
-        where = f"objectives.{name}"
-        if name not in OBJECTIVES:
-            problems.append(f"{where}: unknown objective {name!r}. Registered: {', '.join(sorted(OBJECTIVES))}")
-            continue
-        if raw is not None and not isinstance(raw, dict):
-            problems.append(f"{where}: expected a mapping of its keys (e.g. {{weight: 1.0}}), got {raw!r}")
-            continue
-        section, found = build_section(OBJECTIVES[name].Section, raw or {}, where)
-        problems += found
-        sections[name] = section
-    return sections, problems
+    return registered_sections(active_objectives(cfg), OBJECTIVES, "objectives", "objective", "{weight: 1.0}")
 
 
 def objective_problems(cfg: Any) -> list[str]:
