@@ -200,10 +200,6 @@ def decode_sample(
     return out
 
 
-RAW_MEMBERS = ("txt", "cls", *IMAGE_EXTS)
-"""The members a training batch passes on as `__raw__` (what a sample is made of, for a replay buffer)."""
-
-
 def raw_members(raw: dict[str, Any]) -> dict[str, Any]:
     """`raw`'s key and its members (caption, label, image bytes, other media's members...), nothing decoded; not the
     reader's own entries (`__url__`...)."""

@@ -113,7 +113,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mmscale.config import DataConfig
 from mmscale.data.collate import collate_samples
 from mmscale.data.decode import (  # noqa: F401  (re-exported: stages 6-7)
-    RAW_MEMBERS, caption_to_ids, decode_for_training, decode_sample, image_to_tensor, raw_members,
+    caption_to_ids, decode_for_training, decode_sample, image_to_tensor, raw_members,
 )
 from mmscale.data.reading import (  # noqa: F401  (re-exported: stage 4 and skip counting)
     SampleError, SkipCounter, SkipWarner, tar_samples,

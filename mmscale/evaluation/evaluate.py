@@ -94,6 +94,7 @@ def evaluate_model(model: torch.nn.Module, batches: Iterable[dict[str, Any]], to
     sums = {"all": _Sums(), **{name: _Sums() for name in classes}}
     cls_right = cls_n = 0
     per_class: dict[int, list[int]] = {}
+    media_keys = media_input_keys()
     for batch in batches:
         target = batch["labels"][:, 1:]
         masks = {"all": target != -100, **{name: torch.isin(target, i) for name, i in ids.items()}}
@@ -101,8 +102,8 @@ def evaluate_model(model: torch.nn.Module, batches: Iterable[dict[str, Any]], to
             sums[name].n += int(m.sum())
         # the other media's tensors (mmscale.media), floats in the model's dtype; "shuffled" rolls every medium's
         # items across the batch as it does the images
-        media = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch.items()
-                 if k in media_input_keys()}
+        media = {k: (batch[k].to(dtype) if batch[k].is_floating_point() else batch[k]) for k in media_keys
+                 if k in batch}
         pixels = batch["pixel_values"].to(dtype)
         for which, px in (("true", pixels), ("shuffled", pixels.roll(1, dims=0))):
             shown = media if which == "true" else {k: (v.roll(1, dims=0) if k.endswith("_values") else v)
